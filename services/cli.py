@@ -1,0 +1,254 @@
+"""`scoremesh`: one CLI for running services, the dev stack, the demo and models.
+
+Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from services.common.settings import ConfigError, Settings, default_home
+
+SERVICES = ("registry", "validator", "scorer")
+
+EPILOG = """examples:
+  scoremesh dev up                 start the embedded broker and Redis
+  scoremesh demo                   the whole loop on the embedded stack, with a report
+  scoremesh run scorer             run one service (settings from SCOREMESH_* variables)
+  scoremesh models bootstrap       train and publish a first champion
+  scoremesh models list            what the registry holds
+
+exit codes: 0 ok, 1 failure, 2 usage error"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "SCOREMESH_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise ConfigError(f"{name}: {first['msg']}") from None
+
+
+def _print(data: Any, as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        human()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.common.lifecycle import run_service
+
+    settings = _settings()
+    settings.require_bootstrap()
+    make: Callable[[], Any]
+    if args.service == "validator":
+        from services.validator.service import ValidatorService
+
+        make = lambda: ValidatorService(settings)  # noqa: E731
+    elif args.service == "scorer":
+        from services.scorer.service import ScorerService
+
+        make = lambda: ScorerService(settings)  # noqa: E731
+    elif args.service == "registry":
+        from services.registry.service import RegistryService
+
+        make = lambda: RegistryService(settings)  # noqa: E731
+    else:  # argparse restricts choices; kept for type-checkers
+        raise UsageError(f"unknown service {args.service!r}")
+    return run_service(args.service, make, settings)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from services.common.devstack import DevStack
+
+    settings = _settings()
+    stack = DevStack(default_home(), settings)
+    if args.action == "up":
+        state, started = stack.up()
+        data = {"kafka_bootstrap": state.kafka_bootstrap, "redis_url": state.redis_url,
+                "started": state.started, "already_running": not started}
+
+        def human() -> None:
+            print("dev stack already running" if not started else "dev stack up")
+            print(f"  Kafka  {state.kafka_bootstrap}   (tansu, in memory)"
+                  if "broker" in state.started else f"  Kafka  {state.kafka_bootstrap}")
+            print(f"  Redis  {state.redis_url}")
+            print("services started now find it on their own; other clients use:")
+            print(f"  export SCOREMESH_KAFKA_BOOTSTRAP={state.kafka_bootstrap}")
+            print(f"  export SCOREMESH_REDIS_URL={state.redis_url}")
+            print("stop it with: scoremesh dev down")
+
+        _print(data, args.json, human)
+        return 0
+    if args.action == "down":
+        stopped = stack.down()
+        _print({"stopped": stopped}, args.json,
+               lambda: print("stopped: " + ", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    state = stack.running()
+    if state is None:
+        _print({"running": False}, args.json, lambda: print("dev stack not running"))
+        return 1
+    _print({"running": True, **state.to_json()}, args.json,
+           lambda: print(f"running: Kafka {state.kafka_bootstrap}, Redis {state.redis_url}"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import DemoOptions, run_demo
+
+    return run_demo(_settings(), DemoOptions(events=args.events, invalid_share=args.invalid,
+                                             keep_stack=args.keep, output=args.output))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    settings = _settings()
+    settings.require_bootstrap()
+    if args.action == "bootstrap":
+        from services.trainer.bootstrap import bootstrap
+
+        result = asyncio.run(bootstrap(settings))
+        _print({"created": result.created, "version": result.version, "metrics": result.metrics},
+               args.json, lambda: print(result.message))
+        return 0
+    from services.common.registry_view import RegistryView
+
+    async def fold() -> Any:
+        view = RegistryView(settings)
+        await view.start()
+        await view.stop()
+        return view.state
+
+    if args.action == "list":
+        state = asyncio.run(fold())
+        rows = [{"model": v.name, "version": v.version, "stage": v.stage,
+                 "generation": v.generation, "sha256": v.artifact_sha256[:12]}
+                for m in state.models() for v in state.of_model(m)]
+
+        def human() -> None:
+            if not rows:
+                print("no models registered; try: scoremesh models bootstrap")
+            for r in rows:
+                print(f"{r['model']:<16} {r['version']:<10} {r['stage']:<12} g{r['generation']:<5} {r['sha256']}")
+
+        _print(rows, args.json, human)
+        return 0
+    if args.action == "show":
+        name, _, version = args.target.partition("@")
+        state = asyncio.run(fold())
+        chosen = state.versions.get(f"{name}@{version}") if version else state.champion(name)
+        if chosen is None:
+            raise UsageError(f"no such model version {args.target!r}; see `scoremesh models list`")
+        data = chosen.to_json()
+        _print(data, True, lambda: None)
+        return 0
+    if args.action == "history":
+        from services.registry.client import read_history
+        from services.registry.service import describe
+
+        events = asyncio.run(read_history(settings, args.target))
+        _print(events, args.json, lambda: [print(describe(e)) for e in events])
+        return 0
+    raise UsageError(f"unknown models action {args.action!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scoremesh", description="Run ML models in production as Kafka stream processors.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one service", epilog="example: scoremesh run validator")
+    run.add_argument("service", choices=SERVICES)
+    run.set_defaults(func=cmd_run)
+
+    dev = sub.add_parser("dev", help="the embedded broker and Redis",
+                         epilog="example: scoremesh dev up && scoremesh dev status")
+    dev.add_argument("action", choices=("up", "down", "status"))
+    dev.add_argument("--json", action="store_true", help="machine-readable output")
+    dev.set_defaults(func=cmd_dev)
+
+    demo = sub.add_parser("demo", help="run the whole loop on the embedded stack",
+                          epilog="example: scoremesh demo --events 5000")
+    demo.add_argument("--events", type=_positive_int, default=20_000)
+    demo.add_argument("--invalid", type=_share, default=0.03, help="share of invalid events")
+    demo.add_argument("--keep", action="store_true", help="leave the dev stack running")
+    demo.add_argument("--output", default="demo-output", help="where logs and the report go")
+    demo.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="the model registry",
+                            epilog="example: scoremesh models show credit@1.0.0")
+    msub = models.add_subparsers(dest="action", required=True)
+    for name, text in (("bootstrap", "train and publish a first champion"),
+                       ("list", "every version and its stage")):
+        p = msub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true")
+    p = msub.add_parser("show", help="one version (NAME or NAME@VERSION) as JSON")
+    p.add_argument("target")
+    p.add_argument("--json", action="store_true")
+    p = msub.add_parser("history", help="the deployment log of a model")
+    p.add_argument("target", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"scoremesh: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"scoremesh: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line for people; the traceback helps nobody at a prompt
+        from services.common.devstack import DevStackError
+        from services.common.kafka import KafkaUnavailable
+
+        if isinstance(exc, DevStackError | KafkaUnavailable):
+            print(f"scoremesh: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Model artifacts travel through Kafka (models.artifacts) and land in a local cache.
+
+An artifact is cut into chunks keyed ``sha256:index`` and written to one partition;
+its URI records where: ``kafka://models.artifacts/<partition>/<first offset>?chunks=N``.
+A reader fetches exactly those records, checks every chunk belongs to the artifact,
+verifies the sha256 of the whole, and only then writes it into the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from services.common.codec import codec
+from services.common.kafka import make_consumer, start_with_retry
+from services.common.settings import Settings
+
+ARTIFACT_TOPIC = "models.artifacts"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete or does not match its checksum."""
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    uri: str
+    sha256: str
+    size: int
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _partition_for(sha256: str, partitions: int) -> int:
+    return zlib.crc32(sha256.encode()) % partitions
+
+
+async def upload_artifact(
+    producer: AIOKafkaProducer, settings: Settings, data: bytes
+) -> ArtifactRef:
+    if not data:
+        raise ArtifactError("refusing to upload an empty artifact")
+    digest = sha256_of(data)
+    size = settings.artifact_chunk_bytes
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    topic = settings.topic(ARTIFACT_TOPIC)
+    parts = await producer.partitions_for(topic)
+    partition = _partition_for(digest, len(parts))
+    chunk_codec = codec("ArtifactChunk")
+    futures = []
+    for index, chunk in enumerate(chunks):
+        value = chunk_codec.encode(
+            {"sha256": digest, "index": index, "total": len(chunks), "size": len(data),
+             "data": chunk}
+        )
+        futures.append(
+            await producer.send(topic, value, key=f"{digest}:{index}".encode(), partition=partition)
+        )
+    metadata = await asyncio.gather(*futures)
+    # Another writer may interleave records; the reader skips foreign chunks by key.
+    first = metadata[0].offset
+    uri = f"kafka://{ARTIFACT_TOPIC}/{partition}/{first}?chunks={len(chunks)}"
+    return ArtifactRef(uri=uri, sha256=digest, size=len(data))
+
+
+def _parse_uri(uri: str) -> tuple[int, int, int]:
+    parsed = urlparse(uri)
+    try:
+        if parsed.scheme != "kafka" or parsed.netloc != ARTIFACT_TOPIC:
+            raise ValueError
+        partition_s, offset_s = parsed.path.strip("/").split("/")
+        chunks = int(parse_qs(parsed.query)["chunks"][0])
+        return int(partition_s), int(offset_s), chunks
+    except (ValueError, KeyError, IndexError):
+        raise ArtifactError(
+            f"artifact URI {uri!r} is not kafka://{ARTIFACT_TOPIC}/<partition>/<offset>?chunks=N"
+        ) from None
+
+
+def cached_path(settings: Settings, sha256: str) -> Path:
+    return settings.artifact_dir / f"{sha256}.onnx"
+
+
+def verify_file(path: Path, sha256: str) -> bool:
+    try:
+        return sha256_of(path.read_bytes()) == sha256
+    except OSError:
+        return False
+
+
+async def fetch_artifact(settings: Settings, uri: str, sha256: str, timeout_s: float = 60.0) -> Path:
+    """Return a local path to the verified artifact, fetching it from Kafka if needed."""
+    path = cached_path(settings, sha256)
+    if verify_file(path, sha256):
+        return path
+    partition, offset, total = _parse_uri(uri)
+    consumer = make_consumer(settings, group_id=None, max_poll_records=64)
+    await start_with_retry(consumer.start, "artifact-fetch", settings)
+    chunk_codec = codec("ArtifactChunk")
+    pieces: dict[int, bytes] = {}
+    try:
+        tp = TopicPartition(settings.topic(ARTIFACT_TOPIC), partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(pieces) < total:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ArtifactError(
+                    f"artifact {sha256[:12]}: only {len(pieces)} of {total} chunks found at {uri}"
+                )
+            batch = await consumer.getmany(tp, timeout_ms=500)
+            for record in batch.get(tp, []):
+                if record.value is None:
+                    continue
+                chunk = chunk_codec.decode(record.value)
+                if chunk["sha256"] == sha256 and chunk["total"] == total:
+                    pieces[chunk["index"]] = chunk["data"]
+            hw = consumer.highwater(tp)
+            if hw is not None and await consumer.position(tp) >= hw and len(pieces) < total:
+                raise ArtifactError(
+                    f"artifact {sha256[:12]}: {total - len(pieces)} of {total} chunks missing "
+                    f"from {uri}"
+                )
+    finally:
+        await consumer.stop()
+    data = b"".join(pieces[i] for i in range(total))
+    actual = sha256_of(data)
+    if actual != sha256:
+        raise ArtifactError(
+            f"artifact checksum mismatch: registry says {sha256[:12]}..., bytes are "
+            f"{actual[:12]}...; refusing to load it"
+        )
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=settings.artifact_dir, suffix=".part")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path

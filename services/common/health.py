@@ -1,0 +1,86 @@
+"""A tiny HTTP endpoint per stream service: /healthz, /readyz and /metrics.
+
+Process CPU, memory and open-file metrics come with prometheus-client's default
+collectors, so infrastructure is watched with the same scrape as the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], tuple[bool, str]]
+
+
+class HealthServer:
+    def __init__(self, service: str, host: str, port: int) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self._checks: dict[str, ReadinessCheck] = {}
+        self._server: asyncio.Server | None = None
+
+    def add_check(self, name: str, check: ReadinessCheck) -> None:
+        self._checks[name] = check
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        details: dict[str, str] = {}
+        ready = True
+        for name, check in self._checks.items():
+            try:
+                ok, detail = check()
+            except Exception as exc:  # a broken check means not ready, never a crash
+                ok, detail = False, f"check failed: {exc}"
+            ready &= ok
+            details[name] = ("ok: " if ok else "not ready: ") + detail
+        return ready, details
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        log.info("health and metrics endpoint up", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
+            status, ctype, body = self._route(parts[0] if parts else "", path)
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
+        if method != "GET":
+            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+        if path == "/healthz":
+            return "200 OK", "application/json", orjson.dumps({"status": "alive", "service": self.service})
+        if path == "/readyz":
+            ready, details = self.readiness()
+            body = orjson.dumps({"ready": ready, "service": self.service, "checks": details})
+            return ("200 OK" if ready else "503 Service Unavailable"), "application/json", body
+        return "404 Not Found", "text/plain", b"try /healthz, /readyz or /metrics\n"

@@ -1,0 +1,65 @@
+"""Process lifecycle: signals, graceful shutdown within a deadline, the health endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Protocol
+
+from services.common.health import HealthServer
+from services.common.logs import configure_logging
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def register_checks(self, health: HealthServer) -> None: ...
+
+
+async def serve(make: Callable[[], Service], settings: Settings) -> int:
+    """Run a service until SIGTERM/SIGINT; finish the in-flight batch and close in time."""
+    service = make()  # clients bind to the running loop, so build inside it
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    health = HealthServer(service.name, settings.metrics_host, settings.metrics_port)
+    service.register_checks(health)
+    await health.start()
+    exit_code = 0
+    try:
+        await service.start()
+        log.info("service started", extra={"topic_prefix": settings.topic_prefix})
+        await service.run(stop)
+    except Exception:
+        log.exception("service failed")
+        exit_code = 1
+    finally:
+        try:
+            await asyncio.wait_for(service.stop(), settings.shutdown_deadline_s)
+        except TimeoutError:
+            log.error("shutdown deadline passed", extra={"deadline_s": settings.shutdown_deadline_s})
+            exit_code = exit_code or 1
+        await health.stop()
+    log.info("service stopped", extra={"exit_code": exit_code})
+    return exit_code
+
+
+def run_service(name: str, make: Callable[[], Service], settings: Settings) -> int:
+    configure_logging(name, settings.log_level)
+    try:
+        import uvloop
+    except ImportError:  # optional: the stdlib loop works, a little slower
+        return asyncio.run(serve(make, settings))
+    return int(uvloop.run(serve(make, settings)))

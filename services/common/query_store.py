@@ -1,0 +1,114 @@
+"""The Redis query store: the latest predictions per event and per entity.
+
+One EVALSHA per batch writes every prediction: ``<p>pred:<event_id>`` is a hash with a
+field per variant (write-if-newer by event time, TTL), ``<p>entity:<entity_id>`` a sorted
+set of event ids by event time, capped. Redis is a cache for lookups, never the system
+of record: a failed write is counted and logged, and scoring to Kafka goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.common.metrics import REDIS_WRITES
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# ARGV: prefix, ttl, cap, then per prediction: event_id, entity_id, variant, event_time, json
+_WRITE_BATCH = """
+local prefix, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local written = 0
+for i = 4, #ARGV, 5 do
+  local event_id, entity_id, variant = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local event_time, body = tonumber(ARGV[i + 3]), ARGV[i + 4]
+  local pkey = prefix .. 'pred:' .. event_id
+  local held = redis.call('HGET', pkey, 't:' .. variant)
+  if (not held) or tonumber(held) <= event_time then
+    redis.call('HSET', pkey, variant, body, 't:' .. variant, event_time)
+    redis.call('EXPIRE', pkey, ttl)
+    written = written + 1
+  end
+  local ekey = prefix .. 'entity:' .. entity_id
+  redis.call('ZADD', ekey, event_time, event_id)
+  local size = redis.call('ZCARD', ekey)
+  if size > cap then redis.call('ZREMRANGEBYRANK', ekey, 0, size - cap - 1) end
+  redis.call('EXPIRE', ekey, ttl)
+end
+return written
+"""
+
+
+class QueryStore:
+    def __init__(self, settings: Settings, client: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self.prefix = settings.redis_key_prefix
+        self.client = client or aioredis.from_url(
+            settings.require_redis(), socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self._write = self.client.register_script(_WRITE_BATCH)
+        self.healthy = False
+
+    async def ping(self) -> bool:
+        try:
+            self.healthy = bool(await self.client.ping())
+        except (RedisError, OSError):
+            self.healthy = False
+        return self.healthy
+
+    async def write_predictions(self, predictions: Sequence[dict[str, Any]]) -> int:
+        """Write a batch; returns how many were written, 0 (counted as skipped) on failure."""
+        if not predictions:
+            return 0
+        args: list[Any] = [self.prefix, self.settings.redis_prediction_ttl_s,
+                           self.settings.redis_entity_cap]
+        for p in predictions:
+            args += [p["event_id"], p["entity_id"], p["variant"], p["event_time"],
+                     orjson.dumps(p)]
+        try:
+            written = int(await self._write(keys=[], args=args))
+        except (RedisError, OSError) as exc:
+            if self.healthy:
+                log.warning("query store write failed; predictions still go to Kafka",
+                            extra={"error": str(exc), "skipped": len(predictions)})
+            self.healthy = False
+            REDIS_WRITES.labels("skipped").inc(len(predictions))
+            return 0
+        if not self.healthy:
+            log.info("query store writable again")
+        self.healthy = True
+        REDIS_WRITES.labels("written").inc(len(predictions))
+        return written
+
+    async def prediction(self, event_id: str) -> dict[str, Any] | None:
+        raw = await self.client.hgetall(f"{self.prefix}pred:{event_id}")
+        if not raw:
+            return None
+        return {
+            k.decode(): orjson.loads(v) for k, v in raw.items() if not k.startswith(b"t:")
+        }
+
+    async def entity_predictions(self, entity_id: str, limit: int = 10) -> list[dict[str, Any]]:
+        ids = await self.client.zrevrange(f"{self.prefix}entity:{entity_id}", 0, limit - 1)
+        out = []
+        for event_id in ids:
+            variants = await self.prediction(event_id.decode())
+            if variants:
+                out.append({"event_id": event_id.decode(), "variants": variants})
+        return out
+
+    async def forget_entity(self, entity_id: str) -> int:
+        ekey = f"{self.prefix}entity:{entity_id}"
+        ids = await self.client.zrange(ekey, 0, -1)
+        keys = [ekey] + [f"{self.prefix}pred:{i.decode()}" for i in ids]
+        return int(await self.client.delete(*keys))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+

@@ -1,0 +1,132 @@
+"""Every registry reader folds models.registry the same way.
+
+Assign all partitions (no consumer group), read to the end before serving (not ready
+until then), keep following, last record per ``name@version`` wins, and a record with
+an older generation than the one already held for that key is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from services.common.codec import CodecError, codec
+from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
+from services.common.metrics import REGISTRY_RECORDS_SKIPPED
+from services.common.model_version import ACTIVE_STAGES, ModelVersion
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REGISTRY_TOPIC = "models.registry"
+
+
+class RegistryState:
+    """The folded registry: pure, no I/O, so it is unit-tested without a broker."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, ModelVersion] = {}
+
+    def apply(self, version: ModelVersion) -> bool:
+        """Fold one record; returns True when it changed the state."""
+        held = self.versions.get(version.key)
+        if held is not None and held.generation >= version.generation:
+            return False
+        self.versions[version.key] = version
+        return True
+
+    def of_model(self, model: str) -> list[ModelVersion]:
+        return sorted(
+            (v for v in self.versions.values() if v.name == model), key=lambda v: v.semver
+        )
+
+    def champion(self, model: str) -> ModelVersion | None:
+        champions = [v for v in self.of_model(model) if v.stage == "champion"]
+        return max(champions, key=lambda v: v.generation) if champions else None
+
+    def active(self, model: str) -> list[ModelVersion]:
+        """Champion first, then enabled challengers."""
+        champion = self.champion(model)
+        challengers = [
+            v for v in self.of_model(model)
+            if v.stage in ACTIVE_STAGES and v.stage != "champion" and v.enabled
+        ]
+        return ([champion] if champion else []) + challengers
+
+    def models(self) -> list[str]:
+        return sorted({v.name for v in self.versions.values()})
+
+    @property
+    def max_generation(self) -> int:
+        return max((v.generation for v in self.versions.values()), default=0)
+
+
+class RegistryView:
+    def __init__(
+        self, settings: Settings, on_change: Callable[[RegistryState], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.state = RegistryState()
+        self.on_change = on_change
+        self.ready = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._codec = codec("ModelVersion")
+
+    async def start(self) -> None:
+        self._consumer = make_consumer(self.settings, group_id=None)
+        await start_with_retry(self._consumer.start, "registry-reader", self.settings)
+        tps = await assign_all(self._consumer, self.settings.topic(REGISTRY_TOPIC))
+        changed = False
+
+        def handle(record: ConsumerRecord[bytes, bytes]) -> None:
+            nonlocal changed
+            changed |= self._apply(record)
+
+        await read_to_end(self._consumer, tps, handle)
+        self.ready.set()
+        log.info("registry folded", extra={"versions": len(self.state.versions)})
+        if changed and self.on_change:
+            self.on_change(self.state)
+        self._task = asyncio.create_task(self._follow(), name="registry-follow")
+
+    def _apply(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        if record.value is None:
+            return False
+        try:
+            version = ModelVersion.from_record(self._codec.decode(record.value))
+        except (CodecError, KeyError) as exc:
+            REGISTRY_RECORDS_SKIPPED.inc()
+            log.error("skipping unreadable registry record",
+                      extra={"offset": record.offset, "error": str(exc)})
+            return False
+        return self.state.apply(version)
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=1000)
+            except KafkaError as exc:
+                log.warning("registry follow error, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1)
+                continue
+            changed = False
+            for records in batches.values():
+                for record in records:
+                    changed |= self._apply(record)
+            if changed and self.on_change:
+                self.on_change(self.state)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()

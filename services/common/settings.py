@@ -1,0 +1,171 @@
+"""One frozen settings model, read once. Every knob has the env prefix ``SCOREMESH_``.
+
+Precedence, highest first: keyword arguments, environment variables, the dev-stack file
+written by ``scoremesh dev up`` (so services started after it find the embedded broker
+and Redis without any configuration), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "SCOREMESH_"
+
+
+def default_home() -> Path:
+    """Where scoremesh keeps local state (dev stack, artifact cache)."""
+    return Path(os.environ.get(f"{ENV_PREFIX}HOME", Path.home() / ".scoremesh"))
+
+
+def dev_stack_file(home: Path | None = None) -> Path:
+    return (home or default_home()) / "dev" / "stack.json"
+
+
+class DevStackSource(PydanticBaseSettingsSource):
+    """Settings that ``scoremesh dev up`` recorded for the stack it is running."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._values: dict[str, Any] = {}
+        if os.environ.get(f"{ENV_PREFIX}IGNORE_DEV_STACK"):
+            return
+        path = dev_stack_file()
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        settings = data.get("settings", {})
+        if isinstance(settings, dict):
+            self._values = {k: v for k, v in settings.items() if k in settings_cls.model_fields}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", case_sensitive=False
+    )
+
+    # --- Kafka -----------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; unset = the embedded dev broker"
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_client_id: str = "scoremesh"
+    kafka_idempotence: bool = Field(
+        True, description="producers use acks=all + idempotence; the dev broker lacks it"
+    )
+    kafka_fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
+    kafka_session_timeout_ms: int = Field(30_000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
+    kafka_rebalance_timeout_ms: int = Field(30_000, ge=1000)
+    kafka_linger_ms: int = Field(5, ge=0, le=1000)
+    kafka_max_batch_bytes: int = Field(256 * 1024, ge=1024)
+    kafka_max_request_bytes: int = Field(1024 * 1024, ge=1024)
+    kafka_connect_timeout_s: float = Field(
+        30.0, gt=0, description="give up on start-up after this long without a broker"
+    )
+    topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+
+    # --- faust (control-plane services) ----------------------------------------------
+    faust_broker_fetch_max_wait_ms: int = Field(
+        200, ge=100, description="faust table recovery hangs below ~100 ms on tansu"
+    )
+    faust_store: str = "memory://"
+    faust_data_dir: Path = Field(default_factory=lambda: default_home() / "faust")
+
+    # --- Redis (query store) ---------------------------------------------------------
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = dev Redis")
+    redis_key_prefix: str = "sm:"
+    redis_prediction_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    redis_entity_cap: int = Field(100, ge=1, description="predictions kept per entity")
+
+    # --- Models ----------------------------------------------------------------------
+    model_name: str = Field("credit", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    artifact_dir: Path = Field(default_factory=lambda: default_home() / "artifacts")
+    artifact_chunk_bytes: int = Field(512 * 1024, ge=1024)
+    onnx_threads: int = Field(1, ge=1, le=64)
+
+    # --- Hot path --------------------------------------------------------------------
+    batch_max_records: int = Field(512, ge=1, le=100_000)
+    batch_timeout_ms: int = Field(20, ge=0, le=10_000)
+    max_event_bytes: int = Field(64 * 1024, ge=256, description="validator size limit")
+    rejection_keep_bytes: int = Field(4 * 1024, ge=0, description="original bytes kept in DLQ")
+    shutdown_deadline_s: float = Field(20.0, gt=0)
+
+    # --- Ports / API -----------------------------------------------------------------
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9400, ge=0, le=65535, description="0 = pick a free port")
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(8080, ge=0, le=65535)
+    api_token: SecretStr | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("kafka_bootstrap", "redis_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, DevStackSource(settings_cls), file_secret_settings)
+
+    def topic(self, name: str) -> str:
+        """The physical topic name for a catalog topic."""
+        return f"{self.topic_prefix}{name}"
+
+    def require_bootstrap(self) -> str:
+        if not self.kafka_bootstrap:
+            raise ConfigError(
+                "no Kafka broker configured: set SCOREMESH_KAFKA_BOOTSTRAP=host:port "
+                "or start the embedded stack with `scoremesh dev up`"
+            )
+        return self.kafka_bootstrap
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise ConfigError(
+                "no Redis configured: set SCOREMESH_REDIS_URL=redis://host:port/0 "
+                "or start the embedded stack with `scoremesh dev up`"
+            )
+        return self.redis_url
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or wrong; the message says which and how to fix it."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,111 @@
+"""Sending commands to the registry and waiting for its answer (the CLI, API, trainer use it)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from services.common.codec import codec
+from services.common.kafka import (
+    assign_all,
+    make_consumer,
+    make_producer,
+    read_to_end,
+    start_with_retry,
+)
+from services.common.settings import Settings
+
+COMMANDS_TOPIC = "models.commands"
+DEPLOYMENTS_TOPIC = "deployments.log"
+
+
+class RegistryTimeout(RuntimeError):
+    pass
+
+
+def new_command(
+    model: str,
+    action: str,
+    actor: str,
+    version: str | None = None,
+    target_stage: str | None = None,
+    proposal: str | None = None,
+    options: dict[str, str] | None = None,
+    reason: str = "",
+) -> dict[str, Any]:
+    return {
+        "request_id": str(uuid.uuid4()),
+        "model": model,
+        "action": action,
+        "version": version,
+        "target_stage": target_stage,
+        "proposal": proposal,
+        "options": options or {},
+        "actor": actor,
+        "reason": reason,
+        "issued_at": int(time.time() * 1000),
+    }
+
+
+async def send_command(
+    settings: Settings, command: dict[str, Any], producer: AIOKafkaProducer | None = None
+) -> None:
+    own = producer is None
+    producer = producer or make_producer(settings)
+    if own:
+        await start_with_retry(producer.start, "command-producer", settings)
+    try:
+        await producer.send_and_wait(
+            settings.topic(COMMANDS_TOPIC), codec("ModelCommand").encode(command),
+            key=command["model"].encode(),
+        )
+    finally:
+        if own:
+            await producer.stop()
+
+
+async def wait_for_outcome(settings: Settings, request_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The registry's DeploymentEvent for a request id (applied or refused)."""
+    consumer = make_consumer(settings, group_id=None)
+    await start_with_retry(consumer.start, "deployments-reader", settings)
+    decode = codec("DeploymentEvent").decode
+    try:
+        tps: list[TopicPartition] = await assign_all(consumer, settings.topic(DEPLOYMENTS_TOPIC))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(*tps, timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    if record.value is None:
+                        continue
+                    event = decode(record.value)
+                    if event["request_id"] == request_id:
+                        return event
+        raise RegistryTimeout(
+            f"no answer from the registry for request {request_id} in {timeout_s:.0f}s; "
+            "is `scoremesh run registry` running?"
+        )
+    finally:
+        await consumer.stop()
+
+
+async def command(settings: Settings, cmd: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    await send_command(settings, cmd)
+    return await wait_for_outcome(settings, cmd["request_id"], timeout_s)
+
+
+async def read_history(settings: Settings, model: str | None = None) -> list[dict[str, Any]]:
+    consumer = make_consumer(settings, group_id=None)
+    await start_with_retry(consumer.start, "deployments-reader", settings)
+    decode = codec("DeploymentEvent").decode
+    events: list[dict[str, Any]] = []
+    try:
+        tps = await assign_all(consumer, settings.topic(DEPLOYMENTS_TOPIC))
+        await read_to_end(consumer, tps, lambda r: events.append(decode(r.value)) if r.value else None)
+    finally:
+        await consumer.stop()
+    return [e for e in events if model is None or e["model"] == model]
+

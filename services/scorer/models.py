@@ -1,0 +1,103 @@
+"""The set of model versions a scorer serves, swapped whole between batches.
+
+Loading happens off the event loop; a version that fails to load is never served and the
+previous set keeps serving, so a bad artifact can never take scoring down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from services.common.artifacts import ArtifactError, fetch_artifact
+from services.common.metrics import ACTIVE_VERSION, MODEL_LOAD_FAILURES
+from services.common.model_version import ModelVersion
+from services.common.onnx_model import LoadedModel, ModelLoadError, load_model
+from services.common.registry_view import RegistryState
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingSet:
+    """An immutable snapshot: the champion and the challengers, with their roles."""
+
+    champion: LoadedModel | None = None
+    challengers: tuple[tuple[LoadedModel, ModelVersion], ...] = ()
+    generation: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        champion = [self.champion.key] if self.champion else []
+        return champion + [m.key for m, _ in self.challengers]
+
+
+class ModelHolder:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.current = ServingSet()
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}  # (key, sha256) -> model
+        self._failed: dict[tuple[str, str], str] = {}
+        self._pending: RegistryState | None = None
+        self._wake = asyncio.Event()
+        self.changed = asyncio.Event()
+
+    def on_registry(self, state: RegistryState) -> None:
+        self._pending = state
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Reconcile the serving set with the registry whenever it changes."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            state, self._pending = self._pending, None
+            if state is not None:
+                await self.reconcile(state)
+
+    async def _load(self, version: ModelVersion) -> LoadedModel | None:
+        ident = (version.key, version.artifact_sha256)
+        if ident in self._loaded:
+            return self._loaded[ident]
+        if ident in self._failed:
+            return None
+        try:
+            path = await fetch_artifact(self.settings, version.artifact_uri, version.artifact_sha256)
+            model = await asyncio.to_thread(load_model, version, path, self.settings.onnx_threads)
+        except (ArtifactError, ModelLoadError, OSError) as exc:
+            self._failed[ident] = str(exc)
+            MODEL_LOAD_FAILURES.labels(version.name, version.version).inc()
+            log.error("model version failed to load; previous set keeps serving",
+                      extra={"version": version.key, "error": str(exc)})
+            return None
+        self._loaded[ident] = model
+        log.info("model version loaded", extra={"version": version.key, "stage": version.stage})
+        return model
+
+    async def reconcile(self, state: RegistryState) -> None:
+        active = state.active(self.settings.model_name)
+        champion_version = next((v for v in active if v.stage == "champion"), None)
+        champion = await self._load(champion_version) if champion_version else None
+        if champion_version is not None and champion is None:
+            # Keep serving the champion we have rather than none at all.
+            champion = self.current.champion
+        challengers: list[tuple[LoadedModel, ModelVersion]] = []
+        for version in active:
+            if version.stage == "champion":
+                continue
+            model = await self._load(version)
+            if model is not None:
+                challengers.append((model, version))
+        failures = {k: v for (k, _), v in self._failed.items()}
+        self.current = ServingSet(champion, tuple(challengers), state.max_generation, failures)
+        ACTIVE_VERSION.info({
+            "model": self.settings.model_name,
+            "champion": champion.key if champion else "",
+            "challengers": ",".join(f"{v.key}:{v.stage}" for _, v in challengers),
+        })
+        live = {m.key for m in ([champion] if champion else [])} | {m.key for m, _ in challengers}
+        self._loaded = {k: m for k, m in self._loaded.items() if m.key in live}
+        self.changed.set()

@@ -1,0 +1,154 @@
+"""scorer: events.valid -> predictions (+ Redis), one ONNX call per model per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from services.common.batchloop import BatchLoop, Out, Record
+from services.common.codec import CodecError, codec
+from services.common.featurespec import Violation
+from services.common.health import HealthServer
+from services.common.kafka import make_producer, start_with_retry
+from services.common.metrics import PREDICTION_LATENCY, PREDICTIONS, REJECTED, SCORING_ERRORS
+from services.common.query_store import QueryStore
+from services.common.registry_view import RegistryView
+from services.common.rejections import rejection_record
+from services.common.settings import Settings
+from services.scorer.models import ModelHolder
+from services.scorer.scoring import ScoringError, score_events
+
+log = logging.getLogger(__name__)
+
+SOURCE = "events.valid"
+PREDICTIONS_TOPIC = "predictions"
+REJECTED_TOPIC = "events.rejected"
+
+
+class ScorerService:
+    name = "scorer"
+
+    def __init__(self, settings: Settings, store: QueryStore | None = None) -> None:
+        self.settings = settings
+        self.holder = ModelHolder(settings)
+        self.view = RegistryView(settings, on_change=self.holder.on_registry)
+        self.producer = make_producer(settings)
+        self.store = store if store is not None else (
+            QueryStore(settings) if settings.redis_url else None
+        )
+        self.loop = BatchLoop(
+            settings, self.name, f"{settings.topic_prefix}scoremesh-scorer",
+            [settings.topic(SOURCE)], self.producer, self._process,
+        )
+        self._event_codec = codec("Event")
+        self._prediction_codec = codec("Prediction")
+        self._rejection_codec = codec("Rejection")
+        self._predictions = settings.topic(PREDICTIONS_TOPIC)
+        self._rejected = settings.topic(REJECTED_TOPIC)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store_write: asyncio.Task[int] | None = None
+
+    def register_checks(self, health: HealthServer) -> None:
+        health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
+        health.add_check(
+            "model",
+            lambda: (self.holder.current.champion is not None,
+                     ",".join(self.holder.current.keys) or
+                     f"no champion of {self.settings.model_name!r} loaded"),
+        )
+        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        if self.store is not None:
+            store = self.store
+            health.add_check("redis", lambda: (store.healthy, "query store writable"))
+
+    async def start(self) -> None:
+        await start_with_retry(self.producer.start, "scorer-producer", self.settings)
+        self._tasks.append(asyncio.create_task(self.holder.run(), name="model-holder"))
+        await self.view.start()
+        if self.store is not None:
+            await self.store.ping()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while self.holder.current.champion is None and not stop.is_set():
+            log.warning("no champion loaded yet: not consuming",
+                        extra={"model": self.settings.model_name})
+            self.holder.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.holder.changed.wait(), 10)
+        if stop.is_set():
+            return
+        await self.loop.start(stop)
+        await self.loop.run(stop)
+
+    async def _process(self, records: list[Record]) -> list[Out]:
+        started = time.perf_counter()
+        serving = self.holder.current  # one snapshot per batch: swaps happen between batches
+        outs: list[Out] = []
+        events = []
+        sources = []
+        for record in records:
+            try:
+                events.append(self._event_codec.decode(record.value or b""))
+                sources.append(record)
+            except CodecError as exc:
+                outs.append(self._reject(record, [Violation(exc.code, None, str(exc))], None))
+        if not events:
+            return outs
+        try:
+            result = score_events(serving, events, "stream", started)
+        except ScoringError as exc:
+            champion = serving.champion
+            if champion is not None:
+                SCORING_ERRORS.labels(champion.version.name, champion.version.version).inc()
+            log.error("batch could not be scored; dead-lettered", extra={"error": str(exc),
+                                                                        "events": len(events)})
+            reason = [Violation("scoring_error", None, str(exc))]
+            outs.extend(self._reject(r, reason, e) for r, e in zip(sources, events, strict=True))
+            return outs
+        for key, error in result.challenger_errors.items():
+            log.warning("challenger failed on a batch", extra={"version": key, "error": error})
+        encode = self._prediction_codec.encode
+        topic = self._predictions
+        counts: dict[tuple[str, str], int] = {}
+        for p in result.predictions:
+            outs.append(Out(topic, p["event_id"].encode(), encode(p)))
+            ident = (p["model_version"], p["variant"])
+            counts[ident] = counts.get(ident, 0) + 1
+        for (version, variant), n in counts.items():
+            PREDICTIONS.labels(self.settings.model_name, version, variant, "stream").inc(n)
+            PREDICTION_LATENCY.labels(self.settings.model_name, version, variant).observe(
+                result.predictions[0]["latency_ms"] / 1000.0
+            )
+        if self.store is not None:
+            # Redis writes overlap the Kafka sends; at most one batch is in flight.
+            if self._store_write is not None:
+                await self._store_write
+            self._store_write = asyncio.create_task(self.store.write_predictions(result.predictions))
+        return outs
+
+    def _reject(self, record: Record, reasons: list[Violation], event: dict[str, object] | None) -> Out:
+        for reason in reasons:
+            REJECTED.labels("scorer", reason.code).inc()
+        event = event or {}
+        rec = rejection_record(
+            record, reasons, "scoring", self.settings.rejection_keep_bytes,
+            rule_set=str(event.get("rule_set")) if event.get("rule_set") else None,
+            event_id=event.get("event_id"), entity_id=event.get("entity_id"),
+        )
+        return Out(self._rejected, record.key, self._rejection_codec.encode(rec))
+
+    async def stop(self) -> None:
+        await self.loop.stop()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.view.stop()
+        await self.producer.stop()
+        if self._store_write is not None:
+            with contextlib.suppress(Exception):
+                await self._store_write
+        if self.store is not None:
+            await self.store.close()

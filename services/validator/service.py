@@ -1,0 +1,193 @@
+"""validator: events.raw -> events.valid | events.rejected, against the active rule set."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from services.common.batchloop import BatchLoop, Out, Record
+from services.common.codec import CodecError, codec, decode_any
+from services.common.featurespec import RuleSet, Violation
+from services.common.health import HealthServer
+from services.common.kafka import make_producer, start_with_retry
+from services.common.metrics import FEATURE_NULLS, FEATURE_SEEN, FLAGGED, REJECT_RATE, REJECTED
+from services.common.registry_view import RegistryState, RegistryView
+from services.common.rejections import rejection_record
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SOURCE = "events.raw"
+VALID = "events.valid"
+REJECTED_TOPIC = "events.rejected"
+
+
+class WindowedRate:
+    """Share of rejected events over the last ``window_s`` seconds, in 1 s buckets."""
+
+    def __init__(self, window_s: int = 60) -> None:
+        self.window_s = window_s
+        self.buckets: collections.deque[list[int]] = collections.deque()
+
+    def add(self, total: int, rejected: int, now: float | None = None) -> float:
+        second = int(now if now is not None else time.time())
+        if self.buckets and self.buckets[-1][0] == second:
+            self.buckets[-1][1] += total
+            self.buckets[-1][2] += rejected
+        else:
+            self.buckets.append([second, total, rejected])
+        while self.buckets and self.buckets[0][0] <= second - self.window_s:
+            self.buckets.popleft()
+        return self.rate
+
+    @property
+    def rate(self) -> float:
+        total = sum(b[1] for b in self.buckets)
+        return sum(b[2] for b in self.buckets) / total if total else 0.0
+
+
+class ValidatorCore:
+    """Pure batch logic: raw records in, outgoing records out. No I/O."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rules: RuleSet | None = None
+        self._event_codec = codec("Event")
+        self._rejection_codec = codec("Rejection")
+        self._valid = settings.topic(VALID)
+        self._rejected = settings.topic(REJECTED_TOPIC)
+        self.reject_rate = WindowedRate()
+
+    def set_rules(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    def limit(self) -> int:
+        spec_limit = self.rules.spec.max_event_bytes if self.rules else None
+        return min(self.settings.max_event_bytes, spec_limit or self.settings.max_event_bytes)
+
+    def process(self, records: list[Record]) -> list[Out]:
+        rules = self.rules
+        assert rules is not None, "validator consumes only once a rule set is known"
+        limit = self.limit()
+        outs: list[Out] = []
+        rejected = 0
+        reasons_seen: collections.Counter[str] = collections.Counter()
+        flags_seen: collections.Counter[str] = collections.Counter()
+        nulls: collections.Counter[str] = collections.Counter()
+        for record in records:
+            value = record.value
+            raw: Any = None
+            if value is None or len(value) == 0:
+                reasons = [Violation("undecodable", None, "empty value")]
+            elif len(value) > limit:
+                reasons = [Violation("too_large", None,
+                                     f"{len(value)} bytes exceeds the {limit}-byte limit")]
+            else:
+                try:
+                    raw = decode_any(SOURCE, value)
+                except CodecError as exc:
+                    reasons = [Violation(exc.code, None, str(exc))]
+                else:
+                    checked = rules.check(raw)
+                    if checked.event is not None:
+                        try:
+                            encoded = self._event_codec.encode(checked.event)
+                        except CodecError as exc:
+                            reasons = [Violation("wrong_type", None, str(exc))]
+                        else:
+                            outs.append(Out(self._valid, checked.event["entity_id"].encode(), encoded))
+                            for flag in checked.flags:
+                                flags_seen[flag.code] += 1
+                            for name, fv in checked.event["features"].items():
+                                if fv is None:
+                                    nulls[name] += 1
+                            continue
+                    else:
+                        reasons = checked.rejections
+            rejected += 1
+            for reason in reasons:
+                reasons_seen[reason.code] += 1
+            event_id = raw.get("event_id") if isinstance(raw, dict) else None
+            entity_id = raw.get("entity_id") if isinstance(raw, dict) else None
+            rec = rejection_record(
+                record, reasons, "validation", self.settings.rejection_keep_bytes,
+                rule_set=rules.version, event_id=event_id, entity_id=entity_id,
+            )
+            key = rec["entity_id"].encode() if rec["entity_id"] else record.key
+            outs.append(Out(self._rejected, key, self._rejection_codec.encode(rec)))
+        for code, n in reasons_seen.items():
+            REJECTED.labels("validator", code).inc(n)
+        for code, n in flags_seen.items():
+            FLAGGED.labels(code).inc(n)
+        passed = len(records) - rejected
+        if passed:
+            for name in rules.spec.names:
+                FEATURE_SEEN.labels(name).inc(passed)
+                if nulls[name]:
+                    FEATURE_NULLS.labels(name).inc(nulls[name])
+        REJECT_RATE.labels("validator").set(self.reject_rate.add(len(records), rejected))
+        return outs
+
+
+class ValidatorService:
+    name = "validator"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.core = ValidatorCore(settings)
+        self.view = RegistryView(settings, on_change=self._on_registry)
+        self.producer = make_producer(settings)
+        self.loop = BatchLoop(
+            settings, self.name, f"{settings.topic_prefix}scoremesh-validator",
+            [settings.topic(SOURCE)], self.producer, self._process,
+        )
+        self.has_rules = asyncio.Event()
+
+    def _on_registry(self, state: RegistryState) -> None:
+        active = state.active(self.settings.model_name)
+        if not active or active[0].stage != "champion":
+            return
+        version = active[0].rule_set + "".join(f"+{v.key}" for v in active[1:])
+        if self.core.rules is None or self.core.rules.version != version:
+            self.core.set_rules(RuleSet([v.feature_spec for v in active], version))
+            log.info("rule set loaded", extra={"rule_set": version})
+            self.has_rules.set()
+
+    async def _process(self, records: list[Record]) -> list[Out]:
+        return self.core.process(records)
+
+    def register_checks(self, health: HealthServer) -> None:
+        health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
+        health.add_check(
+            "rules",
+            lambda: (self.core.rules is not None,
+                     self.core.rules.version if self.core.rules else
+                     f"no champion for model {self.settings.model_name!r} yet"),
+        )
+        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+
+    async def start(self) -> None:
+        await start_with_retry(self.producer.start, "validator-producer", self.settings)
+        await self.view.start()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.has_rules.is_set():
+            log.warning("no champion yet: not consuming until one is promoted",
+                        extra={"model": self.settings.model_name})
+            waiter = asyncio.ensure_future(self.has_rules.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if stop.is_set():
+                return
+        await self.loop.start(stop)
+        await self.loop.run(stop)
+
+    async def stop(self) -> None:
+        await self.loop.stop()
+        await self.view.stop()
+        await self.producer.stop()
