@@ -78,13 +78,20 @@ def cmd_dev(args: argparse.Namespace) -> int:
     stack = DevStack(default_home(), settings)
     if args.action == "up":
         state, started = stack.up()
-        data = {"kafka_bootstrap": state.kafka_bootstrap, "redis_url": state.redis_url,
-                "started": state.started, "already_running": not started}
+        data = {
+            "kafka_bootstrap": state.kafka_bootstrap,
+            "redis_url": state.redis_url,
+            "started": state.started,
+            "already_running": not started,
+        }
 
         def human() -> None:
             print("dev stack already running" if not started else "dev stack up")
-            print(f"  Kafka  {state.kafka_bootstrap}   (tansu, in memory)"
-                  if "broker" in state.started else f"  Kafka  {state.kafka_bootstrap}")
+            print(
+                f"  Kafka  {state.kafka_bootstrap}   (tansu, in memory)"
+                if "broker" in state.started
+                else f"  Kafka  {state.kafka_bootstrap}"
+            )
             print(f"  Redis  {state.redis_url}")
             print("services started now find it on their own; other clients use:")
             print(f"  export SCOREMESH_KAFKA_BOOTSTRAP={state.kafka_bootstrap}")
@@ -95,23 +102,33 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return 0
     if args.action == "down":
         stopped = stack.down()
-        _print({"stopped": stopped}, args.json,
-               lambda: print("stopped: " + ", ".join(stopped) if stopped else "nothing was running"))
+        _print(
+            {"stopped": stopped},
+            args.json,
+            lambda: print("stopped: " + ", ".join(stopped) if stopped else "nothing was running"),
+        )
         return 0
-    state = stack.running()
-    if state is None:
+    running = stack.running()
+    if running is None:
         _print({"running": False}, args.json, lambda: print("dev stack not running"))
         return 1
-    _print({"running": True, **state.to_json()}, args.json,
-           lambda: print(f"running: Kafka {state.kafka_bootstrap}, Redis {state.redis_url}"))
+    _print(
+        {"running": True, **running.to_json()},
+        args.json,
+        lambda: print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}"),
+    )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import DemoOptions, run_demo
 
-    return run_demo(_settings(), DemoOptions(events=args.events, invalid_share=args.invalid,
-                                             keep_stack=args.keep, output=args.output))
+    return run_demo(
+        _settings(),
+        DemoOptions(
+            events=args.events, invalid_share=args.invalid, keep_stack=args.keep, output=args.output
+        ),
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -121,8 +138,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         from services.trainer.bootstrap import bootstrap
 
         result = asyncio.run(bootstrap(settings))
-        _print({"created": result.created, "version": result.version, "metrics": result.metrics},
-               args.json, lambda: print(result.message))
+        _print(
+            {"created": result.created, "version": result.version, "metrics": result.metrics},
+            args.json,
+            lambda: print(result.message),
+        )
         return 0
     from services.common.registry_view import RegistryView
 
@@ -134,15 +154,26 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         state = asyncio.run(fold())
-        rows = [{"model": v.name, "version": v.version, "stage": v.stage,
-                 "generation": v.generation, "sha256": v.artifact_sha256[:12]}
-                for m in state.models() for v in state.of_model(m)]
+        rows = [
+            {
+                "model": v.name,
+                "version": v.version,
+                "stage": v.stage,
+                "generation": v.generation,
+                "sha256": v.artifact_sha256[:12],
+            }
+            for m in state.models()
+            for v in state.of_model(m)
+        ]
 
         def human() -> None:
             if not rows:
                 print("no models registered; try: scoremesh models bootstrap")
             for r in rows:
-                print(f"{r['model']:<16} {r['version']:<10} {r['stage']:<12} g{r['generation']:<5} {r['sha256']}")
+                print(
+                    f"{r['model']:<16} {r['version']:<10} {r['stage']:<12} "
+                    f"g{r['generation']:<5} {r['sha256']}"
+                )
 
         _print(rows, args.json, human)
         return 0
@@ -160,15 +191,22 @@ def cmd_models(args: argparse.Namespace) -> int:
         from services.registry.service import describe
 
         events = asyncio.run(read_history(settings, args.target))
-        _print(events, args.json, lambda: [print(describe(e)) for e in events])
+
+        def human() -> None:
+            for event in events:
+                print(describe(event))
+
+        _print(events, args.json, human)
         return 0
     raise UsageError(f"unknown models action {args.action!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="scoremesh", description="Run ML models in production as Kafka stream processors.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="scoremesh",
+        description="Run ML models in production as Kafka stream processors.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -176,25 +214,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("service", choices=SERVICES)
     run.set_defaults(func=cmd_run)
 
-    dev = sub.add_parser("dev", help="the embedded broker and Redis",
-                         epilog="example: scoremesh dev up && scoremesh dev status")
+    dev = sub.add_parser(
+        "dev",
+        help="the embedded broker and Redis",
+        epilog="example: scoremesh dev up && scoremesh dev status",
+    )
     dev.add_argument("action", choices=("up", "down", "status"))
     dev.add_argument("--json", action="store_true", help="machine-readable output")
     dev.set_defaults(func=cmd_dev)
 
-    demo = sub.add_parser("demo", help="run the whole loop on the embedded stack",
-                          epilog="example: scoremesh demo --events 5000")
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole loop on the embedded stack",
+        epilog="example: scoremesh demo --events 5000",
+    )
     demo.add_argument("--events", type=_positive_int, default=20_000)
     demo.add_argument("--invalid", type=_share, default=0.03, help="share of invalid events")
     demo.add_argument("--keep", action="store_true", help="leave the dev stack running")
     demo.add_argument("--output", default="demo-output", help="where logs and the report go")
     demo.set_defaults(func=cmd_demo)
 
-    models = sub.add_parser("models", help="the model registry",
-                            epilog="example: scoremesh models show credit@1.0.0")
+    models = sub.add_parser(
+        "models", help="the model registry", epilog="example: scoremesh models show credit@1.0.0"
+    )
     msub = models.add_subparsers(dest="action", required=True)
-    for name, text in (("bootstrap", "train and publish a first champion"),
-                       ("list", "every version and its stage")):
+    for name, text in (
+        ("bootstrap", "train and publish a first champion"),
+        ("list", "every version and its stage"),
+    ):
         p = msub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
     p = msub.add_parser("show", help="one version (NAME or NAME@VERSION) as JSON")

@@ -23,11 +23,16 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaProducer
 
 from services.common.codec import codec, decode_any
 from services.common.devstack import DevStack, StackState
-from services.common.kafka import assign_all, ensure_topics, make_consumer, make_producer, start_with_retry
+from services.common.kafka import (
+    assign_all,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    start_with_retry,
+)
 from services.common.settings import Settings, default_home
 from services.trainer.bootstrap import bootstrap
 from services.trainer.datasets import credit_events
@@ -83,6 +88,7 @@ class Progress:
 
 
 # --- invalid inputs, each with the reason the validator must give ----------------------
+
 
 def invalid_value(kind: str, event: dict[str, Any]) -> bytes:
     if kind == "garbage":
@@ -189,14 +195,14 @@ async def account(
     acc = Accounting(set(), {}, {}, Counter(), [], 0.0)
     raw_ts: dict[str, float] = {}
     try:
-        tps = []
+        tps: list[Any] = []
         for name in ("events.valid", "events.rejected", "predictions"):
             tps += await _assign_more(consumer, settings.topic(name), tps)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500)
             for tp, records in batches.items():
-                name = tp.topic[len(settings.topic_prefix):]
+                name = tp.topic[len(settings.topic_prefix) :]
                 for record in records:
                     value = decode_any(name, record.value or b"")
                     if name == "events.valid":
@@ -211,7 +217,9 @@ async def account(
                             acc.duplicates["predictions"] += 1
                         acc.scored[value["event_id"]] = value["model_version"]
                         acc.latencies_ms.append(value["latency_ms"])
-                        acc.last_prediction_ts = max(acc.last_prediction_ts, record.timestamp / 1000)
+                        acc.last_prediction_ts = max(
+                            acc.last_prediction_ts, record.timestamp / 1000
+                        )
             if procs is not None and any(p.poll() is not None for p in procs.values()):
                 break
             settled = len(acc.valid) + len(acc.rejected)
@@ -232,23 +240,32 @@ async def _assign_more(consumer: Any, topic: str, held: list[Any]) -> list[Any]:
     return tps
 
 
-def start_services(settings: Settings, env_overrides: dict[str, Any], logs: Path) -> dict[str, subprocess.Popen[bytes]]:
+def start_services(
+    settings: Settings, env_overrides: dict[str, Any], logs: Path
+) -> dict[str, subprocess.Popen[bytes]]:
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     for key, value in env_overrides.items():
-        env[f"SCOREMESH_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"SCOREMESH_{key.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
     env["SCOREMESH_METRICS_PORT"] = "0"
     procs = {}
     for name in DEMO_SERVICES:
         with (logs / f"{name}.log").open("wb") as log:
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "run", name],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
             )
     return procs
 
 
-def stop_services(procs: dict[str, subprocess.Popen[bytes]], deadline_s: float = 25.0) -> dict[str, int | None]:
+def stop_services(
+    procs: dict[str, subprocess.Popen[bytes]], deadline_s: float = 25.0
+) -> dict[str, int | None]:
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -280,8 +297,10 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     overrides["topic_prefix"] = prefix
     overrides["artifact_dir"] = str(out / "artifacts")
     demo_settings = settings.model_copy(update={**overrides, "artifact_dir": out / "artifacts"})
-    progress.say(f"Kafka {demo_settings.kafka_bootstrap}, Redis {demo_settings.redis_url}, "
-                 f"topics prefixed {prefix!r}")
+    progress.say(
+        f"Kafka {demo_settings.kafka_bootstrap}, Redis {demo_settings.redis_url}, "
+        f"topics prefixed {prefix!r}"
+    )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         asyncio.run(ensure_topics(demo_settings))
@@ -298,7 +317,12 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     return 0 if report["accounted"] else 1
 
 
-async def _loop(settings: Settings, options: DemoOptions, progress: Progress, procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, Any]:
+async def _loop(
+    settings: Settings,
+    options: DemoOptions,
+    progress: Progress,
+    procs: dict[str, subprocess.Popen[bytes]],
+) -> dict[str, Any]:
     await asyncio.sleep(0.5)
     dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
     if dead:
@@ -307,15 +331,18 @@ async def _loop(settings: Settings, options: DemoOptions, progress: Progress, pr
     result = await bootstrap(settings, actor="demo")
     progress.say(result.message + (f"  holdout {_fmt(result.metrics)}" if result.metrics else ""))
     produced = await produce_events(settings, options.events, options.invalid_share, progress)
-    progress.say(f"produced {produced.total} events in {produced.finished - produced.started:.1f}s "
-                 f"({produced.total - produced.valid_expected} deliberately invalid)")
+    progress.say(
+        f"produced {produced.total} events in {produced.finished - produced.started:.1f}s "
+        f"({produced.total - produced.valid_expected} deliberately invalid)"
+    )
     acc = await account(settings, produced, progress, options.timeout_s, procs)
     dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
     settled = len(acc.valid) + len(acc.rejected)
     unscored = acc.valid - set(acc.scored)
     wrong = {
-        kind: n for kind, n in produced.by_kind.items() if kind != "valid"
-        and acc.rejected_by_reason[EXPECTED_REASON[kind]] < n
+        kind: n
+        for kind, n in produced.by_kind.items()
+        if kind != "valid" and acc.rejected_by_reason[EXPECTED_REASON[kind]] < n
     }
     elapsed = max(acc.last_prediction_ts - produced.started, 1e-9)
     lat = np.array(acc.latencies_ms) if acc.latencies_ms else np.zeros(1)
@@ -331,8 +358,10 @@ async def _loop(settings: Settings, options: DemoOptions, progress: Progress, pr
         "duplicates": dict(acc.duplicates),
         "model_versions": dict(Counter(acc.scored.values())),
         "throughput_events_per_s": round(produced.total / elapsed, 1),
-        "scoring_latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
-                               "p99": round(float(np.percentile(lat, 99)), 2)},
+        "scoring_latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 2),
+            "p99": round(float(np.percentile(lat, 99)), 2),
+        },
         "services_died": dead,
         "holdout_metrics": result.metrics,
         "topic_prefix": settings.topic_prefix,
@@ -353,16 +382,24 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     print(f"rejected   {report['rejected']:>8}")
     for reason, n in sorted(report["rejected_by_reason"].items()):
         print(f"  {reason:<20} {n:>6}")
-    print(f"scored     {report['scored']:>8}   by " + ", ".join(
-        f"{v} ({n})" for v, n in report["model_versions"].items()))
-    print(f"throughput {report['throughput_events_per_s']:>8} events/s (produce to last prediction)")
-    print(f"scoring latency p50 {report['scoring_latency_ms']['p50']} ms, "
-          f"p99 {report['scoring_latency_ms']['p99']} ms (consume to prediction)")
+    print(
+        f"scored     {report['scored']:>8}   by "
+        + ", ".join(f"{v} ({n})" for v, n in report["model_versions"].items())
+    )
+    print(
+        f"throughput {report['throughput_events_per_s']:>8} events/s (produce to last prediction)"
+    )
+    print(
+        f"scoring latency p50 {report['scoring_latency_ms']['p50']} ms, "
+        f"p99 {report['scoring_latency_ms']['p99']} ms (consume to prediction)"
+    )
     if report["duplicates"]:
         print(f"duplicates (at-least-once, deduplicated above): {report['duplicates']}")
     if report["services_died"]:
         print(f"services that died: {report['services_died']} (see {out / 'logs'})")
-    verdict = "every event accounted for" if report["accounted"] else "NOT every event accounted for"
+    verdict = (
+        "every event accounted for" if report["accounted"] else "NOT every event accounted for"
+    )
     print(f"\n{verdict}: produced = valid + rejected, valid = scored")
     print("\nwhere to look next:")
     print(f"  {out / 'report.json'}     this report as JSON")

@@ -60,8 +60,13 @@ async def upload_artifact(
     futures = []
     for index, chunk in enumerate(chunks):
         value = chunk_codec.encode(
-            {"sha256": digest, "index": index, "total": len(chunks), "size": len(data),
-             "data": chunk}
+            {
+                "sha256": digest,
+                "index": index,
+                "total": len(chunks),
+                "size": len(data),
+                "data": chunk,
+            }
         )
         futures.append(
             await producer.send(topic, value, key=f"{digest}:{index}".encode(), partition=partition)
@@ -98,7 +103,9 @@ def verify_file(path: Path, sha256: str) -> bool:
         return False
 
 
-async def fetch_artifact(settings: Settings, uri: str, sha256: str, timeout_s: float = 60.0) -> Path:
+async def fetch_artifact(
+    settings: Settings, uri: str, sha256: str, timeout_s: float = 60.0
+) -> Path:
     """Return a local path to the verified artifact, fetching it from Kafka if needed."""
     path = cached_path(settings, sha256)
     if verify_file(path, sha256):
@@ -108,6 +115,7 @@ async def fetch_artifact(settings: Settings, uri: str, sha256: str, timeout_s: f
     await start_with_retry(consumer.start, "artifact-fetch", settings)
     chunk_codec = codec("ArtifactChunk")
     pieces: dict[int, bytes] = {}
+    foreign: set[str] = set()
     try:
         tp = TopicPartition(settings.topic(ARTIFACT_TOPIC), partition)
         consumer.assign([tp])
@@ -125,8 +133,16 @@ async def fetch_artifact(settings: Settings, uri: str, sha256: str, timeout_s: f
                 chunk = chunk_codec.decode(record.value)
                 if chunk["sha256"] == sha256 and chunk["total"] == total:
                     pieces[chunk["index"]] = chunk["data"]
+                elif record.offset < offset + total:
+                    foreign.add(chunk["sha256"])
             hw = consumer.highwater(tp)
             if hw is not None and await consumer.position(tp) >= hw and len(pieces) < total:
+                if not pieces and foreign:
+                    raise ArtifactError(
+                        f"artifact checksum mismatch: the bytes at {uri} have sha256 "
+                        f"{sorted(foreign)[0][:12]}..., the record says {sha256[:12]}...; "
+                        "refusing it"
+                    )
                 raise ArtifactError(
                     f"artifact {sha256[:12]}: {total - len(pieces)} of {total} chunks missing "
                     f"from {uri}"

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -22,7 +23,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 @dataclass(slots=True)
@@ -40,11 +41,17 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.loop = loop
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        log.info("partitions revoked", extra={"partitions": [f"{t.topic}/{t.partition}" for t in revoked]})
+        log.info(
+            "partitions revoked",
+            extra={"partitions": [f"{t.topic}/{t.partition}" for t in revoked]},
+        )
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self.loop.assigned = list(assigned)
-        log.info("partitions assigned", extra={"partitions": [f"{t.topic}/{t.partition}" for t in assigned]})
+        log.info(
+            "partitions assigned",
+            extra={"partitions": [f"{t.topic}/{t.partition}" for t in assigned]},
+        )
 
 
 class BatchLoop:
@@ -85,7 +92,9 @@ class BatchLoop:
                 fetch = asyncio.ensure_future(
                     consumer.getmany(timeout_ms=1000, max_records=self.settings.batch_max_records)
                 )
-                done, _ = await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if fetch not in done:
                     fetch.cancel()
                     break
@@ -102,7 +111,9 @@ class BatchLoop:
         finally:
             stop_wait.cancel()
 
-    async def _handle(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]) -> None:
+    async def _handle(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]
+    ) -> None:
         started = time.perf_counter()
         records = [r for part in batches.values() for r in part]
         for tp, part in batches.items():
@@ -122,8 +133,10 @@ class BatchLoop:
         except (CommitFailedError, KafkaError) as exc:
             # A rebalance took these partitions away; the new owner replays from the last
             # committed offset, and downstream dedupes by key.
-            log.warning("commit failed after rebalance; batch will be replayed",
-                        extra={"error": str(exc), "records": len(records)})
+            log.warning(
+                "commit failed after rebalance; batch will be replayed",
+                extra={"error": str(exc), "records": len(records)},
+            )
         BATCH_SIZE.labels(self.service).observe(len(records))
         BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         self.last_batch_at = time.time()

@@ -76,7 +76,9 @@ def parse_catalog(raw: dict[str, Any]) -> dict[str, TopicSpec]:
         except KeyError as exc:
             raise CatalogError(f"topics.yaml: topic {name!r} lacks {exc.args[0]!r}") from None
         if out[name].cleanup_policy not in ("delete", "compact"):
-            raise CatalogError(f"topics.yaml: topic {name!r}: cleanup_policy must be delete|compact")
+            raise CatalogError(
+                f"topics.yaml: topic {name!r}: cleanup_policy must be delete|compact"
+            )
         if out[name].partitions < 1:
             raise CatalogError(f"topics.yaml: topic {name!r}: partitions must be >= 1")
     return out

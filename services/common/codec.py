@@ -12,7 +12,7 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import orjson
@@ -72,6 +72,8 @@ def all_schema_versions() -> dict[str, list[SchemaVersion]]:
         if not match:
             raise CodecError(f"{path.name}: schema files are named <Name>.v<N>.avsc")
         parsed = parse_schema(json.loads(path.read_text()), _write_hint=False)
+        if not isinstance(parsed, dict):
+            raise CodecError(f"{path.name}: a top-level schema must be a record")
         found.setdefault(match["name"], []).append(
             SchemaVersion(match["name"], int(match["version"]), parsed, _fingerprint(parsed))
         )
@@ -123,7 +125,7 @@ class AvroCodec:
         return record
 
 
-@lru_cache(maxsize=None)
+@cache
 def codec(name: str) -> AvroCodec:
     """The shared codec for a record type (parsed once per process)."""
     return AvroCodec(name)

@@ -55,7 +55,9 @@ def redis_answers(url: str) -> bool:
     import redis
 
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+        return bool(
+            redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping()
+        )
     except (redis.RedisError, OSError):
         return False
 
@@ -114,18 +116,30 @@ class StackState:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"kafka_bootstrap": self.kafka_bootstrap, "redis_url": self.redis_url,
-                "started": self.started, "logs": self.logs, "settings": self.settings_overrides()}
+        return {
+            "kafka_bootstrap": self.kafka_bootstrap,
+            "redis_url": self.redis_url,
+            "started": self.started,
+            "logs": self.logs,
+            "settings": self.settings_overrides(),
+        }
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 20.0) -> None:
+def _wait_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 20.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -148,9 +162,12 @@ class DevStack:
             data = json.loads(self.file.read_text())
         except (OSError, ValueError):
             return None
-        return StackState(data["kafka_bootstrap"], data["redis_url"],
-                          {k: int(v) for k, v in data.get("started", {}).items()},
-                          data.get("logs", {}))
+        return StackState(
+            data["kafka_bootstrap"],
+            data["redis_url"],
+            {k: int(v) for k, v in data.get("started", {}).items()},
+            data.get("logs", {}),
+        )
 
     def running(self) -> StackState | None:
         state = self.read()
@@ -176,10 +193,19 @@ class DevStack:
             if not bootstrap:
                 port = free_port()
                 log = logs_dir / "tansu.log"
-                proc = _spawn([broker_binary(), "broker",
-                               "--listener-url", f"tcp://127.0.0.1:{port}",
-                               "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
-                               "--storage-engine", "memory://tansu/"], log)
+                proc = _spawn(
+                    [
+                        broker_binary(),
+                        "broker",
+                        "--listener-url",
+                        f"tcp://127.0.0.1:{port}",
+                        "--advertised-listener-url",
+                        f"tcp://127.0.0.1:{port}",
+                        "--storage-engine",
+                        "memory://tansu/",
+                    ],
+                    log,
+                )
                 procs.append(proc)
                 _wait_port("127.0.0.1", port, proc, "tansu broker", log)
                 bootstrap = f"127.0.0.1:{port}"
@@ -187,14 +213,26 @@ class DevStack:
                 logs["broker"] = str(log)
             redis_url = self.settings.redis_url
             if not redis_url:
-                local = "redis://127.0.0.1:6379/0"
+                local = self.settings.dev_redis_probe_url
                 if redis_answers(local):
                     redis_url = local
                 else:
                     port = free_port()
                     log = logs_dir / "redis.log"
-                    proc = _spawn([redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                                   "--save", "", "--appendonly", "no"], log)
+                    proc = _spawn(
+                        [
+                            redis_binary(),
+                            "--port",
+                            str(port),
+                            "--bind",
+                            "127.0.0.1",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                        ],
+                        log,
+                    )
                     procs.append(proc)
                     _wait_port("127.0.0.1", port, proc, "redis-server", log)
                     redis_url = f"redis://127.0.0.1:{port}/0"

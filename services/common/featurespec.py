@@ -8,8 +8,8 @@ trainer vectorise with it: one piece of code from training to serving.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -161,14 +161,12 @@ class RuleSet:
         # Features only a challenger uses are known (not "unknown"), checked when present.
         champion_names = set(self.spec.names)
         self.optional_rules = [
-            rule
-            for spec in specs[1:]
-            for rule in spec.features
-            if rule.name not in champion_names
+            rule for spec in specs[1:] for rule in spec.features if rule.name not in champion_names
         ]
         self.known = champion_names | {r.name for r in self.optional_rules}
         self._category_sets = {
-            r.name: frozenset(r.categories) for r in (*self.rules, *self.optional_rules)
+            r.name: frozenset(r.categories)
+            for r in (*self.rules, *self.optional_rules)
             if r.categories
         }
 
@@ -183,22 +181,38 @@ class RuleSet:
             )
         event_id = raw.get("event_id")
         if not _valid_id(event_id):
-            rejections.append(_v("invalid_envelope", "event_id",
-                                 f"event_id must be a printable string of 1-{MAX_ID_LEN} chars"))
+            rejections.append(
+                _v(
+                    "invalid_envelope",
+                    "event_id",
+                    f"event_id must be a printable string of 1-{MAX_ID_LEN} chars",
+                )
+            )
         entity_id = raw.get("entity_id")
         if not _valid_id(entity_id):
-            rejections.append(_v("invalid_envelope", "entity_id",
-                                 f"entity_id must be a printable string of 1-{MAX_ID_LEN} chars"))
+            rejections.append(
+                _v(
+                    "invalid_envelope",
+                    "entity_id",
+                    f"entity_id must be a printable string of 1-{MAX_ID_LEN} chars",
+                )
+            )
         event_time = _event_time_ms(raw.get("event_time"))
         if event_time is None:
-            rejections.append(_v("invalid_envelope", "event_time",
-                                 "event_time must be epoch milliseconds or ISO-8601 with a zone"))
+            rejections.append(
+                _v(
+                    "invalid_envelope",
+                    "event_time",
+                    "event_time must be epoch milliseconds or ISO-8601 with a zone",
+                )
+            )
         attributes = raw.get("attributes") or {}
         if not isinstance(attributes, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
         ):
-            rejections.append(_v("invalid_envelope", "attributes",
-                                 "attributes must map strings to strings"))
+            rejections.append(
+                _v("invalid_envelope", "attributes", "attributes must map strings to strings")
+            )
             attributes = {}
         features = raw.get("features")
         if not isinstance(features, dict):
@@ -210,15 +224,18 @@ class RuleSet:
             self._check_feature(rule, features, clean, rejections, flags, present_required=True)
         for rule in self.optional_rules:
             if rule.name in features:
-                self._check_feature(rule, features, clean, rejections, flags,
-                                    present_required=False)
+                self._check_feature(
+                    rule, features, clean, rejections, flags, present_required=False
+                )
         for name in features:
             if name not in self.known:
                 action = self.spec.unknown_feature_action
                 if action == "ignore":
                     continue
                 target = rejections if action == "reject" else flags
-                target.append(_v("unknown_feature", str(name), f"feature {name!r} is not in the spec"))
+                target.append(
+                    _v("unknown_feature", str(name), f"feature {name!r} is not in the spec")
+                )
         if rejections:
             return CheckedEvent(event=None, rejections=rejections, flags=flags)
         return CheckedEvent(
@@ -247,7 +264,9 @@ class RuleSet:
         name = rule.name
         if name not in features:
             if rule.required and present_required:
-                rejections.append(_v("missing_feature", name, f"required feature {name!r} is absent"))
+                rejections.append(
+                    _v("missing_feature", name, f"required feature {name!r} is absent")
+                )
             else:
                 clean[name] = None
             return
@@ -280,18 +299,28 @@ class RuleSet:
         elif type(value) is not str:
             rejections.append(_wrong_type(name, dtype, value))
             return
-        if dtype in ("double", "long"):
-            if (rule.min is not None and value < rule.min) or (
-                rule.max is not None and value > rule.max
-            ):
-                target = rejections if rule.range_action == "reject" else flags
-                target.append(_v("out_of_range", name,
-                                 f"feature {name!r}={value} outside [{rule.min}, {rule.max}]"))
+        if dtype in ("double", "long") and (
+            (rule.min is not None and value < rule.min)
+            or (rule.max is not None and value > rule.max)
+        ):
+            target = rejections if rule.range_action == "reject" else flags
+            target.append(
+                _v(
+                    "out_of_range",
+                    name,
+                    f"feature {name!r}={value} outside [{rule.min}, {rule.max}]",
+                )
+            )
         cats = self._category_sets.get(name)
         if cats is not None and value not in cats:
             target = rejections if rule.category_action == "reject" else flags
-            target.append(_v("unknown_category", name,
-                             f"feature {name!r}={value!r} is not one of {len(cats)} categories"))
+            target.append(
+                _v(
+                    "unknown_category",
+                    name,
+                    f"feature {name!r}={value!r} is not one of {len(cats)} categories",
+                )
+            )
         clean[name] = value
 
 
@@ -303,7 +332,9 @@ def _wrong_type(name: str, dtype: str, value: Any) -> Violation:
     shown = repr(value)
     if len(shown) > 40:
         shown = shown[:37] + "..."
-    return _v("wrong_type", name, f"feature {name!r} must be {dtype}, got {type(value).__name__} {shown}")
+    return _v(
+        "wrong_type", name, f"feature {name!r} must be {dtype}, got {type(value).__name__} {shown}"
+    )
 
 
 class Vectoriser:
@@ -316,7 +347,8 @@ class Vectoriser:
             np.float32(r.impute if r.impute is not None else np.nan) for r in spec.features
         ]
         self._codes: list[dict[Any, int] | None] = [
-            {c: i for i, c in enumerate(r.categories)} if r.dtype == "string" and r.categories
+            {c: i for i, c in enumerate(r.categories)}
+            if r.dtype == "string" and r.categories
             else None
             for r in spec.features
         ]

@@ -64,7 +64,8 @@ class HealthServer:
             status, ctype, body = self._route(parts[0] if parts else "", path)
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
             )
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -78,7 +79,11 @@ class HealthServer:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
         if path == "/healthz":
-            return "200 OK", "application/json", orjson.dumps({"status": "alive", "service": self.service})
+            return (
+                "200 OK",
+                "application/json",
+                orjson.dumps({"status": "alive", "service": self.service}),
+            )
         if path == "/readyz":
             ready, details = self.readiness()
             body = orjson.dumps({"ready": ready, "service": self.service, "checks": details})

@@ -43,7 +43,9 @@ def client_options(settings: Settings) -> dict[str, Any]:
         opts["sasl_mechanism"] = settings.kafka_sasl_mechanism or "SCRAM-SHA-512"
         opts["sasl_plain_username"] = settings.kafka_sasl_username
         opts["sasl_plain_password"] = (
-            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+            settings.kafka_sasl_password.get_secret_value()
+            if settings.kafka_sasl_password
+            else None
         )
     return opts
 
@@ -115,9 +117,7 @@ async def start_with_retry(
             delay = min(delay * 2, 5.0)
 
 
-async def ensure_topics(
-    settings: Settings, specs: Iterable[TopicSpec] | None = None
-) -> list[str]:
+async def ensure_topics(settings: Settings, specs: Iterable[TopicSpec] | None = None) -> list[str]:
     """Create the catalog's topics that are missing; returns the names created."""
     specs = list(specs if specs is not None else catalog().values())
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=30_000)
@@ -162,12 +162,14 @@ def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
-async def assign_all(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[TopicPartition]:
+async def assign_all(
+    consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0
+) -> list[TopicPartition]:
     """Assign every partition of a topic (no consumer group) and seek to the beginning."""
     deadline = time.monotonic() + timeout_s
     while True:
         # All-topic metadata: the consumer's own refresh covers only topics it already has.
-        cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001 - no public API
+        cluster = await consumer._client.fetch_all_metadata()
         parts = cluster.partitions_for_topic(topic)
         if parts:
             break

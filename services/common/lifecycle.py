@@ -49,7 +49,9 @@ async def serve(make: Callable[[], Service], settings: Settings) -> int:
         try:
             await asyncio.wait_for(service.stop(), settings.shutdown_deadline_s)
         except TimeoutError:
-            log.error("shutdown deadline passed", extra={"deadline_s": settings.shutdown_deadline_s})
+            log.error(
+                "shutdown deadline passed", extra={"deadline_s": settings.shutdown_deadline_s}
+            )
             exit_code = exit_code or 1
         await health.stop()
     log.info("service stopped", extra={"exit_code": exit_code})

@@ -78,7 +78,11 @@ def check_onnx_inputs(session: ort.InferenceSession, spec: FeatureSpec) -> None:
             f"model output {prob.name!r} is {prob.type}; export probabilities as a tensor "
             "(skl2onnx: options={'zipmap': False})"
         )
-    if len(prob.shape) == 2 and isinstance(prob.shape[1], int) and prob.shape[1] != len(spec.classes):
+    if (
+        len(prob.shape) == 2
+        and isinstance(prob.shape[1], int)
+        and prob.shape[1] != len(spec.classes)
+    ):
         raise ModelLoadError(
             f"model output {prob.name!r} has {prob.shape[1]} classes, the spec names "
             f"{len(spec.classes)}: {spec.classes}"

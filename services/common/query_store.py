@@ -66,17 +66,21 @@ class QueryStore:
         """Write a batch; returns how many were written, 0 (counted as skipped) on failure."""
         if not predictions:
             return 0
-        args: list[Any] = [self.prefix, self.settings.redis_prediction_ttl_s,
-                           self.settings.redis_entity_cap]
+        args: list[Any] = [
+            self.prefix,
+            self.settings.redis_prediction_ttl_s,
+            self.settings.redis_entity_cap,
+        ]
         for p in predictions:
-            args += [p["event_id"], p["entity_id"], p["variant"], p["event_time"],
-                     orjson.dumps(p)]
+            args += [p["event_id"], p["entity_id"], p["variant"], p["event_time"], orjson.dumps(p)]
         try:
             written = int(await self._write(keys=[], args=args))
         except (RedisError, OSError) as exc:
             if self.healthy:
-                log.warning("query store write failed; predictions still go to Kafka",
-                            extra={"error": str(exc), "skipped": len(predictions)})
+                log.warning(
+                    "query store write failed; predictions still go to Kafka",
+                    extra={"error": str(exc), "skipped": len(predictions)},
+                )
             self.healthy = False
             REDIS_WRITES.labels("skipped").inc(len(predictions))
             return 0
@@ -87,28 +91,32 @@ class QueryStore:
         return written
 
     async def prediction(self, event_id: str) -> dict[str, Any] | None:
+        """Every variant's latest prediction for an event, or None."""
         raw = await self.client.hgetall(f"{self.prefix}pred:{event_id}")
-        if not raw:
-            return None
-        return {
-            k.decode(): orjson.loads(v) for k, v in raw.items() if not k.startswith(b"t:")
-        }
+        out = {_text(k): orjson.loads(v) for k, v in raw.items() if not _text(k).startswith("t:")}
+        return out or None
 
     async def entity_predictions(self, entity_id: str, limit: int = 10) -> list[dict[str, Any]]:
+        """An entity's most recent predictions by event time, newest first."""
         ids = await self.client.zrevrange(f"{self.prefix}entity:{entity_id}", 0, limit - 1)
         out = []
-        for event_id in ids:
-            variants = await self.prediction(event_id.decode())
+        for raw_id in ids:
+            event_id = _text(raw_id)
+            variants = await self.prediction(event_id)
             if variants:
-                out.append({"event_id": event_id.decode(), "variants": variants})
+                out.append({"event_id": event_id, "variants": variants})
         return out
 
     async def forget_entity(self, entity_id: str) -> int:
+        """Delete an entity's index and its predictions; returns the keys removed."""
         ekey = f"{self.prefix}entity:{entity_id}"
         ids = await self.client.zrange(ekey, 0, -1)
-        keys = [ekey] + [f"{self.prefix}pred:{i.decode()}" for i in ids]
+        keys = [ekey] + [f"{self.prefix}pred:{_text(i)}" for i in ids]
         return int(await self.client.delete(*keys))
 
     async def close(self) -> None:
         await self.client.aclose()
 
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -53,7 +53,8 @@ class RegistryState:
         """Champion first, then enabled challengers."""
         champion = self.champion(model)
         challengers = [
-            v for v in self.of_model(model)
+            v
+            for v in self.of_model(model)
             if v.stage in ACTIVE_STAGES and v.stage != "champion" and v.enabled
         ]
         return ([champion] if champion else []) + challengers
@@ -102,8 +103,10 @@ class RegistryView:
             version = ModelVersion.from_record(self._codec.decode(record.value))
         except (CodecError, KeyError) as exc:
             REGISTRY_RECORDS_SKIPPED.inc()
-            log.error("skipping unreadable registry record",
-                      extra={"offset": record.offset, "error": str(exc)})
+            log.error(
+                "skipping unreadable registry record",
+                extra={"offset": record.offset, "error": str(exc)},
+            )
             return False
         return self.state.apply(version)
 

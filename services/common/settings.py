@@ -66,9 +66,7 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = Field(
         None, description="host:port[,host:port]; unset = the embedded dev broker"
     )
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
@@ -101,6 +99,9 @@ class Settings(BaseSettings):
     # --- Redis (query store) ---------------------------------------------------------
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = dev Redis")
     redis_key_prefix: str = "sm:"
+    dev_redis_probe_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="dev up uses this Redis if it answers"
+    )
     redis_prediction_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     redis_entity_cap: int = Field(100, ge=1, description="predictions kept per entity")
 

@@ -59,7 +59,8 @@ async def send_command(
         await start_with_retry(producer.start, "command-producer", settings)
     try:
         await producer.send_and_wait(
-            settings.topic(COMMANDS_TOPIC), codec("ModelCommand").encode(command),
+            settings.topic(COMMANDS_TOPIC),
+            codec("ModelCommand").encode(command),
             key=command["model"].encode(),
         )
     finally:
@@ -67,7 +68,9 @@ async def send_command(
             await producer.stop()
 
 
-async def wait_for_outcome(settings: Settings, request_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+async def wait_for_outcome(
+    settings: Settings, request_id: str, timeout_s: float = 60.0
+) -> dict[str, Any]:
     """The registry's DeploymentEvent for a request id (applied or refused)."""
     consumer = make_consumer(settings, group_id=None)
     await start_with_retry(consumer.start, "deployments-reader", settings)
@@ -92,7 +95,9 @@ async def wait_for_outcome(settings: Settings, request_id: str, timeout_s: float
         await consumer.stop()
 
 
-async def command(settings: Settings, cmd: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+async def command(
+    settings: Settings, cmd: dict[str, Any], timeout_s: float = 60.0
+) -> dict[str, Any]:
     await send_command(settings, cmd)
     return await wait_for_outcome(settings, cmd["request_id"], timeout_s)
 
@@ -104,8 +109,9 @@ async def read_history(settings: Settings, model: str | None = None) -> list[dic
     events: list[dict[str, Any]] = []
     try:
         tps = await assign_all(consumer, settings.topic(DEPLOYMENTS_TOPIC))
-        await read_to_end(consumer, tps, lambda r: events.append(decode(r.value)) if r.value else None)
+        await read_to_end(
+            consumer, tps, lambda r: events.append(decode(r.value)) if r.value else None
+        )
     finally:
         await consumer.stop()
     return [e for e in events if model is None or e["model"] == model]
-

@@ -112,8 +112,11 @@ def decide(
         else:
             raise Refusal(f"unknown action {action!r}; use register, promote, rollback or retire")
     except Refusal as refusal:
-        return Decision("refused", [], _event(cmd, book.generation, now_ms, outcome="refused",
-                                              detail=str(refusal)))
+        return Decision(
+            "refused",
+            [],
+            _event(cmd, book.generation, now_ms, outcome="refused", detail=str(refusal)),
+        )
     return Decision("applied", records, _event(cmd, generation, now_ms, **fields))
 
 
@@ -128,7 +131,11 @@ def _get(book: RegistryBook, model: str, version: str | None) -> ModelVersion:
 
 
 def _register(
-    book: RegistryBook, cmd: dict[str, Any], generation: int, now_ms: int, artifact_problem: str | None
+    book: RegistryBook,
+    cmd: dict[str, Any],
+    generation: int,
+    now_ms: int,
+    artifact_problem: str | None,
 ) -> tuple[list[ModelVersion], dict[str, Any]]:
     model = cmd["model"]
     try:
@@ -186,8 +193,10 @@ def _promote(
     if target in CHALLENGER_STAGES and champion is not None:
         major = held.semver[0]
         other_major = [
-            v for v in book.state.of_model(model)
-            if v.stage in CHALLENGER_STAGES and v.key != held.key
+            v
+            for v in book.state.of_model(model)
+            if v.stage in CHALLENGER_STAGES
+            and v.key != held.key
             and v.semver[0] != champion.semver[0]
         ]
         if major != champion.semver[0] and other_major:
@@ -203,13 +212,28 @@ def _promote(
             raise Refusal(f"canary percent {options.get('percent')!r} is not a number") from None
         if not 0 < percent <= 100:
             raise Refusal(f"canary percent must be in (0, 100], got {percent}")
-    records = [replace(held, stage=target, generation=generation, updated_at=now_ms,
-                       request_id=cmd["request_id"], canary_percent=percent)]
+    records = [
+        replace(
+            held,
+            stage=target,
+            generation=generation,
+            updated_at=now_ms,
+            request_id=cmd["request_id"],
+            canary_percent=percent,
+        )
+    ]
     fields: dict[str, Any] = {"version": held.version, "from_stage": held.stage, "to_stage": target}
     if target == "champion":
         if champion is not None:
-            records.append(replace(champion, stage="retired", generation=generation,
-                                   updated_at=now_ms, request_id=cmd["request_id"]))
+            records.append(
+                replace(
+                    champion,
+                    stage="retired",
+                    generation=generation,
+                    updated_at=now_ms,
+                    request_id=cmd["request_id"],
+                )
+            )
             fields["previous_champion"] = champion.version
         fields["new_champion"] = held.version
     return records, fields
@@ -226,8 +250,13 @@ def _rollback(
                 f"{held.key} is {held.stage}; only a shadow or canary version is rolled back by "
                 "version (roll back the champion with no version)"
             )
-        record = replace(held, stage="rolled_back", generation=generation, updated_at=now_ms,
-                         request_id=cmd["request_id"])
+        record = replace(
+            held,
+            stage="rolled_back",
+            generation=generation,
+            updated_at=now_ms,
+            request_id=cmd["request_id"],
+        )
         return [record], {"from_stage": held.stage, "to_stage": "rolled_back"}
     champion = book.state.champion(model)
     if champion is None:
@@ -242,10 +271,20 @@ def _rollback(
     if previous is None:
         raise Refusal(f"{champion.key} has no earlier champion to roll back to")
     records = [
-        replace(champion, stage="rolled_back", generation=generation, updated_at=now_ms,
-                request_id=cmd["request_id"]),
-        replace(previous, stage="champion", generation=generation, updated_at=now_ms,
-                request_id=cmd["request_id"]),
+        replace(
+            champion,
+            stage="rolled_back",
+            generation=generation,
+            updated_at=now_ms,
+            request_id=cmd["request_id"],
+        ),
+        replace(
+            previous,
+            stage="champion",
+            generation=generation,
+            updated_at=now_ms,
+            request_id=cmd["request_id"],
+        ),
     ]
     return records, {
         "version": previous.version,

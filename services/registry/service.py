@@ -64,8 +64,12 @@ class RegistryService:
         self.book = RegistryBook()
         self.producer = make_producer(settings)
         self.loop = BatchLoop(
-            settings, self.name, f"{settings.topic_prefix}scoremesh-registry",
-            [settings.topic(COMMANDS_TOPIC)], self.producer, self._process,
+            settings,
+            self.name,
+            f"{settings.topic_prefix}scoremesh-registry",
+            [settings.topic(COMMANDS_TOPIC)],
+            self.producer,
+            self._process,
         )
         self._command_codec = codec("ModelCommand")
         self._version_codec = codec("ModelVersion")
@@ -103,8 +107,10 @@ class RegistryService:
             await read_to_end(consumer, tps, on_event)
         finally:
             await consumer.stop()
-        log.info("registry state folded", extra={"versions": len(self.book.state.versions),
-                                                 "generation": self.book.generation})
+        log.info(
+            "registry state folded",
+            extra={"versions": len(self.book.state.versions), "generation": self.book.generation},
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.loop.start(stop)
@@ -117,8 +123,10 @@ class RegistryService:
                 cmd = self._command_codec.decode(record.value or b"")
             except CodecError as exc:
                 COMMANDS.labels("unknown", "undecodable").inc()
-                log.error("undecodable command skipped",
-                          extra={"offset": record.offset, "error": str(exc)})
+                log.error(
+                    "undecodable command skipped",
+                    extra={"offset": record.offset, "error": str(exc)},
+                )
                 continue
             if cmd["request_id"] in self.book.handled:
                 COMMANDS.labels(cmd["action"], "duplicate").inc()
@@ -134,16 +142,31 @@ class RegistryService:
         event = decision.event
         COMMANDS.labels(event["action"], decision.outcome).inc()
         log_fn = log.warning if decision.refused else log.info
-        log_fn("command " + decision.outcome, extra={k: event[k] for k in (
-            "request_id", "model", "version", "action", "to_stage", "detail", "actor")})
+        log_fn(
+            "command " + decision.outcome,
+            extra={
+                k: event[k]
+                for k in ("request_id", "model", "version", "action", "to_stage", "detail", "actor")
+            },
+        )
         outs = []
         for version in decision.records:
             self.book.apply_version(version)
-            outs.append(Out(self.settings.topic(REGISTRY_TOPIC), version.key.encode(),
-                            self._version_codec.encode(version.to_record())))
+            outs.append(
+                Out(
+                    self.settings.topic(REGISTRY_TOPIC),
+                    version.key.encode(),
+                    self._version_codec.encode(version.to_record()),
+                )
+            )
         self.book.apply_event(event)
-        outs.append(Out(self.settings.topic(DEPLOYMENTS_TOPIC), event["model"].encode(),
-                        self._event_codec.encode(event)))
+        outs.append(
+            Out(
+                self.settings.topic(DEPLOYMENTS_TOPIC),
+                event["model"].encode(),
+                self._event_codec.encode(event),
+            )
+        )
         return outs
 
     async def stop(self) -> None:
@@ -159,6 +182,9 @@ def describe(event: dict[str, Any]) -> str:
     if event["action"] == "register":
         return f"registered {what}"
     moved = f"{event.get('from_stage')} -> {event.get('to_stage')}"
-    extra = (f" (previous champion {event['previous_champion']})"
-             if event.get("previous_champion") else "")
+    extra = (
+        f" (previous champion {event['previous_champion']})"
+        if event.get("previous_champion")
+        else ""
+    )
     return f"{event['action']}: {what} {moved}{extra}"

@@ -65,13 +65,17 @@ class ModelHolder:
         if ident in self._failed:
             return None
         try:
-            path = await fetch_artifact(self.settings, version.artifact_uri, version.artifact_sha256)
+            path = await fetch_artifact(
+                self.settings, version.artifact_uri, version.artifact_sha256
+            )
             model = await asyncio.to_thread(load_model, version, path, self.settings.onnx_threads)
         except (ArtifactError, ModelLoadError, OSError) as exc:
             self._failed[ident] = str(exc)
             MODEL_LOAD_FAILURES.labels(version.name, version.version).inc()
-            log.error("model version failed to load; previous set keeps serving",
-                      extra={"version": version.key, "error": str(exc)})
+            log.error(
+                "model version failed to load; previous set keeps serving",
+                extra={"version": version.key, "error": str(exc)},
+            )
             return None
         self._loaded[ident] = model
         log.info("model version loaded", extra={"version": version.key, "stage": version.stage})
@@ -93,11 +97,13 @@ class ModelHolder:
                 challengers.append((model, version))
         failures = {k: v for (k, _), v in self._failed.items()}
         self.current = ServingSet(champion, tuple(challengers), state.max_generation, failures)
-        ACTIVE_VERSION.info({
-            "model": self.settings.model_name,
-            "champion": champion.key if champion else "",
-            "challengers": ",".join(f"{v.key}:{v.stage}" for _, v in challengers),
-        })
+        ACTIVE_VERSION.info(
+            {
+                "model": self.settings.model_name,
+                "champion": champion.key if champion else "",
+                "challengers": ",".join(f"{v.key}:{v.stage}" for _, v in challengers),
+            }
+        )
         live = {m.key for m in ([champion] if champion else [])} | {m.key for m, _ in challengers}
         self._loaded = {k: m for k, m in self._loaded.items() if m.key in live}
         self.changed.set()

@@ -22,12 +22,18 @@ class BatchResult:
     challenger_errors: dict[str, str]
 
 
-def _predict(model: LoadedModel, events: Sequence[dict[str, Any]]) -> tuple[list[str], list[float], list[dict[str, float]]]:
+def _predict(
+    model: LoadedModel, events: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[float], list[dict[str, float]]]:
     matrix = model.vectoriser.transform([e["features"] for e in events])
     scores = model.predict_matrix(matrix)
     classes = model.classes
     probs = scores.probabilities.tolist()
-    return scores.labels, scores.positive.tolist(), [dict(zip(classes, row, strict=True)) for row in probs]
+    return (
+        scores.labels,
+        scores.positive.tolist(),
+        [dict(zip(classes, row, strict=True)) for row in probs],
+    )
 
 
 def score_events(
@@ -55,23 +61,25 @@ def score_events(
             if canary_of[i] is None and in_canary(event["entity_id"], mv.canary_percent):
                 canary_of[i] = model.key
     for i, event in enumerate(events):
-        predictions.append({
-            "event_id": event["event_id"],
-            "entity_id": event["entity_id"],
-            "event_time": event["event_time"],
-            "features": event["features"],
-            "attributes": event.get("attributes") or {},
-            "model": name,
-            "model_version": version,
-            "variant": "champion",
-            "served": canary_of[i] is None,
-            "source": source,
-            "score": positive[i],
-            "scores": per_class[i],
-            "decision": labels[i],
-            "latency_ms": latency_ms,
-            "scored_at": now_ms,
-        })
+        predictions.append(
+            {
+                "event_id": event["event_id"],
+                "entity_id": event["entity_id"],
+                "event_time": event["event_time"],
+                "features": event["features"],
+                "attributes": event.get("attributes") or {},
+                "model": name,
+                "model_version": version,
+                "variant": "champion",
+                "served": canary_of[i] is None,
+                "source": source,
+                "score": positive[i],
+                "scores": per_class[i],
+                "decision": labels[i],
+                "latency_ms": latency_ms,
+                "scored_at": now_ms,
+            }
+        )
     errors: dict[str, str] = {}
     for model, mv in serving.challengers:
         try:
@@ -82,21 +90,23 @@ def score_events(
         c_latency = (time.perf_counter() - started) * 1000.0
         variant = "canary" if mv.stage == "canary" else "shadow"
         for i, event in enumerate(events):
-            predictions.append({
-                "event_id": event["event_id"],
-                "entity_id": event["entity_id"],
-                "event_time": event["event_time"],
-                "features": event["features"],
-                "attributes": event.get("attributes") or {},
-                "model": mv.name,
-                "model_version": mv.version,
-                "variant": variant,
-                "served": variant == "canary" and canary_of[i] == model.key,
-                "source": source,
-                "score": c_positive[i],
-                "scores": c_per_class[i],
-                "decision": c_labels[i],
-                "latency_ms": c_latency,
-                "scored_at": now_ms,
-            })
+            predictions.append(
+                {
+                    "event_id": event["event_id"],
+                    "entity_id": event["entity_id"],
+                    "event_time": event["event_time"],
+                    "features": event["features"],
+                    "attributes": event.get("attributes") or {},
+                    "model": mv.name,
+                    "model_version": mv.version,
+                    "variant": variant,
+                    "served": variant == "canary" and canary_of[i] == model.key,
+                    "source": source,
+                    "score": c_positive[i],
+                    "scores": c_per_class[i],
+                    "decision": c_labels[i],
+                    "latency_ms": c_latency,
+                    "scored_at": now_ms,
+                }
+            )
     return BatchResult(predictions, errors)

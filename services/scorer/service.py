@@ -35,12 +35,16 @@ class ScorerService:
         self.holder = ModelHolder(settings)
         self.view = RegistryView(settings, on_change=self.holder.on_registry)
         self.producer = make_producer(settings)
-        self.store = store if store is not None else (
-            QueryStore(settings) if settings.redis_url else None
+        self.store = (
+            store if store is not None else (QueryStore(settings) if settings.redis_url else None)
         )
         self.loop = BatchLoop(
-            settings, self.name, f"{settings.topic_prefix}scoremesh-scorer",
-            [settings.topic(SOURCE)], self.producer, self._process,
+            settings,
+            self.name,
+            f"{settings.topic_prefix}scoremesh-scorer",
+            [settings.topic(SOURCE)],
+            self.producer,
+            self._process,
         )
         self._event_codec = codec("Event")
         self._prediction_codec = codec("Prediction")
@@ -54,9 +58,11 @@ class ScorerService:
         health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
         health.add_check(
             "model",
-            lambda: (self.holder.current.champion is not None,
-                     ",".join(self.holder.current.keys) or
-                     f"no champion of {self.settings.model_name!r} loaded"),
+            lambda: (
+                self.holder.current.champion is not None,
+                ",".join(self.holder.current.keys)
+                or f"no champion of {self.settings.model_name!r} loaded",
+            ),
         )
         health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
         if self.store is not None:
@@ -72,8 +78,9 @@ class ScorerService:
 
     async def run(self, stop: asyncio.Event) -> None:
         while self.holder.current.champion is None and not stop.is_set():
-            log.warning("no champion loaded yet: not consuming",
-                        extra={"model": self.settings.model_name})
+            log.warning(
+                "no champion loaded yet: not consuming", extra={"model": self.settings.model_name}
+            )
             self.holder.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.holder.changed.wait(), 10)
@@ -102,8 +109,10 @@ class ScorerService:
             champion = serving.champion
             if champion is not None:
                 SCORING_ERRORS.labels(champion.version.name, champion.version.version).inc()
-            log.error("batch could not be scored; dead-lettered", extra={"error": str(exc),
-                                                                        "events": len(events)})
+            log.error(
+                "batch could not be scored; dead-lettered",
+                extra={"error": str(exc), "events": len(events)},
+            )
             reason = [Violation("scoring_error", None, str(exc))]
             outs.extend(self._reject(r, reason, e) for r, e in zip(sources, events, strict=True))
             return outs
@@ -125,17 +134,25 @@ class ScorerService:
             # Redis writes overlap the Kafka sends; at most one batch is in flight.
             if self._store_write is not None:
                 await self._store_write
-            self._store_write = asyncio.create_task(self.store.write_predictions(result.predictions))
+            self._store_write = asyncio.create_task(
+                self.store.write_predictions(result.predictions)
+            )
         return outs
 
-    def _reject(self, record: Record, reasons: list[Violation], event: dict[str, object] | None) -> Out:
+    def _reject(
+        self, record: Record, reasons: list[Violation], event: dict[str, object] | None
+    ) -> Out:
         for reason in reasons:
             REJECTED.labels("scorer", reason.code).inc()
         event = event or {}
         rec = rejection_record(
-            record, reasons, "scoring", self.settings.rejection_keep_bytes,
+            record,
+            reasons,
+            "scoring",
+            self.settings.rejection_keep_bytes,
             rule_set=str(event.get("rule_set")) if event.get("rule_set") else None,
-            event_id=event.get("event_id"), entity_id=event.get("entity_id"),
+            event_id=event.get("event_id"),
+            entity_id=event.get("entity_id"),
         )
         return Out(self._rejected, record.key, self._rejection_codec.encode(rec))
 

@@ -42,13 +42,17 @@ async def current_champion(settings: Settings) -> Any:
 async def bootstrap(settings: Settings, actor: str = "bootstrap") -> BootstrapResult:
     champion = await current_champion(settings)
     if champion is not None:
-        return BootstrapResult(False, champion.version,
-                               f"{champion.key} is already champion; nothing to do", {})
+        return BootstrapResult(
+            False, champion.version, f"{champion.key} is already champion; nothing to do", {}
+        )
     pairs = list(credit_events(BOOTSTRAP_ROWS, seed=BOOTSTRAP_SEED))
     rows = [e["features"] for e, _ in pairs]
     labels = [label for _, label in pairs]
     trained = train(
-        CREDIT_SPEC, rows, labels, seed=BOOTSTRAP_SEED,
+        CREDIT_SPEC,
+        rows,
+        labels,
+        seed=BOOTSTRAP_SEED,
         dataset=f"{DATASET}(classification_function=0, seed={BOOTSTRAP_SEED})",
         window=DataWindow(start=pairs[0][0]["event_time"], end=pairs[-1][0]["event_time"]),
         limitations=(
@@ -63,20 +67,42 @@ async def bootstrap(settings: Settings, actor: str = "bootstrap") -> BootstrapRe
     finally:
         await producer.stop()
     proposal = VersionProposal(
-        version=BOOTSTRAP_VERSION, artifact_uri=ref.uri, artifact_sha256=ref.sha256,
-        artifact_size=ref.size, feature_spec=CREDIT_SPEC, metadata=trained.metadata,
+        version=BOOTSTRAP_VERSION,
+        artifact_uri=ref.uri,
+        artifact_sha256=ref.sha256,
+        artifact_size=ref.size,
+        feature_spec=CREDIT_SPEC,
+        metadata=trained.metadata,
     )
     model = settings.model_name
-    outcome = await command(settings, new_command(
-        model, "register", actor, proposal=proposal.model_dump_json(),
-        reason="bootstrap: first version"))
+    outcome = await command(
+        settings,
+        new_command(
+            model,
+            "register",
+            actor,
+            proposal=proposal.model_dump_json(),
+            reason="bootstrap: first version",
+        ),
+    )
     if outcome["outcome"] != "applied":
         raise RuntimeError(f"registry refused {model}@{BOOTSTRAP_VERSION}: {outcome['detail']}")
-    outcome = await command(settings, new_command(
-        model, "promote", actor, version=BOOTSTRAP_VERSION, target_stage="champion",
-        reason="bootstrap: first champion"))
+    outcome = await command(
+        settings,
+        new_command(
+            model,
+            "promote",
+            actor,
+            version=BOOTSTRAP_VERSION,
+            target_stage="champion",
+            reason="bootstrap: first champion",
+        ),
+    )
     if outcome["outcome"] != "applied":
         raise RuntimeError(f"registry refused promotion: {outcome['detail']}")
-    return BootstrapResult(True, BOOTSTRAP_VERSION,
-                           f"{model}@{BOOTSTRAP_VERSION} trained and promoted to champion",
-                           trained.metadata.holdout_metrics)
+    return BootstrapResult(
+        True,
+        BOOTSTRAP_VERSION,
+        f"{model}@{BOOTSTRAP_VERSION} trained and promoted to champion",
+        trained.metadata.holdout_metrics,
+    )

@@ -19,15 +19,28 @@ CHANNELS = ("web", "branch", "partner")
 
 CREDIT_SPEC = FeatureSpec(
     features=[
-        FeatureRule(name="salary", dtype="double", min=0, max=500_000,
-                    description="yearly salary"),
-        FeatureRule(name="commission", dtype="double", nullable=True, impute=0.0, min=0,
-                    max=200_000, description="yearly commission; null when none"),
+        FeatureRule(name="salary", dtype="double", min=0, max=500_000, description="yearly salary"),
+        FeatureRule(
+            name="commission",
+            dtype="double",
+            nullable=True,
+            impute=0.0,
+            min=0,
+            max=200_000,
+            description="yearly commission; null when none",
+        ),
         FeatureRule(name="age", dtype="long", min=18, max=100),
-        FeatureRule(name="elevel", dtype="long", categories=[0, 1, 2, 3, 4],
-                    description="education level"),
-        FeatureRule(name="car", dtype="long", min=1, max=20, range_action="flag",
-                    description="car make code; new makes pass with a flag"),
+        FeatureRule(
+            name="elevel", dtype="long", categories=[0, 1, 2, 3, 4], description="education level"
+        ),
+        FeatureRule(
+            name="car",
+            dtype="long",
+            min=1,
+            max=20,
+            range_action="flag",
+            description="car make code; new makes pass with a flag",
+        ),
         FeatureRule(name="zipcode", dtype="long", categories=list(range(9))),
         FeatureRule(name="hvalue", dtype="double", min=0, max=5_000_000),
         FeatureRule(name="hyears", dtype="long", min=0, max=60),
@@ -66,10 +79,13 @@ def credit_events(
 ) -> Iterator[tuple[dict[str, Any], str]]:
     """Event envelopes with their true labels."""
     for i, (features, label) in enumerate(agrawal_rows(n, seed, classification_function)):
-        yield {
-            "event_id": f"{id_prefix}-{seed}-{i}",
-            "entity_id": f"cust-{(i * 7919 + seed) % entities}",
-            "event_time": start_ms + i * step_ms,
-            "features": features,
-            "attributes": {"channel": CHANNELS[i % len(CHANNELS)]},
-        }, label
+        yield (
+            {
+                "event_id": f"{id_prefix}-{seed}-{i}",
+                "entity_id": f"cust-{(i * 7919 + seed) % entities}",
+                "event_time": start_ms + i * step_ms,
+                "features": features,
+                "attributes": {"channel": CHANNELS[i % len(CHANNELS)]},
+            },
+            label,
+        )

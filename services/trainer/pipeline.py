@@ -33,13 +33,17 @@ class TrainedModel:
 
 
 def make_estimator(seed: int) -> Pipeline:
-    return Pipeline([
-        ("scale", StandardScaler()),
-        ("model", GradientBoostingClassifier(n_estimators=60, max_depth=3, random_state=seed)),
-    ])
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("model", GradientBoostingClassifier(n_estimators=60, max_depth=3, random_state=seed)),
+        ]
+    )
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, p_pos: np.ndarray, positive: int) -> dict[str, float]:
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, p_pos: np.ndarray, positive: int
+) -> dict[str, float]:
     out = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "precision": float(precision_score(y_true, y_pred, pos_label=positive, zero_division=0)),
@@ -51,7 +55,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, p_pos: np.nda
     return out
 
 
-def reference_distributions(matrix: np.ndarray, spec: FeatureSpec, scores: np.ndarray) -> dict[str, Any]:
+def reference_distributions(
+    matrix: np.ndarray, spec: FeatureSpec, scores: np.ndarray
+) -> dict[str, Any]:
     """Decile edges and shares per feature, and of the score: the baseline for drift tests."""
     ref: dict[str, Any] = {"features": {}, "score": {}}
     qs = np.linspace(0, 1, 11)
@@ -61,7 +67,9 @@ def reference_distributions(matrix: np.ndarray, spec: FeatureSpec, scores: np.nd
             values, counts = np.unique(column, return_counts=True)
             ref["features"][rule.name] = {
                 "kind": "categorical",
-                "shares": {str(int(v)): float(c / len(column)) for v, c in zip(values, counts, strict=True)},
+                "shares": {
+                    str(int(v)): float(c / len(column)) for v, c in zip(values, counts, strict=True)
+                },
             }
         else:
             ref["features"][rule.name] = {
@@ -70,8 +78,11 @@ def reference_distributions(matrix: np.ndarray, spec: FeatureSpec, scores: np.nd
                 "mean": float(column.mean()),
                 "std": float(column.std()),
             }
-    ref["score"] = {"kind": "numeric", "edges": [float(v) for v in np.quantile(scores, qs)],
-                    "mean": float(scores.mean())}
+    ref["score"] = {
+        "kind": "numeric",
+        "edges": [float(v) for v in np.quantile(scores, qs)],
+        "mean": float(scores.mean()),
+    }
     return ref
 
 
@@ -98,10 +109,14 @@ def train(
         matrix, y, test_size=0.2, stratify=y, random_state=seed
     )
     cv_scores: dict[str, list[float]] = {}
-    for fold_train, fold_test in StratifiedKFold(cv_folds, shuffle=True, random_state=seed).split(x_train, y_train):
+    for fold_train, fold_test in StratifiedKFold(cv_folds, shuffle=True, random_state=seed).split(
+        x_train, y_train
+    ):
         est = make_estimator(seed).fit(x_train[fold_train], y_train[fold_train])
         proba = est.predict_proba(x_train[fold_test])[:, positive]
-        for k, v in classification_metrics(y_train[fold_test], est.predict(x_train[fold_test]), proba, positive).items():
+        for k, v in classification_metrics(
+            y_train[fold_test], est.predict(x_train[fold_test]), proba, positive
+        ).items():
             cv_scores.setdefault(k, []).append(v)
     estimator = make_estimator(seed).fit(x_train, y_train)
     test_proba = estimator.predict_proba(x_test)[:, positive]
@@ -125,7 +140,9 @@ def train(
             "mean": {k: float(np.mean(v)) for k, v in cv_scores.items()},
             "std": {k: float(np.std(v)) for k, v in cv_scores.items()},
         },
-        reference=reference_distributions(matrix, spec, estimator.predict_proba(matrix)[:, positive]),
+        reference=reference_distributions(
+            matrix, spec, estimator.predict_proba(matrix)[:, positive]
+        ),
         limitations=limitations,
         parent_version=parent_version,
         onnx_opset=ONNX_OPSET,

@@ -83,8 +83,11 @@ class ValidatorCore:
             if value is None or len(value) == 0:
                 reasons = [Violation("undecodable", None, "empty value")]
             elif len(value) > limit:
-                reasons = [Violation("too_large", None,
-                                     f"{len(value)} bytes exceeds the {limit}-byte limit")]
+                reasons = [
+                    Violation(
+                        "too_large", None, f"{len(value)} bytes exceeds the {limit}-byte limit"
+                    )
+                ]
             else:
                 try:
                     raw = decode_any(SOURCE, value)
@@ -98,7 +101,9 @@ class ValidatorCore:
                         except CodecError as exc:
                             reasons = [Violation("wrong_type", None, str(exc))]
                         else:
-                            outs.append(Out(self._valid, checked.event["entity_id"].encode(), encoded))
+                            outs.append(
+                                Out(self._valid, checked.event["entity_id"].encode(), encoded)
+                            )
                             for flag in checked.flags:
                                 flags_seen[flag.code] += 1
                             for name, fv in checked.event["features"].items():
@@ -113,8 +118,13 @@ class ValidatorCore:
             event_id = raw.get("event_id") if isinstance(raw, dict) else None
             entity_id = raw.get("entity_id") if isinstance(raw, dict) else None
             rec = rejection_record(
-                record, reasons, "validation", self.settings.rejection_keep_bytes,
-                rule_set=rules.version, event_id=event_id, entity_id=entity_id,
+                record,
+                reasons,
+                "validation",
+                self.settings.rejection_keep_bytes,
+                rule_set=rules.version,
+                event_id=event_id,
+                entity_id=entity_id,
             )
             key = rec["entity_id"].encode() if rec["entity_id"] else record.key
             outs.append(Out(self._rejected, key, self._rejection_codec.encode(rec)))
@@ -141,8 +151,12 @@ class ValidatorService:
         self.view = RegistryView(settings, on_change=self._on_registry)
         self.producer = make_producer(settings)
         self.loop = BatchLoop(
-            settings, self.name, f"{settings.topic_prefix}scoremesh-validator",
-            [settings.topic(SOURCE)], self.producer, self._process,
+            settings,
+            self.name,
+            f"{settings.topic_prefix}scoremesh-validator",
+            [settings.topic(SOURCE)],
+            self.producer,
+            self._process,
         )
         self.has_rules = asyncio.Event()
 
@@ -163,9 +177,12 @@ class ValidatorService:
         health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
         health.add_check(
             "rules",
-            lambda: (self.core.rules is not None,
-                     self.core.rules.version if self.core.rules else
-                     f"no champion for model {self.settings.model_name!r} yet"),
+            lambda: (
+                self.core.rules is not None,
+                self.core.rules.version
+                if self.core.rules
+                else f"no champion for model {self.settings.model_name!r} yet",
+            ),
         )
         health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
 
@@ -175,8 +192,10 @@ class ValidatorService:
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.has_rules.is_set():
-            log.warning("no champion yet: not consuming until one is promoted",
-                        extra={"model": self.settings.model_name})
+            log.warning(
+                "no champion yet: not consuming until one is promoted",
+                extra={"model": self.settings.model_name},
+            )
             waiter = asyncio.ensure_future(self.has_rules.wait())
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,51 @@
+# scoremesh — everything goes through the project's own virtualenv, pinned by constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint format typecheck lock bench clean dev-up dev-down
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the main demo on the embedded stack
+demo: install
+	$(BIN)/scoremesh demo
+
+## lint, types, then every test (unit, contract, integration, e2e)
+test: install lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check services tests scripts
+	$(BIN)/ruff format --check services tests scripts
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format services tests scripts
+	$(BIN)/ruff check --fix services tests scripts
+
+## re-pin every dependency after changing pyproject.toml
+lock:
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
+	.lockenv/bin/python -m pip install --quiet -e '.[dev]'
+	.lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+	rm -rf .lockenv
+
+bench: install
+	$(BIN)/python scripts/bench_pipeline.py
+
+dev-up: install
+	$(BIN)/scoremesh dev up
+
+dev-down: install
+	$(BIN)/scoremesh dev down
+
+clean:
+	rm -rf $(VENV) demo-output bench-results .pytest_cache .mypy_cache .ruff_cache

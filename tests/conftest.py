@@ -1,0 +1,94 @@
+"""Shared fixtures: one embedded stack per test session, unique topics per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Before any Settings is built: never pick up a developer's own `scoremesh dev up` stack.
+_HOME = Path(tempfile.mkdtemp(prefix="scoremesh-test-home-"))
+os.environ["SCOREMESH_HOME"] = str(_HOME)
+
+from services.common.devstack import DevStack, StackState  # noqa: E402
+from services.common.kafka import delete_topics, ensure_topics  # noqa: E402
+from services.common.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def stack(home: Path) -> Iterator[StackState]:
+    """The embedded broker + Redis, started once and stopped at the end of the session."""
+    dev = DevStack(home, Settings())
+    state, _ = dev.up()
+    yield state
+    dev.down()
+
+
+@pytest.fixture
+async def settings(stack: StackState, tmp_path: Path) -> AsyncIterator[Settings]:
+    """Settings for one test: its own topic prefix, Redis key prefix and artifact cache."""
+    tag = uuid.uuid4().hex[:8]
+    s = Settings(
+        **stack.settings_overrides(),
+        topic_prefix=f"t-{tag}.",
+        redis_key_prefix=f"test:{tag}:",
+        artifact_dir=tmp_path / "artifacts",
+        metrics_port=0,
+        kafka_connect_timeout_s=20,
+    )
+    await ensure_topics(s)
+    yield s
+    with contextlib.suppress(Exception):
+        from services.common.catalog import catalog
+
+        await delete_topics(s, list(catalog()))
+
+
+class Running:
+    """A service running in this event loop, as `scoremesh run` would run it."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Any:
+        await self.service.start()
+        self.task = asyncio.create_task(self.service.run(self.stop))
+        return self.service
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self.task, 20)
+        await self.service.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> Any:
+    """A small credit model, trained once per session (the real pipeline, fewer rows)."""
+    from services.trainer.datasets import CREDIT_SPEC, credit_events
+    from services.trainer.pipeline import train
+
+    pairs = list(credit_events(3000, seed=11))
+    return train(
+        CREDIT_SPEC,
+        [e["features"] for e, _ in pairs],
+        [y for _, y in pairs],
+        seed=11,
+        cv_folds=3,
+        dataset="test",
+    )

@@ -1,0 +1,87 @@
+"""Test helpers that talk to the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from services.common.artifacts import upload_artifact
+from services.common.codec import decode_any
+from services.common.featurespec import FeatureSpec
+from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
+from services.common.model_version import VersionProposal
+from services.common.settings import Settings
+from services.registry.client import command, new_command
+from services.trainer.datasets import CREDIT_SPEC
+
+
+async def produce(
+    settings: Settings, topic: str, values: list[tuple[bytes | None, bytes]], **opts: Any
+) -> None:
+    producer = make_producer(settings, **opts)
+    await start_with_retry(producer.start, "test-producer", settings)
+    try:
+        futures = [await producer.send(settings.topic(topic), v, key=k) for k, v in values]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def consume_until(
+    settings: Settings,
+    topic: str,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout_s: float = 60.0,
+) -> list[dict[str, Any]]:
+    """Decode a topic from the beginning until ``done(records)`` or the timeout."""
+    consumer = make_consumer(settings, group_id=None)
+    await start_with_retry(consumer.start, "test-consumer", settings)
+    out: list[dict[str, Any]] = []
+    try:
+        tps = await assign_all(consumer, settings.topic(topic))
+        deadline = time.monotonic() + timeout_s
+        while not done(out) and time.monotonic() < deadline:
+            batches = await consumer.getmany(*tps, timeout_ms=300)
+            for records in batches.values():
+                out.extend(decode_any(topic, r.value or b"") for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def register_model(
+    settings: Settings,
+    onnx: bytes,
+    version: str,
+    stage: str | None = "champion",
+    spec: FeatureSpec = CREDIT_SPEC,
+    sha256: str | None = None,
+    metadata: Any = None,
+) -> dict[str, Any]:
+    """Upload an artifact, register it and (optionally) promote it; returns the last outcome."""
+    producer = make_producer(settings)
+    await start_with_retry(producer.start, "test-upload", settings)
+    try:
+        ref = await upload_artifact(producer, settings, onnx)
+    finally:
+        await producer.stop()
+    proposal = VersionProposal(
+        version=version,
+        artifact_uri=ref.uri,
+        artifact_sha256=sha256 or ref.sha256,
+        artifact_size=ref.size,
+        feature_spec=spec,
+        **({"metadata": metadata} if metadata is not None else {}),
+    )
+    outcome = await command(
+        settings,
+        new_command(settings.model_name, "register", "test", proposal=proposal.model_dump_json()),
+    )
+    if outcome["outcome"] != "applied" or stage is None:
+        return outcome
+    return await command(
+        settings,
+        new_command(settings.model_name, "promote", "test", version=version, target_stage=stage),
+    )
