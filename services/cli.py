@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line saying what to d
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +13,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from services.cli_models import CommandRefused
 from services.common.settings import ConfigError, Settings, default_home
+from services.registry.operations import OperationError
 
 SERVICES = ("registry", "validator", "scorer")
 
@@ -132,73 +133,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    settings = _settings()
-    settings.require_bootstrap()
-    if args.action == "bootstrap":
-        from services.trainer.bootstrap import bootstrap
+    from services import cli_models
 
-        result = asyncio.run(bootstrap(settings))
-        _print(
-            {"created": result.created, "version": result.version, "metrics": result.metrics},
-            args.json,
-            lambda: print(result.message),
-        )
-        return 0
-    from services.common.registry_view import RegistryView
-
-    async def fold() -> Any:
-        view = RegistryView(settings)
-        await view.start()
-        await view.stop()
-        return view.state
-
-    if args.action == "list":
-        state = asyncio.run(fold())
-        rows = [
-            {
-                "model": v.name,
-                "version": v.version,
-                "stage": v.stage,
-                "generation": v.generation,
-                "sha256": v.artifact_sha256[:12],
-            }
-            for m in state.models()
-            for v in state.of_model(m)
-        ]
-
-        def human() -> None:
-            if not rows:
-                print("no models registered; try: scoremesh models bootstrap")
-            for r in rows:
-                print(
-                    f"{r['model']:<16} {r['version']:<10} {r['stage']:<12} "
-                    f"g{r['generation']:<5} {r['sha256']}"
-                )
-
-        _print(rows, args.json, human)
-        return 0
-    if args.action == "show":
-        name, _, version = args.target.partition("@")
-        state = asyncio.run(fold())
-        chosen = state.versions.get(f"{name}@{version}") if version else state.champion(name)
-        if chosen is None:
-            raise UsageError(f"no such model version {args.target!r}; see `scoremesh models list`")
-        data = chosen.to_json()
-        _print(data, True, lambda: None)
-        return 0
-    if args.action == "history":
-        from services.registry.client import read_history
-        from services.registry.service import describe
-
-        events = asyncio.run(read_history(settings, args.target))
-
-        def human() -> None:
-            for event in events:
-                print(describe(event))
-
-        _print(events, args.json, human)
-        return 0
-    raise UsageError(f"unknown models action {args.action!r}")
+    return cli_models.run(args, _settings())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,23 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="where logs and the report go")
     demo.set_defaults(func=cmd_demo)
 
-    models = sub.add_parser(
-        "models", help="the model registry", epilog="example: scoremesh models show credit@1.0.0"
-    )
-    msub = models.add_subparsers(dest="action", required=True)
-    for name, text in (
-        ("bootstrap", "train and publish a first champion"),
-        ("list", "every version and its stage"),
-    ):
-        p = msub.add_parser(name, help=text)
-        p.add_argument("--json", action="store_true")
-    p = msub.add_parser("show", help="one version (NAME or NAME@VERSION) as JSON")
-    p.add_argument("target")
-    p.add_argument("--json", action="store_true")
-    p = msub.add_parser("history", help="the deployment log of a model")
-    p.add_argument("target", metavar="NAME")
-    p.add_argument("--json", action="store_true")
-    models.set_defaults(func=cmd_models)
+    from services import cli_models
+
+    cli_models.add_parsers(sub)
+    sub.choices["models"].set_defaults(func=cmd_models)
     return parser
 
 
@@ -287,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except (CommandRefused, OperationError) as exc:
+        print(f"scoremesh: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # one line for people; the traceback helps nobody at a prompt
         from services.common.devstack import DevStackError
         from services.common.kafka import KafkaUnavailable

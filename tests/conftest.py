@@ -77,18 +77,28 @@ class Running:
         await self.service.stop()
 
 
-@pytest.fixture(scope="session")
-def trained_model() -> Any:
-    """A small credit model, trained once per session (the real pipeline, fewer rows)."""
+def _train(seed: int) -> Any:
     from services.trainer.datasets import CREDIT_SPEC, credit_events
     from services.trainer.pipeline import train
 
-    pairs = list(credit_events(3000, seed=11))
-    return train(
-        CREDIT_SPEC,
-        [e["features"] for e, _ in pairs],
-        [y for _, y in pairs],
-        seed=11,
-        cv_folds=3,
-        dataset="test",
-    )
+    pairs = list(credit_events(3000, seed=seed))
+    rows = [e["features"] for e, _ in pairs]
+    return train(CREDIT_SPEC, rows, [y for _, y in pairs], seed=seed, cv_folds=3, dataset="test")
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> Any:
+    """A small credit model, trained once per session (the real pipeline, fewer rows)."""
+    return _train(11)
+
+
+@pytest.fixture(scope="session")
+def trained_model_b() -> Any:
+    """A second, different model for swaps and rollbacks."""
+    return _train(12)
+
+
+def ensure_topics_sync(env: dict[str, str]) -> None:
+    """Create the catalog's topics for a subprocess configured by environment variables."""
+    keys = {k[len("SCOREMESH_") :].lower(): v for k, v in env.items() if k.startswith("SCOREMESH_")}
+    asyncio.run(ensure_topics(Settings(**keys)))

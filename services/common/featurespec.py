@@ -69,6 +69,29 @@ class FeatureRule(BaseModel):
         return self
 
 
+class LatencyGate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_size: int = Field(1, ge=1, le=4096)
+    p99_ms: float = Field(gt=0)
+
+
+class ReadinessGates(BaseModel):
+    """What a version must show before it may serve (checked by `models validate`/`register`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="e.g. {'f1': 0.9}; accuracy, precision, recall, f1, roc_auc",
+    )
+    latency: list[LatencyGate] = Field(default_factory=list)
+    max_artifact_bytes: int | None = Field(None, gt=0)
+    min_class_share: float | None = Field(
+        None, ge=0, le=0.5, description="warn-fail when a class is rarer than this in the data"
+    )
+
+
 class FeatureSpec(BaseModel):
     """The rule set of one model version, and its input contract."""
 
@@ -81,6 +104,7 @@ class FeatureSpec(BaseModel):
     unknown_feature_action: Action | Literal["ignore"] = "flag"
     max_event_bytes: int | None = Field(None, ge=256)
     segments: list[str] = Field(default_factory=list, description="attributes to slice metrics by")
+    gates: ReadinessGates = Field(default_factory=ReadinessGates)
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureSpec:

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     artifact_chunk_bytes: int = Field(512 * 1024, ge=1024)
     onnx_threads: int = Field(1, ge=1, le=64)
 
+    canary_guard: bool = Field(
+        True, description="roll back a canary clearly worse than the champion"
+    )
+    canary_min_events: int = Field(500, ge=1)
+    canary_max_error_rate_delta: float = Field(0.01, ge=0, le=1)
+    canary_max_latency_ratio: float = Field(3.0, gt=1)
+
     # --- Hot path --------------------------------------------------------------------
     batch_max_records: int = Field(512, ge=1, le=100_000)
     batch_timeout_ms: int = Field(20, ge=0, le=10_000)

@@ -99,6 +99,8 @@ def decide(
     """Decide a command. ``artifact_problem`` is what the service found checking the artifact."""
     generation = book.generation + 1
     try:
+        if artifact_problem and cmd.get("action") in ("promote", "rollback"):
+            raise Refusal(f"artifact check failed, the serving version stays: {artifact_problem}")
         action = cmd["action"]
         if action == "register":
             records, fields = _register(book, cmd, generation, now_ms, artifact_problem)
@@ -109,8 +111,15 @@ def decide(
         elif action == "retire":
             cmd = {**cmd, "target_stage": "retired"}
             records, fields = _promote(book, cmd, generation, now_ms)
+        elif action == "flag":
+            records, fields = _flag(book, cmd, generation, now_ms)
+        elif action == "load_failed":
+            records, fields = _load_failed(book, cmd, generation, now_ms)
         else:
-            raise Refusal(f"unknown action {action!r}; use register, promote, rollback or retire")
+            raise Refusal(
+                f"unknown action {action!r}; use register, promote, rollback, retire, flag "
+                "or load_failed"
+            )
     except Refusal as refusal:
         return Decision(
             "refused",
@@ -293,3 +302,62 @@ def _rollback(
         "previous_champion": champion.version,
         "new_champion": previous.version,
     }
+
+
+def _flag(
+    book: RegistryBook, cmd: dict[str, Any], generation: int, now_ms: int
+) -> tuple[list[ModelVersion], dict[str, Any]]:
+    """Switch a variant on or off without changing its stage (a feature flag)."""
+    held = _get(book, cmd["model"], cmd.get("version"))
+    raw = (cmd.get("options") or {}).get("enabled", "").lower()
+    if raw not in ("true", "false"):
+        raise Refusal("flag needs options.enabled = true or false")
+    enabled = raw == "true"
+    if held.stage == "champion" and not enabled:
+        raise Refusal(f"{held.key} is the champion; promote or roll back instead of disabling it")
+    if held.enabled == enabled:
+        raise Refusal(f"{held.key} is already {'enabled' if enabled else 'disabled'}")
+    record = replace(
+        held,
+        enabled=enabled,
+        generation=generation,
+        updated_at=now_ms,
+        request_id=cmd["request_id"],
+    )
+    return [record], {
+        "from_stage": held.stage,
+        "to_stage": held.stage,
+        "detail": f"enabled={str(enabled).lower()}",
+    }
+
+
+def _load_failed(
+    book: RegistryBook, cmd: dict[str, Any], generation: int, now_ms: int
+) -> tuple[list[ModelVersion], dict[str, Any]]:
+    """A reader could not load a version: take it out of service, keep what works."""
+    problem = (cmd.get("options") or {}).get("problem", "unknown problem")
+    try:
+        held = _get(book, cmd["model"], cmd.get("version"))
+    except Refusal as refusal:
+        raise Refusal(f"{refusal}; reported load problem: {problem}") from None
+    if held.stage in CHALLENGER_STAGES:
+        record = replace(
+            held,
+            stage="rolled_back",
+            generation=generation,
+            updated_at=now_ms,
+            request_id=cmd["request_id"],
+        )
+        return [record], {"from_stage": held.stage, "to_stage": "rolled_back", "detail": problem}
+    if held.stage == "champion":
+        try:
+            records, fields = _rollback(book, {**cmd, "version": None}, generation, now_ms)
+        except Refusal:
+            # Nothing earlier to fall back to: readers keep whatever they already serve.
+            return [], {
+                "from_stage": "champion",
+                "to_stage": "champion",
+                "detail": f"{problem}; no earlier champion to fall back to",
+            }
+        return records, {**fields, "detail": problem}
+    raise Refusal(f"{held.key} is {held.stage}, not serving; nothing to do ({problem})")

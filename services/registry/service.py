@@ -56,6 +56,15 @@ async def check_artifact(settings: Settings, proposal_json: str | None) -> str |
     return None
 
 
+async def verify_artifact(settings: Settings, version: ModelVersion) -> str | None:
+    """Re-check a registered version's bytes before it is put in front of traffic."""
+    try:
+        await fetch_artifact(settings, version.artifact_uri, version.artifact_sha256)
+    except (ArtifactError, OSError) as exc:
+        return str(exc)
+    return None
+
+
 class RegistryService:
     name = "registry"
 
@@ -134,6 +143,10 @@ class RegistryService:
             problem = None
             if cmd["action"] == "register":
                 problem = await check_artifact(self.settings, cmd.get("proposal"))
+            elif cmd["action"] == "promote" and cmd.get("target_stage") != "retired":
+                held = self.book.state.versions.get(f"{cmd['model']}@{cmd.get('version')}")
+                if held is not None:
+                    problem = await verify_artifact(self.settings, held)
             decision = decide(self.book, cmd, int(time.time() * 1000), problem)
             outs.extend(self._emit(decision))
         return outs

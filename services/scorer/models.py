@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services.common.artifacts import ArtifactError, fetch_artifact
@@ -35,9 +36,13 @@ class ServingSet:
         return champion + [m.key for m, _ in self.challengers]
 
 
+LoadFailureHook = Callable[[ModelVersion, str], Awaitable[None]]
+
+
 class ModelHolder:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_load_failure: LoadFailureHook | None = None) -> None:
         self.settings = settings
+        self.on_load_failure = on_load_failure
         self.current = ServingSet()
         self._loaded: dict[tuple[str, str], LoadedModel] = {}  # (key, sha256) -> model
         self._failed: dict[tuple[str, str], str] = {}
@@ -76,6 +81,8 @@ class ModelHolder:
                 "model version failed to load; previous set keeps serving",
                 extra={"version": version.key, "error": str(exc)},
             )
+            if self.on_load_failure is not None:
+                await self.on_load_failure(version, str(exc))
             return None
         self._loaded[ident] = model
         log.info("model version loaded", extra={"version": version.key, "stage": version.stage})

@@ -20,6 +20,7 @@ class ScoringError(RuntimeError):
 class BatchResult:
     predictions: list[dict[str, Any]]
     challenger_errors: dict[str, str]
+    inference_ms: dict[str, float]  # model key -> time spent vectorising and scoring the batch
 
 
 def _predict(
@@ -46,10 +47,12 @@ def score_events(
     champion = serving.champion
     if champion is None:
         raise ScoringError("no champion loaded")
+    t0 = time.perf_counter()
     try:
         labels, positive, per_class = _predict(champion, events)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ScoringError(f"{champion.key}: {exc}") from exc
+    inference_ms = {champion.key: (time.perf_counter() - t0) * 1000.0}
     now_ms = int(time.time() * 1000)
     latency_ms = (time.perf_counter() - started) * 1000.0
     name, version = champion.version.name, champion.version.version
@@ -82,11 +85,13 @@ def score_events(
         )
     errors: dict[str, str] = {}
     for model, mv in serving.challengers:
+        t0 = time.perf_counter()
         try:
             c_labels, c_positive, c_per_class = _predict(model, events)
         except Exception as exc:  # a failing challenger never affects the decision
             errors[model.key] = str(exc)
             continue
+        inference_ms[model.key] = (time.perf_counter() - t0) * 1000.0
         c_latency = (time.perf_counter() - started) * 1000.0
         variant = "canary" if mv.stage == "canary" else "shadow"
         for i, event in enumerate(events):
@@ -109,4 +114,4 @@ def score_events(
                     "scored_at": now_ms,
                 }
             )
-    return BatchResult(predictions, errors)
+    return BatchResult(predictions, errors, inference_ms)

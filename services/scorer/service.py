@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
+
+from aiokafka.errors import KafkaError
 
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.codec import CodecError, codec
@@ -13,12 +16,15 @@ from services.common.featurespec import Violation
 from services.common.health import HealthServer
 from services.common.kafka import make_producer, start_with_retry
 from services.common.metrics import PREDICTION_LATENCY, PREDICTIONS, REJECTED, SCORING_ERRORS
+from services.common.model_version import ModelVersion
 from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
 from services.common.rejections import rejection_record
 from services.common.settings import Settings
-from services.scorer.models import ModelHolder
-from services.scorer.scoring import ScoringError, score_events
+from services.registry.client import new_command, send_command
+from services.scorer.canary_guard import CanaryGuard
+from services.scorer.models import ModelHolder, ServingSet
+from services.scorer.scoring import BatchResult, ScoringError, score_events
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,12 @@ class ScorerService:
 
     def __init__(self, settings: Settings, store: QueryStore | None = None) -> None:
         self.settings = settings
-        self.holder = ModelHolder(settings)
+        self.holder = ModelHolder(settings, on_load_failure=self._report_load_failure)
+        self.guard = CanaryGuard(
+            settings.canary_min_events,
+            settings.canary_max_error_rate_delta,
+            settings.canary_max_latency_ratio,
+        )
         self.view = RegistryView(settings, on_change=self.holder.on_registry)
         self.producer = make_producer(settings)
         self.store = (
@@ -118,6 +129,8 @@ class ScorerService:
             return outs
         for key, error in result.challenger_errors.items():
             log.warning("challenger failed on a batch", extra={"version": key, "error": error})
+        if self.settings.canary_guard:
+            await self._guard(serving, len(events), result)
         encode = self._prediction_codec.encode
         topic = self._predictions
         counts: dict[tuple[str, str], int] = {}
@@ -138,6 +151,53 @@ class ScorerService:
                 self.store.write_predictions(result.predictions)
             )
         return outs
+
+    async def _guard(self, serving: ServingSet, n: int, result: BatchResult) -> None:
+        canaries = [mv.key for _, mv in serving.challengers if mv.stage == "canary"]
+        if not canaries or serving.champion is None:
+            return
+        champion = serving.champion.key
+        self.guard.observe(champion, n, False, result.inference_ms.get(champion))
+        for key in canaries:
+            self.guard.observe(
+                key, n, key in result.challenger_errors, result.inference_ms.get(key)
+            )
+        for verdict in self.guard.judge(champion, canaries):
+            name, _, version = verdict.version_key.partition("@")
+            log.warning(
+                "canary worse than champion: asking the registry to roll it back",
+                extra={"version": verdict.version_key, "reason": verdict.reason},
+            )
+            await self._send_command(
+                new_command(
+                    name,
+                    "rollback",
+                    f"scorer:{self.settings.kafka_client_id}",
+                    version=version,
+                    reason=f"automatic canary rollback: {verdict.reason}",
+                )
+            )
+
+    async def _report_load_failure(self, version: ModelVersion, problem: str) -> None:
+        await self._send_command(
+            new_command(
+                version.name,
+                "load_failed",
+                f"scorer:{self.settings.kafka_client_id}",
+                version=version.version,
+                options={"problem": problem},
+                reason="the scorer could not load this version",
+            )
+        )
+
+    async def _send_command(self, cmd: dict[str, Any]) -> None:
+        try:
+            await send_command(self.settings, cmd, producer=self.producer)
+        except KafkaError as exc:
+            log.error(
+                "could not send a registry command",
+                extra={"error": str(exc), "request_id": cmd["request_id"]},
+            )
 
     def _reject(
         self, record: Record, reasons: list[Violation], event: dict[str, object] | None

@@ -6,12 +6,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.artifacts import upload_artifact
-from services.common.kafka import make_producer, start_with_retry
-from services.common.model_version import DataWindow, VersionProposal
+from services.common.model_version import DataWindow
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
-from services.registry.client import command, new_command
+from services.registry.operations import register_version
 from services.trainer.datasets import CREDIT_SPEC, DATASET, credit_events
 from services.trainer.pipeline import train
 
@@ -60,49 +58,29 @@ async def bootstrap(settings: Settings, actor: str = "bootstrap") -> BootstrapRe
             "salary only). Not valid for other concepts; retrain when the concept drifts."
         ),
     )
-    producer = make_producer(settings)
-    await start_with_retry(producer.start, "bootstrap-producer", settings)
-    try:
-        ref = await upload_artifact(producer, settings, trained.onnx)
-    finally:
-        await producer.stop()
-    proposal = VersionProposal(
-        version=BOOTSTRAP_VERSION,
-        artifact_uri=ref.uri,
-        artifact_sha256=ref.sha256,
-        artifact_size=ref.size,
-        feature_spec=CREDIT_SPEC,
+    holdout = list(credit_events(4_000, seed=BOOTSTRAP_SEED + 1, id_prefix="holdout"))
+    result = await register_version(
+        settings,
+        settings.model_name,
+        BOOTSTRAP_VERSION,
+        trained.onnx,
+        CREDIT_SPEC,
         metadata=trained.metadata,
+        rows=[e["features"] for e, _ in holdout],
+        labels=[y for _, y in holdout],
+        actor=actor,
+        reason="bootstrap: first version",
+        stage="champion",
     )
-    model = settings.model_name
-    outcome = await command(
-        settings,
-        new_command(
-            model,
-            "register",
-            actor,
-            proposal=proposal.model_dump_json(),
-            reason="bootstrap: first version",
-        ),
-    )
-    if outcome["outcome"] != "applied":
-        raise RuntimeError(f"registry refused {model}@{BOOTSTRAP_VERSION}: {outcome['detail']}")
-    outcome = await command(
-        settings,
-        new_command(
-            model,
-            "promote",
-            actor,
-            version=BOOTSTRAP_VERSION,
-            target_stage="champion",
-            reason="bootstrap: first champion",
-        ),
-    )
-    if outcome["outcome"] != "applied":
-        raise RuntimeError(f"registry refused promotion: {outcome['detail']}")
+    key = f"{settings.model_name}@{BOOTSTRAP_VERSION}"
+    if result.outcome["outcome"] != "applied":
+        raise RuntimeError(f"registry refused {key}: {result.outcome['detail']}")
+    if result.promotion is None or result.promotion["outcome"] != "applied":
+        detail = result.promotion["detail"] if result.promotion else "not attempted"
+        raise RuntimeError(f"registry refused to promote {key}: {detail}")
     return BootstrapResult(
         True,
         BOOTSTRAP_VERSION,
-        f"{model}@{BOOTSTRAP_VERSION} trained and promoted to champion",
+        f"{key} trained, validated and promoted to champion",
         trained.metadata.holdout_metrics,
     )

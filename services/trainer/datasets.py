@@ -12,7 +12,7 @@ from typing import Any
 
 from river.datasets import synth
 
-from services.common.featurespec import FeatureRule, FeatureSpec
+from services.common.featurespec import FeatureRule, FeatureSpec, LatencyGate, ReadinessGates
 
 DATASET = "river.datasets.synth.Agrawal"
 CHANNELS = ("web", "branch", "partner")
@@ -49,6 +49,12 @@ CREDIT_SPEC = FeatureSpec(
     classes=["0", "1"],
     positive_class="1",
     segments=["channel"],
+    gates=ReadinessGates(
+        min_metrics={"f1": 0.8, "roc_auc": 0.85},
+        latency=[LatencyGate(batch_size=1, p99_ms=5.0), LatencyGate(batch_size=256, p99_ms=25.0)],
+        max_artifact_bytes=50 * 1024 * 1024,
+        min_class_share=0.05,
+    ),
 )
 
 

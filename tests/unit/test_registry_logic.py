@@ -144,3 +144,63 @@ def test_refusals_do_not_consume_a_generation() -> None:
     before = book.generation
     register(book, "1.0.0")
     assert book.generation == before
+
+
+def test_flag_switches_a_challenger_off_and_on() -> None:
+    book = RegistryBook()
+    register(book, "1.0.0")
+    promote(book, "1.0.0", "champion")
+    register(book, "1.1.0")
+    promote(book, "1.1.0", "shadow")
+    off = apply(
+        book, new_command("credit", "flag", "t", version="1.1.0", options={"enabled": "false"})
+    )
+    assert off.outcome == "applied" and not book.state.versions["credit@1.1.0"].enabled
+    assert [v.version for v in book.state.active("credit")] == ["1.0.0"]
+    on = apply(
+        book, new_command("credit", "flag", "t", version="1.1.0", options={"enabled": "true"})
+    )
+    assert on.outcome == "applied" and [v.version for v in book.state.active("credit")] == [
+        "1.0.0",
+        "1.1.0",
+    ]
+    champion_off = apply(
+        book, new_command("credit", "flag", "t", version="1.0.0", options={"enabled": "false"})
+    )
+    assert champion_off.refused
+
+
+def test_a_champion_that_fails_to_load_is_rolled_back_to_the_previous_one() -> None:
+    book = RegistryBook()
+    register(book, "1.0.0")
+    promote(book, "1.0.0", "champion")
+    register(book, "1.1.0")
+    promote(book, "1.1.0", "champion")
+    failed = apply(
+        book,
+        new_command(
+            "credit",
+            "load_failed",
+            "scorer",
+            version="1.1.0",
+            options={"problem": "sha256 mismatch"},
+        ),
+    )
+    assert failed.outcome == "applied" and failed.event["detail"] == "sha256 mismatch"
+    assert stage_of(book, "1.0.0") == "champion" and stage_of(book, "1.1.0") == "rolled_back"
+    again = apply(book, new_command("credit", "load_failed", "scorer-2", version="1.1.0"))
+    assert again.refused  # a second reporter changes nothing
+
+
+def test_promote_with_a_bad_artifact_is_refused_and_the_champion_stays() -> None:
+    book = RegistryBook()
+    register(book, "1.0.0")
+    promote(book, "1.0.0", "champion")
+    register(book, "1.1.0")
+    decision = apply(
+        book,
+        new_command("credit", "promote", "t", version="1.1.0", target_stage="champion"),
+        problem="artifact checksum mismatch",
+    )
+    assert decision.refused and "checksum" in decision.event["detail"]
+    assert stage_of(book, "1.0.0") == "champion"

@@ -1,0 +1,313 @@
+"""`scoremesh models ...`: the registry from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from services.common.model_version import STAGES, VersionMetadata
+from services.common.settings import Settings
+from services.registry.client import command, new_command, read_history
+from services.registry.service import describe
+
+STAGE_TARGETS = [s for s in STAGES if s not in ("registered", "rolled_back")]
+
+
+class CommandRefused(Exception):
+    """The registry (or a readiness gate) refused; exit code 1 with its reason."""
+
+
+def emit(data: Any, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for line in lines:
+            print(line)
+
+
+def add_parsers(sub: Any) -> None:
+    models = sub.add_parser(
+        "models",
+        help="the model registry",
+        description="Register, validate, promote and roll back model versions.",
+        epilog="example: scoremesh models promote credit 1.1.0 --to canary --percent 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    msub = models.add_subparsers(dest="action", required=True)
+
+    def add(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = msub.add_parser(
+            name, help=help_text, epilog=f"example: {example}"
+        )
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    add("bootstrap", "train and publish a first champion", "scoremesh models bootstrap")
+    add("list", "every version and its stage", "scoremesh models list --json")
+    p = add(
+        "show",
+        "one version (NAME for its champion, or NAME@VERSION)",
+        "scoremesh models show credit@1.0.0",
+    )
+    p.add_argument("target")
+    p = add("history", "the deployment log of a model", "scoremesh models history credit")
+    p.add_argument("name")
+    for name in ("validate", "register"):
+        p = add(
+            name,
+            "production-readiness report" + (" then register" if name == "register" else ""),
+            f"scoremesh models {name} model.onnx --spec spec.json --data holdout.jsonl"
+            + (" --name credit --version 1.1.0" if name == "register" else ""),
+        )
+        p.add_argument(
+            "file", type=Path, help="model.onnx (or a scikit-learn pickle with --trust-pickle)"
+        )
+        p.add_argument(
+            "--spec", type=Path, required=True, help="feature spec JSON (rules, classes, gates)"
+        )
+        p.add_argument(
+            "--data", type=Path, help="labelled data: JSON lines or CSV with a 'label' column"
+        )
+        p.add_argument(
+            "--trust-pickle", action="store_true", help="accept a pickle from your own disk"
+        )
+        if name == "register":
+            p.add_argument("--name", help="model name (default SCOREMESH_MODEL_NAME)")
+            p.add_argument("--version", required=True, help="semantic version, e.g. 1.1.0")
+            p.add_argument("--metadata", type=Path, help="extra metadata JSON (limitations, ...)")
+            p.add_argument("--stage", choices=STAGE_TARGETS, help="promote right after registering")
+            p.add_argument("--reason", default="")
+    p = add(
+        "promote", "move a version to a stage", "scoremesh models promote credit 1.1.0 --to shadow"
+    )
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--to", dest="stage", required=True, choices=STAGE_TARGETS)
+    p.add_argument("--percent", type=float, help="canary share of entities, (0, 100]")
+    p.add_argument("--reason", default="")
+    p = add(
+        "rollback",
+        "restore the previous champion (or roll back a challenger with --version)",
+        "scoremesh models rollback credit",
+    )
+    p.add_argument("name")
+    p.add_argument("--version", help="a shadow or canary version to take out")
+    p.add_argument("--reason", default="")
+    p = add("retire", "take a version out of service", "scoremesh models retire credit 1.0.1")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--reason", default="")
+    p = add(
+        "flag",
+        "switch a challenger variant off or on instantly",
+        "scoremesh models flag credit 1.1.0 --off",
+    )
+    p.add_argument("name")
+    p.add_argument("version")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--on", dest="enabled", action="store_true")
+    group.add_argument("--off", dest="enabled", action="store_false")
+    p.add_argument("--reason", default="")
+
+
+async def _fold(settings: Settings) -> Any:
+    from services.common.registry_view import RegistryView
+
+    view = RegistryView(settings)
+    await view.start()
+    await view.stop()
+    return view.state
+
+
+def _answer(event: dict[str, Any], as_json: bool) -> int:
+    emit(event, as_json, [describe(event)])
+    if event["outcome"] != "applied":
+        raise CommandRefused(describe(event))
+    return 0
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    action = args.action
+    if action == "validate":
+        return _validate(args, settings)
+    settings.require_bootstrap()
+    if action == "bootstrap":
+        from services.trainer.bootstrap import bootstrap
+
+        result = asyncio.run(bootstrap(settings))
+        emit(
+            {"created": result.created, "version": result.version, "metrics": result.metrics},
+            args.json,
+            [result.message],
+        )
+        return 0
+    if action == "list":
+        state = asyncio.run(_fold(settings))
+        rows = [
+            {
+                "model": v.name,
+                "version": v.version,
+                "stage": v.stage,
+                "enabled": v.enabled,
+                "generation": v.generation,
+                "sha256": v.artifact_sha256[:12],
+            }
+            for m in state.models()
+            for v in state.of_model(m)
+        ]
+        lines = (
+            [f"{'MODEL':<16} {'VERSION':<10} {'STAGE':<12} {'GEN':<5} SHA256"]
+            + [
+                f"{r['model']:<16} {r['version']:<10} {r['stage'] + ('' if r['enabled'] else ' (off)'):<12} "
+                f"{r['generation']:<5} {r['sha256']}"
+                for r in rows
+            ]
+            if rows
+            else ["no models registered; try: scoremesh models bootstrap"]
+        )
+        emit(rows, args.json, lines)
+        return 0
+    if action == "show":
+        name, _, version = args.target.partition("@")
+        state = asyncio.run(_fold(settings))
+        chosen = state.versions.get(f"{name}@{version}") if version else state.champion(name)
+        if chosen is None:
+            known = ", ".join(v.key for v in state.of_model(name)) or "none"
+            raise CommandRefused(f"no such version {args.target!r} (known: {known})")
+        emit(chosen.to_json(), True, [])
+        return 0
+    if action == "history":
+        events = asyncio.run(read_history(settings, args.name))
+        emit(events, args.json, [describe(e) for e in events] or [f"no history for {args.name!r}"])
+        return 0
+    if action == "register":
+        return _register(args, settings)
+    actor = "cli"
+    if action == "promote":
+        options = {"percent": str(args.percent)} if args.percent is not None else {}
+        cmd = new_command(
+            args.name,
+            "promote",
+            actor,
+            version=args.version,
+            target_stage=args.stage,
+            options=options,
+            reason=args.reason,
+        )
+    elif action == "rollback":
+        cmd = new_command(args.name, "rollback", actor, version=args.version, reason=args.reason)
+    elif action == "retire":
+        cmd = new_command(args.name, "retire", actor, version=args.version, reason=args.reason)
+    elif action == "flag":
+        cmd = new_command(
+            args.name,
+            "flag",
+            actor,
+            version=args.version,
+            options={"enabled": str(args.enabled).lower()},
+            reason=args.reason,
+        )
+    else:
+        raise CommandRefused(f"unknown action {action!r}")
+    return _answer(asyncio.run(command(settings, cmd)), args.json)
+
+
+def _inputs(
+    args: argparse.Namespace,
+) -> tuple[Any, bytes, list[dict[str, Any]] | None, list[str] | None]:
+    from services.registry.operations import load_labelled_data, load_model_bytes, load_spec
+
+    spec = load_spec(args.spec)
+    onnx = load_model_bytes(args.file, spec, trust_pickle=args.trust_pickle)
+    rows, labels = load_labelled_data(args.data, spec) if args.data else (None, None)
+    return spec, onnx, rows, labels
+
+
+def _print_readiness(report: dict[str, Any], failures: list[str]) -> list[str]:
+    lines = [f"artifact: {report.get('artifact_bytes', 0)} bytes"]
+    for size, figures in report.get("latency", {}).items():
+        lines.append(
+            f"latency batch {size:>5}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms, "
+            f"{figures['per_row_us']:.2f} µs/row"
+        )
+    if report.get("metrics"):
+        lines.append("metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in report["metrics"].items()))
+    if report.get("folds"):
+        lines.append(
+            f"{report['folds']['k']}-fold stratified min: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in report["folds"]["min"].items())
+        )
+    if report.get("class_balance"):
+        lines.append(
+            "class balance: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in report["class_balance"].items())
+        )
+    edge = report.get("edge_cases", {})
+    if edge:
+        lines.append(
+            f"null / out-of-range cases: {edge['cases']}, invalid outputs: {len(edge['invalid_outputs'])}"
+        )
+    lines.append("gates: passed" if not failures else "gates FAILED:")
+    lines += [f"  - {f}" for f in failures]
+    return lines
+
+
+def _validate(args: argparse.Namespace, settings: Settings) -> int:
+    from services.registry.readiness import validate_model
+
+    spec, onnx, rows, labels = _inputs(args)
+    result = validate_model(onnx, spec, rows, labels)
+    emit(result.report, args.json, _print_readiness(result.report, result.failures))
+    if not result.passed:
+        raise CommandRefused("readiness gates not met: " + "; ".join(result.failures))
+    return 0
+
+
+def _register(args: argparse.Namespace, settings: Settings) -> int:
+    from services.registry.operations import OperationError, register_version
+
+    spec, onnx, rows, labels = _inputs(args)
+    metadata = VersionMetadata()
+    if args.metadata:
+        try:
+            metadata = VersionMetadata.model_validate_json(args.metadata.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise OperationError(f"{args.metadata}: not valid metadata JSON: {exc}") from None
+    name = args.name or settings.model_name
+    result = asyncio.run(
+        register_version(
+            settings,
+            name,
+            args.version,
+            onnx,
+            spec,
+            metadata=metadata,
+            rows=rows,
+            labels=labels,
+            actor="cli",
+            reason=args.reason,
+            stage=args.stage,
+        )
+    )
+    lines = _print_readiness(result.readiness.report, result.readiness.failures)
+    if not result.readiness.passed:
+        emit({"readiness": result.readiness.report, "outcome": result.outcome}, args.json, lines)
+        raise CommandRefused("not registered: readiness gates not met")
+    outcome = result.outcome
+    lines.append(describe(outcome))
+    if result.promotion is not None:
+        lines.append(describe(result.promotion))
+    emit(
+        {"outcome": outcome, "promotion": result.promotion, "readiness": result.readiness.report},
+        args.json,
+        lines,
+    )
+    for event in (outcome, result.promotion):
+        if event is not None and event["outcome"] != "applied":
+            raise CommandRefused(describe(event))
+    return 0

@@ -1,0 +1,194 @@
+"""Registry operations shared by the CLI, the query API and the trainer."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from services.common.artifacts import upload_artifact
+from services.common.featurespec import FeatureSpec
+from services.common.kafka import make_producer, start_with_retry
+from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
+from services.common.settings import Settings
+from services.registry.client import command, new_command
+from services.registry.readiness import ReadinessReport, validate_model
+
+
+class OperationError(ValueError):
+    """Bad input to a registry operation; the message says what and how to fix it."""
+
+
+ONNX_MAGIC_HINT = b"\x08"  # ModelProto starts with field 1 (ir_version), varint
+
+
+def load_spec(path: Path) -> FeatureSpec:
+    try:
+        return FeatureSpec.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise OperationError(f"cannot read spec {path}: {exc.strerror}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise OperationError(f"{path}: {where}: {first['msg']}") from None
+
+
+def load_model_bytes(path: Path, spec: FeatureSpec, trust_pickle: bool = False) -> bytes:
+    """ONNX bytes from an .onnx file, or from a scikit-learn pickle the user vouches for."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OperationError(f"cannot read model {path}: {exc.strerror}") from None
+    if path.suffix.lower() in (".pkl", ".pickle", ".joblib"):
+        if not trust_pickle:
+            raise OperationError(
+                f"{path.name} is a pickle: unpickling runs arbitrary code, so scoremesh only does "
+                "it for a file from your own disk with --trust-pickle (it is converted to ONNX "
+                "on the spot; services never load pickles)"
+            )
+        return sklearn_pickle_to_onnx(data, spec)
+    if not data or data[:1] != ONNX_MAGIC_HINT:
+        raise OperationError(f"{path.name} does not look like an ONNX model (export with skl2onnx)")
+    return data
+
+
+def sklearn_pickle_to_onnx(data: bytes, spec: FeatureSpec) -> bytes:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    estimator = pickle.loads(data)
+    if not hasattr(estimator, "predict_proba"):
+        raise OperationError(
+            "the pickled object has no predict_proba: scoremesh serves classifiers"
+        )
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    try:
+        onnx_model = convert_sklearn(
+            estimator,
+            initial_types=[(spec.input_name, FloatTensorType([None, len(spec.features)]))],
+            options={id(final): {"zipmap": False}},
+            target_opset=17,
+        )
+    except Exception as exc:  # skl2onnx raises many types for unsupported estimators
+        raise OperationError(f"skl2onnx could not convert the pickle: {exc}") from exc
+    return bytes(onnx_model.SerializeToString())
+
+
+def _coerce(value: str, dtype: str) -> Any:
+    if value == "":
+        return None
+    if dtype == "double":
+        return float(value)
+    if dtype == "long":
+        return int(float(value))
+    if dtype == "boolean":
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{value!r} is not a boolean")
+        return value.lower() in ("true", "1")
+    return value
+
+
+def load_labelled_data(
+    path: Path, spec: FeatureSpec, label_field: str = "label"
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows and labels from JSON lines (events or flat objects) or CSV with a header."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OperationError(f"cannot read data {path}: {exc}") from None
+    rows: list[dict[str, Any]] = []
+    labels: list[str] = []
+    dtypes = {r.name: r.dtype for r in spec.features}
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        missing = [n for n in [*dtypes, label_field] if n not in (reader.fieldnames or [])]
+        if missing:
+            raise OperationError(f"{path.name}: the CSV header lacks {missing}")
+        for lineno, raw in enumerate(reader, start=2):
+            try:
+                rows.append({n: _coerce(raw[n], dtypes[n]) for n in dtypes})
+            except ValueError as exc:
+                raise OperationError(f"{path.name}:{lineno}: {exc}") from None
+            labels.append(str(raw[label_field]))
+        return rows, labels
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise OperationError(f"{path.name}:{lineno}: not JSON: {exc}") from None
+        if not isinstance(obj, dict) or label_field not in obj:
+            raise OperationError(f"{path.name}:{lineno}: expected an object with a {label_field!r}")
+        features = obj.get("features", obj)
+        rows.append({n: features.get(n) for n in dtypes})
+        labels.append(str(obj[label_field]))
+    if not rows:
+        raise OperationError(f"{path.name}: no rows")
+    return rows, labels
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    outcome: dict[str, Any]
+    readiness: ReadinessReport
+    promotion: dict[str, Any] | None = None
+
+
+async def register_version(
+    settings: Settings,
+    model: str,
+    version: str,
+    onnx: bytes,
+    spec: FeatureSpec,
+    metadata: VersionMetadata | None = None,
+    rows: list[dict[str, Any]] | None = None,
+    labels: list[str] | None = None,
+    actor: str = "cli",
+    reason: str = "",
+    stage: str | None = None,
+) -> RegisterResult:
+    """Validate, upload, register and optionally promote. Nothing is sent if a gate fails."""
+    try:
+        parse_semver(version)
+    except ValueError as exc:
+        raise OperationError(str(exc)) from None
+    readiness = validate_model(onnx, spec, rows, labels)
+    if not readiness.passed:
+        return RegisterResult(
+            {"outcome": "refused", "detail": "; ".join(readiness.failures)}, readiness
+        )
+    meta = (metadata or VersionMetadata()).model_copy(update={"validation": readiness.report})
+    producer = make_producer(settings)
+    await start_with_retry(producer.start, "register-producer", settings)
+    try:
+        ref = await upload_artifact(producer, settings, onnx)
+    finally:
+        await producer.stop()
+    proposal = VersionProposal(
+        version=version,
+        artifact_uri=ref.uri,
+        artifact_sha256=ref.sha256,
+        artifact_size=ref.size,
+        feature_spec=spec,
+        metadata=meta,
+    )
+    outcome = await command(
+        settings,
+        new_command(model, "register", actor, proposal=proposal.model_dump_json(), reason=reason),
+    )
+    promotion = None
+    if outcome["outcome"] == "applied" and stage:
+        promotion = await command(
+            settings,
+            new_command(
+                model, "promote", actor, version=version, target_stage=stage, reason=reason
+            ),
+        )
+    return RegisterResult(outcome, readiness, promotion)

@@ -1,0 +1,239 @@
+"""`scoremesh models ...` against a running registry process, as an operator uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from services.common.devstack import StackState
+from services.trainer.datasets import CREDIT_SPEC, credit_events
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def env(stack: StackState, tmp_path: Path) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
+    environ.update(
+        {
+            f"SCOREMESH_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in stack.settings_overrides().items()
+        }
+    )
+    environ.update(
+        SCOREMESH_HOME=str(tmp_path / "home"),
+        SCOREMESH_TOPIC_PREFIX=f"cli-{os.getpid()}-{time.monotonic_ns()}.",
+        SCOREMESH_ARTIFACT_DIR=str(tmp_path / "artifacts"),
+        SCOREMESH_METRICS_PORT="0",
+    )
+    return environ
+
+
+@pytest.fixture
+def registry(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    from tests.conftest import ensure_topics_sync
+
+    ensure_topics_sync(env)
+    log = (tmp_path / "registry.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "run", "registry"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, (tmp_path / "registry.log").read_text()[-2000:]
+
+
+def sm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+@pytest.fixture
+def files(tmp_path: Path, trained_model: Any, trained_model_b: Any) -> dict[str, Path]:
+    spec = tmp_path / "spec.json"
+    spec.write_text(CREDIT_SPEC.model_dump_json(indent=2))
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    a.write_bytes(trained_model.onnx)
+    b.write_bytes(trained_model_b.onnx)
+    data = tmp_path / "holdout.jsonl"
+    data.write_bytes(
+        b"\n".join(orjson.dumps({**e, "label": y}) for e, y in credit_events(1500, seed=77))
+    )
+    strict = tmp_path / "strict.json"
+    strict.write_text(
+        CREDIT_SPEC.model_copy(
+            update={"gates": CREDIT_SPEC.gates.model_copy(update={"min_metrics": {"f1": 0.999}})}
+        ).model_dump_json()
+    )
+    return {"spec": spec, "a": a, "b": b, "data": data, "strict": strict}
+
+
+def test_register_promote_rollback_and_history(
+    env: dict[str, str], registry: Any, files: dict[str, Path]
+) -> None:
+    report = sm(
+        env,
+        "models",
+        "validate",
+        str(files["a"]),
+        "--spec",
+        str(files["spec"]),
+        "--data",
+        str(files["data"]),
+        "--json",
+    )
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["passed"] is True
+
+    failing = sm(
+        env,
+        "models",
+        "validate",
+        str(files["a"]),
+        "--spec",
+        str(files["strict"]),
+        "--data",
+        str(files["data"]),
+    )
+    assert (
+        failing.returncode == 1
+        and "f1 is" in failing.stdout
+        and "gate requires >= 0.999" in failing.stdout
+    )
+
+    first = sm(
+        env,
+        "models",
+        "register",
+        str(files["a"]),
+        "--spec",
+        str(files["spec"]),
+        "--data",
+        str(files["data"]),
+        "--version",
+        "1.0.0",
+        "--stage",
+        "champion",
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "registered credit@1.0.0" in first.stdout
+
+    again = sm(
+        env,
+        "models",
+        "register",
+        str(files["a"]),
+        "--spec",
+        str(files["spec"]),
+        "--version",
+        "1.0.0",
+    )
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    second = sm(
+        env,
+        "models",
+        "register",
+        str(files["b"]),
+        "--spec",
+        str(files["spec"]),
+        "--version",
+        "1.1.0",
+    )
+    assert second.returncode == 0, second.stderr
+    assert (
+        sm(
+            env, "models", "promote", "credit", "1.1.0", "--to", "canary", "--percent", "20"
+        ).returncode
+        == 0
+    )
+    promoted = sm(
+        env, "models", "promote", "credit", "1.1.0", "--to", "champion", "--reason", "better"
+    )
+    assert promoted.returncode == 0 and "previous champion 1.0.0" in promoted.stdout
+
+    listed = json.loads(sm(env, "models", "list", "--json").stdout)
+    assert {(r["version"], r["stage"]) for r in listed} == {
+        ("1.0.0", "retired"),
+        ("1.1.0", "champion"),
+    }
+
+    rolled = sm(env, "models", "rollback", "credit", "--reason", "drill")
+    assert rolled.returncode == 0 and "1.0.0" in rolled.stdout
+    shown = json.loads(sm(env, "models", "show", "credit").stdout)
+    assert shown["version"] == "1.0.0" and shown["stage"] == "champion"
+    assert shown["metadata"]["validation"]["passed"] is True
+
+    history = json.loads(sm(env, "models", "history", "credit", "--json").stdout)
+    actions = [(e["action"], e["outcome"], e.get("to_stage")) for e in history]
+    assert ("promote", "applied", "champion") in actions and (
+        "rollback",
+        "applied",
+        "champion",
+    ) in actions
+    assert ("register", "refused", None) in actions  # the duplicate is audited too
+    assert all(e["actor"] == "cli" for e in history)
+
+
+def test_pickles_need_explicit_trust(
+    env: dict[str, str], tmp_path: Path, files: dict[str, Path]
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from services.common.featurespec import Vectoriser
+
+    pairs = list(credit_events(500, seed=3))
+    x = Vectoriser(CREDIT_SPEC).transform([e["features"] for e, _ in pairs])
+    clf = LogisticRegression(max_iter=500).fit(x, [int(y) for _, y in pairs])
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(clf))
+    refused = sm(env, "models", "validate", str(path), "--spec", str(files["spec"]))
+    assert refused.returncode == 1 and "--trust-pickle" in refused.stderr
+    converted = sm(
+        env,
+        "models",
+        "validate",
+        str(path),
+        "--spec",
+        str(files["spec"]),
+        "--trust-pickle",
+        "--json",
+    )
+    assert json.loads(converted.stdout)["edge_cases"]["cases"] > 0
+
+
+def test_bad_inputs_get_one_line_errors(
+    env: dict[str, str], tmp_path: Path, files: dict[str, Path]
+) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08garbage")
+    bad = sm(env, "models", "validate", str(junk), "--spec", str(files["spec"]))
+    assert bad.returncode == 1 and "not a loadable ONNX model" in bad.stdout + bad.stderr
+    spec = tmp_path / "bad-spec.json"
+    spec.write_text('{"features": [], "classes": ["0", "1"]}')
+    out = sm(env, "models", "validate", str(files["a"]), "--spec", str(spec))
+    assert (
+        out.returncode == 1
+        and "features" in out.stderr
+        and len(out.stderr.strip().splitlines()) == 1
+    )
