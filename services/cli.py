@@ -14,6 +14,7 @@ import orjson
 from pydantic import ValidationError
 
 from services.cli_models import CommandRefused
+from services.cli_stream import InputError
 from services.common.settings import ConfigError, Settings, default_home
 from services.registry.operations import OperationError
 
@@ -138,6 +139,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return cli_models.run(args, _settings())
 
 
+def _with_settings(
+    handler: Callable[[argparse.Namespace, Settings], int],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return handler(args, _settings())
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scoremesh",
@@ -171,10 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="where logs and the report go")
     demo.set_defaults(func=cmd_demo)
 
-    from services import cli_models
+    from services import cli_models, cli_stream
 
     cli_models.add_parsers(sub)
     sub.choices["models"].set_defaults(func=cmd_models)
+    cli_stream.add_parsers(sub)
+    for name, handler in (
+        ("events", cli_stream.cmd_events),
+        ("tail", cli_stream.cmd_tail),
+        ("dlq", cli_stream.cmd_dlq),
+        ("forget", cli_stream.cmd_forget),
+    ):
+        sub.choices[name].set_defaults(func=_with_settings(handler))
     return parser
 
 
@@ -211,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except (CommandRefused, OperationError) as exc:
+    except (CommandRefused, OperationError, InputError) as exc:
         print(f"scoremesh: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # one line for people; the traceback helps nobody at a prompt

@@ -211,3 +211,29 @@ async def read_to_end(
             return count
         if time.monotonic() > deadline:
             raise KafkaError(f"could not read {tps[0].topic} to its end in {timeout_s:.0f}s")
+
+
+async def true_end_offsets(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """End offsets from fetch high watermarks (``end_offsets()`` can be wrong, MEASURED.md).
+
+    Leaves the consumer positioned at those ends.
+    """
+    approx = await consumer.end_offsets(list(tps))
+    ends: dict[TopicPartition, int] = {}
+    for tp in tps:
+        consumer.seek(tp, max(0, approx[tp] - 1))
+    pending = set(tps)
+    deadline = time.monotonic() + 30
+    while pending and time.monotonic() < deadline:
+        await consumer.getmany(*pending, timeout_ms=200, max_records=1)
+        for tp in list(pending):
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                ends[tp] = hw
+                pending.discard(tp)
+    for tp in tps:
+        ends.setdefault(tp, approx[tp])
+        consumer.seek(tp, ends[tp])
+    return ends
