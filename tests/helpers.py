@@ -85,3 +85,62 @@ async def register_model(
         settings,
         new_command(settings.model_name, "promote", "test", version=version, target_stage=stage),
     )
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a `scoremesh run` subprocess needs to share a test's settings."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
+    env["SCOREMESH_HOME"] = os.environ["SCOREMESH_HOME"]
+    for name, value in settings.model_dump().items():
+        if value is None or name in ("kafka_sasl_password", "api_token"):
+            continue
+        env[f"SCOREMESH_{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    env.update(extra)
+    return env
+
+
+class ServiceProcess:
+    """`scoremesh run <service>` as a real process, to be killed and restarted by tests."""
+
+    def __init__(self, name: str, settings: Settings, log_dir: Any, **env: str) -> None:
+        self.name = name
+        self.env = service_env(settings, SCOREMESH_METRICS_PORT="0", **env)
+        self.log_dir = log_dir
+        self.proc: Any = None
+        self.starts = 0
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+
+        self.starts += 1
+        log = (self.log_dir / f"{self.name}-{self.starts}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", self.name],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return int(self.proc.wait(timeout))
+
+    def log(self) -> str:
+        return "".join(
+            (self.log_dir / f"{self.name}-{i}.log").read_text(errors="replace")
+            for i in range(1, self.starts + 1)
+        )
