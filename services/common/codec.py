@@ -104,8 +104,10 @@ class AvroCodec:
         return buf.getvalue()
 
     def decode(self, data: bytes) -> dict[str, Any]:
-        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+        if data[:2] != MAGIC:
             raise NotSingleObject(f"{self.name}: not Avro single-object encoded (no C3 01 header)")
+        if len(data) < HEADER_LEN:
+            raise TruncatedMessage(f"{self.name}: header ends early ({len(data)} bytes)")
         fp = data[2:HEADER_LEN]
         writer = self._writers.get(fp)
         if writer is None:

@@ -23,7 +23,8 @@ Action = Literal["reject", "flag"]
 REASONS: dict[str, str] = {
     "undecodable": "the bytes are neither Avro single-object nor a JSON object",
     "unknown_schema": "Avro with a schema fingerprint this reader does not know",
-    "truncated": "Avro body ends early",
+    "truncated": "Avro header or body ends early",
+    "not_avro": "expected Avro single-object encoding (C3 01 header)",
     "too_large": "the message is larger than the configured limit",
     "invalid_envelope": "event_id, entity_id, event_time, features or attributes malformed",
     "missing_feature": "a required feature is absent",

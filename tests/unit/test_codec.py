@@ -41,6 +41,8 @@ def test_typed_errors() -> None:
         c.decode(b'{"json": true}')
     with pytest.raises(NotSingleObject):
         c.decode(b"")
+    with pytest.raises(TruncatedMessage, match="header ends early"):
+        c.decode(MAGIC + b"\x01\x02")
     with pytest.raises(BadBody):
         c.decode(good[:10] + b"\xff" * 40)
 
