@@ -108,7 +108,7 @@ class ServiceProcess:
 
     def __init__(self, name: str, settings: Settings, log_dir: Any, **env: str) -> None:
         self.name = name
-        self.env = service_env(settings, SCOREMESH_METRICS_PORT="0", **env)
+        self.env = service_env(settings, **{"SCOREMESH_METRICS_PORT": "0", **env})
         self.log_dir = log_dir
         self.proc: Any = None
         self.starts = 0
