@@ -13,10 +13,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from services.cli_models import CommandRefused
-from services.cli_stream import InputError
+from services.common.errors import UserError
 from services.common.settings import ConfigError, Settings, default_home
-from services.registry.operations import OperationError
 
 SERVICES = ("registry", "validator", "scorer")
 
@@ -229,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except (CommandRefused, OperationError, InputError) as exc:
+    except UserError as exc:
         print(f"scoremesh: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # one line for people; the traceback helps nobody at a prompt

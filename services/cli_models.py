@@ -10,15 +10,15 @@ from typing import Any
 
 import orjson
 
+from services.common.errors import UserError
 from services.common.model_version import STAGES, VersionMetadata
 from services.common.settings import Settings
-from services.registry.client import command, new_command, read_history
-from services.registry.service import describe
+from services.registry.client import command, describe, new_command, read_history
 
 STAGE_TARGETS = [s for s in STAGES if s not in ("registered", "rolled_back")]
 
 
-class CommandRefused(Exception):
+class CommandRefused(UserError):
     """The registry (or a readiness gate) refused; exit code 1 with its reason."""
 
 

@@ -18,6 +18,7 @@ import orjson
 
 from services.common.catalog import catalog
 from services.common.codec import CodecError, decode_any
+from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
     make_consumer,
@@ -31,7 +32,7 @@ from services.common.settings import Settings
 REPLAY_HEADER = "scoremesh-replay-of"
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A file or argument is wrong; the message says where."""
 
 

@@ -144,3 +144,11 @@ class ServiceProcess:
             (self.log_dir / f"{self.name}-{i}.log").read_text(errors="replace")
             for i in range(1, self.starts + 1)
         )
+
+
+async def wait_for_log(service: ServiceProcess, text: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in service.log():
+        if time.monotonic() > deadline or service.proc.poll() is not None:
+            raise AssertionError(f"{service.name} never logged {text!r}:\n{service.log()[-2000:]}")
+        await asyncio.sleep(0.2)

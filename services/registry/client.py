@@ -115,3 +115,19 @@ async def read_history(settings: Settings, model: str | None = None) -> list[dic
     finally:
         await consumer.stop()
     return [e for e in events if model is None or e["model"] == model]
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One line for people: what the registry did with a command."""
+    what = f"{event['model']}@{event['version']}" if event.get("version") else event["model"]
+    if event["outcome"] == "refused":
+        return f"refused {event['action']} of {what}: {event['detail']}"
+    if event["action"] == "register":
+        return f"registered {what}"
+    moved = f"{event.get('from_stage')} -> {event.get('to_stage')}"
+    extra = (
+        f" (previous champion {event['previous_champion']})"
+        if event.get("previous_champion")
+        else ""
+    )
+    return f"{event['action']}: {what} {moved}{extra}"

@@ -13,6 +13,7 @@ import orjson
 from pydantic import ValidationError
 
 from services.common.artifacts import upload_artifact
+from services.common.errors import UserError
 from services.common.featurespec import FeatureSpec
 from services.common.kafka import make_producer, start_with_retry
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
@@ -21,7 +22,7 @@ from services.registry.client import command, new_command
 from services.registry.readiness import ReadinessReport, validate_model
 
 
-class OperationError(ValueError):
+class OperationError(UserError, ValueError):
     """Bad input to a registry operation; the message says what and how to fix it."""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from aiokafka import ConsumerRecord
 
@@ -185,19 +184,3 @@ class RegistryService:
     async def stop(self) -> None:
         await self.loop.stop()
         await self.producer.stop()
-
-
-def describe(event: dict[str, Any]) -> str:
-    """One line for people: what the registry did with a command."""
-    what = f"{event['model']}@{event['version']}" if event.get("version") else event["model"]
-    if event["outcome"] == "refused":
-        return f"refused {event['action']} of {what}: {event['detail']}"
-    if event["action"] == "register":
-        return f"registered {what}"
-    moved = f"{event.get('from_stage')} -> {event.get('to_stage')}"
-    extra = (
-        f" (previous champion {event['previous_champion']})"
-        if event.get("previous_champion")
-        else ""
-    )
-    return f"{event['action']}: {what} {moved}{extra}"
