@@ -26,13 +26,28 @@ pytestmark = pytest.mark.e2e
 async def sm(settings: Settings, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     env.update(SCOREMESH_HOME=os.environ["SCOREMESH_HOME"])
-    for name in ("kafka_bootstrap", "redis_url", "topic_prefix", "redis_key_prefix",
-                 "kafka_idempotence", "kafka_fetch_max_wait_ms"):
+    for name in (
+        "kafka_bootstrap",
+        "redis_url",
+        "topic_prefix",
+        "redis_key_prefix",
+        "kafka_idempotence",
+        "kafka_fetch_max_wait_ms",
+    ):
         value = getattr(settings, name)
-        env[f"SCOREMESH_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"SCOREMESH_{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "services.cli",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -41,7 +56,10 @@ async def test_send_tail_replay_after_a_rule_fix_and_forget(
     settings: Settings, trained_model: Any, trained_model_b: Any, tmp_path: Path
 ) -> None:
     events = [e for e, _ in credit_events(40, seed=61)]
-    old = [dict(e, features={**e["features"], "age": 104}, event_id=f"old-{i}") for i, e in enumerate(events[:5])]
+    old = [
+        dict(e, features={**e["features"], "age": 104}, event_id=f"old-{i}")
+        for i, e in enumerate(events[:5])
+    ]
     good = tmp_path / "events.jsonl"
     good.write_bytes(b"\n".join(orjson.dumps(e) for e in events + old))
     broken = tmp_path / "broken.jsonl"
@@ -49,9 +67,16 @@ async def test_send_tail_replay_after_a_rule_fix_and_forget(
 
     async with Running(RegistryService(settings)):
         assert (await register_model(settings, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
-        async with Running(ValidatorService(settings)) as validator, Running(ScorerService(settings)):
+        async with (
+            Running(ValidatorService(settings)) as validator,
+            Running(ScorerService(settings)),
+        ):
             code, out, err = await sm(settings, "events", "send", str(broken))
-            assert code == 1 and "line 2: not JSON" in err and "line 3: entity_id must be a non-empty string" in err
+            assert (
+                code == 1
+                and "line 2: not JSON" in err
+                and "line 3: entity_id must be a non-empty string" in err
+            )
             assert "nothing sent" in err
 
             code, out, err = await sm(settings, "events", "send", str(good), "--json")
@@ -61,34 +86,65 @@ async def test_send_tail_replay_after_a_rule_fix_and_forget(
             rejected = await consume_until(settings, "events.rejected", lambda r: len(r) >= 5)
             assert {r["reasons"][0]["code"] for r in rejected} == {"out_of_range"}
 
-            code, out, _ = await sm(settings, "tail", "predictions", "--from-beginning", "--max", "3",
-                                    "--filter", "variant=champion")
+            code, out, _ = await sm(
+                settings,
+                "tail",
+                "predictions",
+                "--from-beginning",
+                "--max",
+                "3",
+                "--filter",
+                "variant=champion",
+            )
             lines = [orjson.loads(line) for line in out.splitlines()]
             assert code == 0 and len(lines) == 3
             assert all(p["model_version"] == "1.0.0" and p["variant"] == "champion" for p in lines)
 
             # The fix: a new version whose rules accept applicants up to 110.
-            relaxed = CREDIT_SPEC.model_copy(update={"features": [
-                r.model_copy(update={"max": 110}) if r.name == "age" else r for r in CREDIT_SPEC.features]})
-            assert (await register_model(settings, trained_model_b.onnx, "1.1.0", spec=relaxed))["outcome"] == "applied"
+            relaxed = CREDIT_SPEC.model_copy(
+                update={
+                    "features": [
+                        r.model_copy(update={"max": 110}) if r.name == "age" else r
+                        for r in CREDIT_SPEC.features
+                    ]
+                }
+            )
+            assert (await register_model(settings, trained_model_b.onnx, "1.1.0", spec=relaxed))[
+                "outcome"
+            ] == "applied"
             deadline = time.monotonic() + 20
-            while "1.1.0" not in (validator.core.rules.version if validator.core.rules else "") and time.monotonic() < deadline:
+            while (
+                "1.1.0" not in (validator.core.rules.version if validator.core.rules else "")
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.2)
 
-            code, out, err = await sm(settings, "dlq", "replay", "--reason", "out_of_range", "--json")
+            code, out, err = await sm(
+                settings, "dlq", "replay", "--reason", "out_of_range", "--json"
+            )
             assert code == 0, err
             assert orjson.loads(out)["replayed"] == 5
             code, out, _ = await sm(settings, "dlq", "replay", "--reason", "out_of_range", "--json")
             summary = orjson.loads(out)
-            assert summary["replayed"] == 0 and summary["already_valid"] + summary["already_replayed"] == 5
+            assert (
+                summary["replayed"] == 0
+                and summary["already_valid"] + summary["already_replayed"] == 5
+            )
 
             predictions = await consume_until(
-                settings, "predictions",
-                lambda r: {p["event_id"] for p in r} >= {e["event_id"] for e in old}, timeout_s=60)
+                settings,
+                "predictions",
+                lambda r: {p["event_id"] for p in r} >= {e["event_id"] for e in old},
+                timeout_s=60,
+            )
             await asyncio.sleep(1.0)
             predictions = await consume_until(settings, "predictions", lambda r: False, timeout_s=2)
-    replayed = [p for p in predictions if p["event_id"].startswith("old-") and p["variant"] == "champion"]
-    assert sorted(p["event_id"] for p in replayed) == sorted(e["event_id"] for e in old)  # each once
+    replayed = [
+        p for p in predictions if p["event_id"].startswith("old-") and p["variant"] == "champion"
+    ]
+    assert sorted(p["event_id"] for p in replayed) == sorted(
+        e["event_id"] for e in old
+    )  # each once
     assert {p["model_version"] for p in replayed} == {"1.1.0"}
 
     entity = events[0]["entity_id"]
