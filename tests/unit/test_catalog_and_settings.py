@@ -93,3 +93,13 @@ def test_canary_bucket_is_stable_and_uniform() -> None:
     share = sum(in_canary(f"cust-{i}", 10.0) for i in range(20_000)) / 20_000
     assert 0.09 < share < 0.11
     assert not any(in_canary(f"cust-{i}", 0.0) for i in range(1000))
+
+
+def test_blank_secrets_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCOREMESH_API_TOKEN", "")
+    monkeypatch.setenv("SCOREMESH_KAFKA_SASL_PASSWORD", "  ")
+    s = Settings()
+    assert s.api_token is None and s.kafka_sasl_password is None
+    monkeypatch.setenv("SCOREMESH_API_TOKEN", "s3cret")
+    assert Settings().api_token is not None
+    assert "s3cret" not in repr(Settings())
