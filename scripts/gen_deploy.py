@@ -93,23 +93,33 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
         watches_lag=True,
     ),
     "retrain-trigger": ServiceAccess(
-        reads=("alerts", "monitoring.stats"),
-        writes=("retrain.requests",),
+        reads=("alerts", "monitoring.stats", "retrain.requests", "models.registry", "deployments.log"),
+        writes=("retrain.requests", "models.commands"),
         keeps_state=True,
     ),
     "trainer": ServiceAccess(
-        reads=("retrain.requests", "training.examples", "models.registry", "deployments.log"),
-        writes=("models.artifacts", "models.commands"),
+        reads=(
+            "retrain.requests",
+            "retrain.results",
+            "training.examples",
+            "models.registry",
+            "models.artifacts",
+            "deployments.log",
+        ),
+        writes=("models.artifacts", "models.commands", "retrain.results"),
     ),
     "query": ServiceAccess(
-        reads=("models.registry", "models.artifacts", "deployments.log", "alerts"),
+        reads=("models.registry", "models.artifacts", "deployments.log", "alerts", "retrain.results"),
         writes=("predictions", "models.commands", "retrain.requests"),
     ),
 }
 """Where this goes beyond the deployment issue's table, the code needs it:
 
 - registry reads models.registry and deployments.log: it folds both at start (ADR 0002);
-- trainer reads deployments.log: a command sender waits there for the registry's answer
+- trainer reads deployments.log: a command sender waits there for the registry's answer;
+  it folds retrain.results at start to resume requests a crash interrupted
+- retrain-trigger folds retrain.requests (its own output) for intervals and episodes, and
+  sends promotion commands (the live promotion policy)
   (services/registry/client.py: wait_for_outcome);
 - scorer writes models.commands: its canary guard asks for a rollback and it reports
   versions it cannot load (services/scorer/service.py: _send_command);

@@ -6,17 +6,26 @@ Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line saying what to d
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from services.common.errors import UserError
 from services.common.settings import ConfigError, Settings, default_home
 
-SERVICES = ("registry", "validator", "scorer")
+# `scoremesh run <name>`: every service is one class with start/run/stop (lifecycle.Service).
+SERVICES = {
+    "registry": "services.registry.service:RegistryService",
+    "validator": "services.validator.service:ValidatorService",
+    "scorer": "services.scorer.service:ScorerService",
+    "trainer": "services.trainer.service:TrainerService",
+    "retrain-trigger": "services.retrain.service:RetrainTriggerService",
+}
 
 EPILOG = """examples:
   scoremesh dev up                 start the embedded broker and Redis
@@ -39,6 +48,11 @@ def _settings() -> Settings:
         first = exc.errors()[0]
         name = "SCOREMESH_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
         raise ConfigError(f"{name}: {first['msg']}") from None
+    except SettingsError as exc:  # e.g. a policy variable that is not valid JSON
+        raise ConfigError(
+            f"{exc}; complex settings take JSON, e.g. "
+            """SCOREMESH_RETRAIN_POLICY='{"min_new_labels": 200}'"""
+        ) from None
 
 
 def _print(data: Any, as_json: bool, human: Callable[[], None]) -> None:
@@ -53,22 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings()
     settings.require_bootstrap()
-    make: Callable[[], Any]
-    if args.service == "validator":
-        from services.validator.service import ValidatorService
-
-        make = lambda: ValidatorService(settings)  # noqa: E731
-    elif args.service == "scorer":
-        from services.scorer.service import ScorerService
-
-        make = lambda: ScorerService(settings)  # noqa: E731
-    elif args.service == "registry":
-        from services.registry.service import RegistryService
-
-        make = lambda: RegistryService(settings)  # noqa: E731
-    else:  # argparse restricts choices; kept for type-checkers
-        raise UsageError(f"unknown service {args.service!r}")
-    return run_service(args.service, make, settings)
+    module_name, _, class_name = SERVICES[args.service].partition(":")
+    service_class = getattr(importlib.import_module(module_name), class_name)
+    return run_service(args.service, lambda: service_class(settings), settings)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

@@ -187,6 +187,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if action == "register":
         return _register(args, settings)
+    if action == "retrain":
+        return _retrain(args, settings)
     actor = "cli"
     if action == "promote":
         options = {"percent": str(args.percent)} if args.percent is not None else {}
@@ -310,4 +312,33 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
     for event in (outcome, result.promotion):
         if event is not None and event["outcome"] != "applied":
             raise CommandRefused(describe(event))
+    return 0
+
+
+def _retrain(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from services.cli_stream import _parse_since
+    from services.retrain.requests import publish_request, wait_for_result
+    from services.retrain.trigger import manual_request
+
+    now = int(time.time() * 1000)
+    end = _parse_since(args.window_end) if args.window_end else now
+    window_s = args.window_days * 86400 if args.window_days else settings.retrain_policy.window_s
+    if window_s <= 0:
+        raise CommandRefused("--window-days must be positive")
+    request = manual_request(args.name, "cli", args.reason, end or now, window_s, now)
+    asyncio.run(publish_request(settings, request))
+    lines = [
+        f"retrain requested: {request['request_id']} ({args.name}, window "
+        f"{request['window_start']}..{request['window_end']})"
+    ]
+    if not args.wait:
+        emit(request, args.json, lines)
+        return 0
+    result = asyncio.run(wait_for_result(settings, request["request_id"]))
+    lines.append(f"{result['status']}: {result['detail']}")
+    emit({"request": request, "result": result}, args.json, lines)
+    if result["status"] != "succeeded":
+        raise CommandRefused(f"retrain {result['status']}: {result['detail']}")
     return 0

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from services.common.artifacts import upload_artifact
 from services.common.codec import decode_any
 from services.common.featurespec import FeatureSpec
@@ -93,12 +95,15 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     env["SCOREMESH_HOME"] = os.environ["SCOREMESH_HOME"]
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is None or name in ("kafka_sasl_password", "api_token"):
             continue
-        env[f"SCOREMESH_{name.upper()}"] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
+        if isinstance(value, dict | list):
+            env[f"SCOREMESH_{name.upper()}"] = orjson.dumps(value).decode()
+        else:
+            env[f"SCOREMESH_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
     env.update(extra)
     return env
 

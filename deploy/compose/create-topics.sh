@@ -24,9 +24,10 @@ create training.examples --partitions 6 --replication-factor 1 --config cleanup.
 create monitoring.stats --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
 create alerts --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
 create retrain.requests --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
+create retrain.results --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
 create models.commands --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=2592000000
 create models.registry --partitions 1 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 create models.artifacts --partitions 1 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=2097152 --config min.insync.replicas=1 --config retention.ms=-1
 create deployments.log --partitions 1 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 
-echo "topics ready: 15 catalog topics on $bootstrap"
+echo "topics ready: 16 catalog topics on $bootstrap"

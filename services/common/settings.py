@@ -21,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from services.retrain.policy import PromotionPolicy, RetrainPolicy
+
 ENV_PREFIX = "SCOREMESH_"
 
 
@@ -117,6 +119,10 @@ class Settings(BaseSettings):
     canary_min_events: int = Field(500, ge=1)
     canary_max_error_rate_delta: float = Field(0.01, ge=0, le=1)
     canary_max_latency_ratio: float = Field(3.0, gt=1)
+
+    # --- Retraining and promotion (JSON in the environment) -------------------------
+    retrain_policy: RetrainPolicy = Field(default_factory=RetrainPolicy)
+    promotion_policy: PromotionPolicy = Field(default_factory=PromotionPolicy)
 
     # --- Hot path --------------------------------------------------------------------
     batch_max_records: int = Field(512, ge=1, le=100_000)

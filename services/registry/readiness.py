@@ -29,7 +29,7 @@ class ReadinessReport:
     report: dict[str, Any]
 
 
-def _loaded(onnx: bytes, spec: FeatureSpec) -> LoadedModel:
+def load_candidate(onnx: bytes, spec: FeatureSpec) -> LoadedModel:
     session = make_session(onnx, 1)
     check_onnx_inputs(session, spec)
     version = ModelVersion(
@@ -113,7 +113,7 @@ def validate_model(
     failures: list[str] = []
     report: dict[str, Any] = {"artifact_bytes": len(onnx), "validated_at": int(time.time() * 1000)}
     try:
-        model = _loaded(onnx, spec)
+        model = load_candidate(onnx, spec)
     except ModelLoadError as exc:
         return ReadinessReport(False, [str(exc)], report)
     rows = rows or []

@@ -126,6 +126,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "actor": "retrain-trigger",
         "requested_at": 1767312000000,
     },
+    "RetrainResult": {
+        "request_id": "r-1", "model": "credit", "status": "succeeded", "attempt": 1,
+        "version": "1.1.0", "parent_version": "1.0.0", "detail": "registered in shadow",
+        "metrics": {"accuracy": 0.91}, "champion_metrics": {"accuracy": 0.72}, "examples": 6000,
+        "window_start": 1767225600000, "window_end": 1767312000000, "trainer": "trainer-0",
+        "at": 1767312000500,
+    },
     "ModelCommand": {
         "request_id": "c-1",
         "model": "credit",

@@ -23,6 +23,7 @@ DESIGN_TOPICS = {
     "monitoring.stats",
     "alerts",
     "retrain.requests",
+    "retrain.results",
     "models.commands",
     "models.registry",
     "models.artifacts",

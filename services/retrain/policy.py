@@ -1,0 +1,55 @@
+"""Retraining and promotion policies: which signals count, how often, and when a challenger
+has earned its next stage. Pure data, validated, with defaults a team can start from."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SEVERITIES = ("info", "warning", "critical")
+
+
+class RetrainPolicy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alert_kinds: tuple[str, ...] = ("performance", "drift")
+    min_severity: str = "warning"
+    signals: tuple[str, ...] = Field(
+        default=(), description="if set, only alerts whose subject.signal is one of these count"
+    )
+    min_new_labels: int = Field(500, ge=0, description="labels since the last retrain")
+    min_interval_s: float = Field(3600.0, ge=0)
+    max_per_day: int = Field(6, ge=1)
+    window_s: float = Field(7 * 86400.0, gt=0, description="event-time span of training data")
+    schedule: str | None = Field(None, description="cron expression for scheduled retrains")
+
+    @field_validator("min_severity")
+    @classmethod
+    def _known_severity(cls, value: str) -> str:
+        if value not in SEVERITIES:
+            raise ValueError(f"min_severity must be one of {SEVERITIES}")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from croniter import croniter
+
+            if not croniter.is_valid(value):
+                raise ValueError(f"{value!r} is not a cron expression (e.g. '0 3 * * 0')")
+        return value
+
+
+class PromotionPolicy(BaseModel):
+    """Live promotion: shadow -> canary -> champion only on labelled evidence."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    metric: str = "accuracy"
+    min_labels: int = Field(300, ge=10, description="labels per variant before judging")
+    max_labels: int = Field(20_000, ge=10, description="give up (retire) after this many")
+    margin: float = Field(0.01, ge=0, description="challenger must beat champion by this")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="one-sided significance level")
+    canary_percent: float = Field(25.0, gt=0, le=100)
+    skip_canary: bool = False

@@ -1,0 +1,184 @@
+"""Turning alerts, stats and a schedule into retrain requests: pure, no I/O.
+
+One request per alert episode (alert key + first_seen), at most one per interval and
+``max_per_day`` per day; scheduled retrains are skipped when too few labels arrived.
+Suppressed triggers are counted with their reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.retrain.policy import SEVERITIES, RetrainPolicy
+
+DAY_MS = 86_400_000
+
+
+@dataclass
+class ModelTrigger:
+    last_request_ms: int | None = None
+    recent_requests_ms: deque[int] = field(default_factory=deque)
+    episodes: set[str] = field(default_factory=set)
+    labels_since_last: int = 0
+    latest_event_ms: int = 0
+
+
+@dataclass
+class TriggerState:
+    models: dict[str, ModelTrigger] = field(default_factory=dict)
+    suppressed: Counter[str] = field(default_factory=Counter)
+
+    def of(self, model: str) -> ModelTrigger:
+        return self.models.setdefault(model, ModelTrigger())
+
+    def fold_request(self, request: dict[str, Any]) -> None:
+        """Rebuild state from our own output topic (retrain.requests) at start."""
+        m = self.of(request["model"])
+        at = int(request["requested_at"])
+        m.last_request_ms = max(m.last_request_ms or 0, at)
+        m.recent_requests_ms.append(at)
+        episode = request.get("evidence", {}).get("episode")
+        if episode:
+            m.episodes.add(episode)
+        m.labels_since_last = 0
+
+
+def episode_of(alert: dict[str, Any]) -> str:
+    return f"{alert['alert_key']}@{alert['first_seen']}"
+
+
+def _request(
+    model: str,
+    reason: str,
+    evidence: dict[str, str],
+    m: ModelTrigger,
+    policy: RetrainPolicy,
+    now_ms: int,
+    actor: str,
+) -> dict[str, Any]:
+    end = m.latest_event_ms or now_ms
+    return {
+        "request_id": str(uuid.uuid4()),
+        "model": model,
+        "reason": reason,
+        "evidence": evidence,
+        "window_start": int(end - policy.window_s * 1000),
+        "window_end": end,
+        "actor": actor,
+        "requested_at": now_ms,
+    }
+
+
+def _gate(m: ModelTrigger, policy: RetrainPolicy, now_ms: int) -> str | None:
+    while m.recent_requests_ms and m.recent_requests_ms[0] <= now_ms - DAY_MS:
+        m.recent_requests_ms.popleft()
+    if m.last_request_ms is not None and now_ms - m.last_request_ms < policy.min_interval_s * 1000:
+        return "interval"
+    if len(m.recent_requests_ms) >= policy.max_per_day:
+        return "max_per_day"
+    if m.labels_since_last < policy.min_new_labels:
+        return "too_few_labels"
+    return None
+
+
+def _record(m: ModelTrigger, request: dict[str, Any]) -> None:
+    m.last_request_ms = request["requested_at"]
+    m.recent_requests_ms.append(request["requested_at"])
+    m.labels_since_last = 0
+
+
+def on_stats(state: TriggerState, stats: dict[str, Any]) -> None:
+    """Count new labels (champion, all segments, tumbling windows) and track event time."""
+    m = state.of(stats["model"])
+    m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
+    if (
+        stats["variant"] == "champion"
+        and stats["segment"] == "all"
+        and stats["window_kind"] == "tumbling"
+    ):
+        m.labels_since_last += int(stats["count"])
+
+
+def on_alert(
+    state: TriggerState,
+    alert: dict[str, Any],
+    policy: RetrainPolicy,
+    now_ms: int,
+    actor: str = "retrain-trigger",
+) -> dict[str, Any] | None:
+    if alert["state"] != "firing" or alert["kind"] not in policy.alert_kinds:
+        return None
+    if SEVERITIES.index(alert["severity"]) < SEVERITIES.index(policy.min_severity):
+        return None
+    signal = alert.get("subject", {}).get("signal", "")
+    if policy.signals and signal not in policy.signals:
+        return None
+    m = state.of(alert["model"])
+    episode = episode_of(alert)
+    if episode in m.episodes:
+        return None  # this episode already asked for a retrain (or its update repeats it)
+    m.episodes.add(episode)
+    blocked = _gate(m, policy, now_ms)
+    if blocked:
+        state.suppressed[blocked] += 1
+        return None
+    request = _request(
+        alert["model"],
+        f"{alert['kind']}: {alert['summary']}",
+        {
+            "episode": episode,
+            "alert_key": alert["alert_key"],
+            "severity": alert["severity"],
+            "model_version": alert.get("model_version") or "",
+            **{f"alert.{k}": str(v) for k, v in alert.get("evidence", {}).items()},
+        },
+        m,
+        policy,
+        now_ms,
+        actor,
+    )
+    _record(m, request)
+    return request
+
+
+def on_schedule(
+    state: TriggerState,
+    model: str,
+    policy: RetrainPolicy,
+    now_ms: int,
+    actor: str = "retrain-trigger:schedule",
+) -> dict[str, Any] | None:
+    m = state.of(model)
+    blocked = _gate(m, policy, now_ms)
+    if blocked:
+        state.suppressed[f"schedule_{blocked}"] += 1
+        return None
+    request = _request(
+        model,
+        f"scheduled ({policy.schedule})",
+        {"schedule": policy.schedule or "", "labels": str(m.labels_since_last)},
+        m,
+        policy,
+        now_ms,
+        actor,
+    )
+    _record(m, request)
+    return request
+
+
+def manual_request(
+    model: str, actor: str, reason: str, window_end_ms: int, window_s: float, now_ms: int
+) -> dict[str, Any]:
+    return {
+        "request_id": str(uuid.uuid4()),
+        "model": model,
+        "reason": f"manual: {reason}".rstrip(": "),
+        "evidence": {},
+        "window_start": int(window_end_ms - window_s * 1000),
+        "window_end": window_end_ms,
+        "actor": actor,
+        "requested_at": now_ms,
+    }

@@ -1,0 +1,211 @@
+"""trainer: retrain.requests -> a new version in shadow, or a clear failure record.
+
+A request is committed on receipt (after its "started" record is acknowledged) and trained
+off the consumer loop, one at a time. Progress lives on retrain.results under the request
+id; at start the trainer folds that topic and resumes requests a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from services.common.batchloop import BatchLoop, Out, Record
+from services.common.codec import CodecError, codec
+from services.common.health import HealthServer
+from services.common.kafka import (
+    assign_all,
+    make_consumer,
+    make_producer,
+    read_to_end,
+    start_with_retry,
+)
+from services.common.registry_view import RegistryView
+from services.common.settings import Settings
+from services.trainer.job import Outcome, run_request
+
+log = logging.getLogger(__name__)
+
+REQUESTS = "retrain.requests"
+RESULTS = "retrain.results"
+MAX_ATTEMPTS = 2
+TERMINAL = ("succeeded", "rejected", "failed")
+
+
+class TrainerService:
+    name = "trainer"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.view = RegistryView(settings)
+        self.producer = make_producer(settings)
+        self.loop = BatchLoop(
+            settings,
+            self.name,
+            f"{settings.topic_prefix}scoremesh-trainer",
+            [settings.topic(REQUESTS)],
+            self.producer,
+            self._process,
+        )
+        self.queue: asyncio.Queue[tuple[dict[str, Any], int]] = asyncio.Queue(maxsize=100)
+        self.status: dict[str, str] = {}
+        self.current: str | None = None
+        self._request_codec = codec("RetrainRequest")
+        self._result_codec = codec("RetrainResult")
+        self._worker: asyncio.Task[None] | None = None
+        self.completed = 0
+
+    def register_checks(self, health: HealthServer) -> None:
+        health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
+        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        health.add_check(
+            "worker",
+            lambda: (
+                self._worker is not None and not self._worker.done(),
+                f"training {self.current or 'nothing'}; {self.queue.qsize()} queued",
+            ),
+        )
+
+    async def start(self) -> None:
+        await start_with_retry(self.producer.start, "trainer-producer", self.settings)
+        await self.view.start()
+        await self._resume()
+        self._worker = asyncio.create_task(self._work(), name="trainer-worker")
+
+    async def _resume(self) -> None:
+        consumer = make_consumer(self.settings, group_id=None)
+        await start_with_retry(consumer.start, "trainer-results", self.settings)
+        last: dict[str, dict[str, Any]] = {}
+        try:
+            tps = await assign_all(consumer, self.settings.topic(RESULTS))
+            decode = self._result_codec.decode
+            await read_to_end(
+                consumer, tps, lambda r: last.__setitem__((v := decode(r.value))["request_id"], v)
+            )
+        finally:
+            await consumer.stop()
+        for request_id, result in last.items():
+            self.status[request_id] = result["status"]
+            if result["status"] != "started":
+                continue
+            request = {
+                "request_id": request_id,
+                "model": result["model"],
+                "window_start": result["window_start"],
+                "window_end": result["window_end"],
+                "reason": "resumed after an interrupted run",
+                "actor": result["trainer"],
+            }
+            if result["attempt"] >= MAX_ATTEMPTS:
+                await self._publish(
+                    self._result(
+                        request,
+                        "failed",
+                        result["attempt"],
+                        Outcome("failed", f"interrupted {result['attempt']} times; giving up"),
+                    )
+                )
+            else:
+                log.warning("resuming an interrupted retrain", extra={"request_id": request_id})
+                await self._publish(
+                    self._result(
+                        request,
+                        "started",
+                        result["attempt"] + 1,
+                        Outcome("started", "resumed after an interrupted run"),
+                    )
+                )
+                self.queue.put_nowait((request, result["attempt"] + 1))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.loop.start(stop)
+        await self.loop.run(stop)
+
+    async def _process(self, records: list[Record]) -> list[Out]:
+        outs = []
+        for record in records:
+            try:
+                request = self._request_codec.decode(record.value or b"")
+            except CodecError as exc:
+                log.error("undecodable retrain request skipped", extra={"error": str(exc)})
+                continue
+            if request["request_id"] in self.status:
+                continue  # redelivered: already started or finished
+            self.status[request["request_id"]] = "started"
+            outs.append(
+                self._out(self._result(request, "started", 1, Outcome("started", "received")))
+            )
+            self.queue.put_nowait((request, 1))
+        return outs
+
+    async def _work(self) -> None:
+        while True:
+            request, attempt = await self.queue.get()
+            self.current = request["request_id"]
+            started = time.monotonic()
+            try:
+                outcome = await run_request(
+                    self.settings,
+                    request,
+                    self.view.state,
+                    actor=f"trainer:{self.settings.kafka_client_id}",
+                )
+            except Exception as exc:  # a failed run is a record, never a dead trainer
+                log.exception("retrain failed", extra={"request_id": request["request_id"]})
+                outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
+            self.status[request["request_id"]] = outcome.status
+            log.info(
+                "retrain finished",
+                extra={
+                    "request_id": request["request_id"],
+                    "status": outcome.status,
+                    "detail": outcome.detail,
+                    "seconds": round(time.monotonic() - started, 1),
+                },
+            )
+            await self._publish(self._result(request, outcome.status, attempt, outcome))
+            self.current = None
+            self.completed += 1
+
+    def _result(
+        self, request: dict[str, Any], status: str, attempt: int, outcome: Outcome
+    ) -> dict[str, Any]:
+        return {
+            "request_id": request["request_id"],
+            "model": request["model"],
+            "status": status,
+            "attempt": attempt,
+            "version": outcome.version,
+            "parent_version": outcome.parent_version,
+            "detail": outcome.detail,
+            "metrics": outcome.metrics,
+            "champion_metrics": outcome.champion_metrics,
+            "examples": outcome.examples,
+            "window_start": request["window_start"],
+            "window_end": request["window_end"],
+            "trainer": f"trainer:{self.settings.kafka_client_id}",
+            "at": int(time.time() * 1000),
+        }
+
+    def _out(self, result: dict[str, Any]) -> Out:
+        return Out(
+            self.settings.topic(RESULTS),
+            result["model"].encode(),
+            self._result_codec.encode(result),
+        )
+
+    async def _publish(self, result: dict[str, Any]) -> None:
+        out = self._out(result)
+        await self.producer.send_and_wait(out.topic, out.value, key=out.key)
+
+    async def stop(self) -> None:
+        await self.loop.stop()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        await self.view.stop()
+        await self.producer.stop()
