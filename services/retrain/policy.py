@@ -20,6 +20,12 @@ class RetrainPolicy(BaseModel):
     min_interval_s: float = Field(3600.0, ge=0)
     max_per_day: int = Field(6, ge=1)
     window_s: float = Field(7 * 86400.0, gt=0, description="event-time span of training data")
+    train_from_change: bool = Field(
+        True,
+        description="after a drift/performance alert, wait for labels from after the change "
+        "and train on [change, now] instead of the last window_s",
+    )
+    min_labels_after_change: int = Field(1000, ge=1)
     schedule: str | None = Field(None, description="cron expression for scheduled retrains")
 
     @field_validator("min_severity")

@@ -88,13 +88,28 @@ class RetrainTriggerService:
                 tps,
                 lambda r: self.state.fold_request(self._request_codec.decode(r.value)),
             )
+            # Alert episodes still waiting for labels from after their change (replay only).
+            tps = await assign_all(consumer, self.settings.topic("alerts"))
+            now = int(time.time() * 1000)
+
+            def replay(record: Any) -> None:
+                alert = self._alert_codec.decode(record.value)
+                on_alert(self.state, alert, self.policy, now, replay=True)
+
+            await read_to_end(consumer, tps, replay)
         finally:
             await consumer.stop()
         self._stats_consumer = make_consumer(self.settings, group_id=None)
         await start_with_retry(self._stats_consumer.start, "retrain-stats", self.settings)
         tps = await assign_all(self._stats_consumer, self.settings.topic("monitoring.stats"))
         last = self.state.of(self.model).last_request_ms or 0
-        await read_to_end(self._stats_consumer, tps, lambda r: self._fold_stats(r, last))
+        released: list[dict[str, Any]] = []
+        await read_to_end(
+            self._stats_consumer, tps, lambda r: released.extend(self._fold_stats(r, last))
+        )
+        for request in released:
+            out = self._request_out(request, "alert")
+            await self.producer.send_and_wait(out.topic, out.value, key=out.key)
         self.folded = True
         self._tasks = [
             asyncio.create_task(self._follow_stats(), name="stats"),
@@ -108,14 +123,14 @@ class RetrainTriggerService:
             },
         )
 
-    def _fold_stats(self, record: Any, last_request_ms: int) -> None:
+    def _fold_stats(self, record: Any, last_request_ms: int) -> list[dict[str, Any]]:
         stats = self._stats_codec.decode(record.value)
         self.book.observe(stats, self.promotion.metric)
         if stats["emitted_at"] > last_request_ms:
-            on_stats(self.state, stats)
-        else:
-            m = self.state.of(stats["model"])
-            m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
+            return on_stats(self.state, stats, self.policy, int(time.time() * 1000))
+        m = self.state.of(stats["model"])
+        m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
+        return []
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.loop.start(stop)
@@ -164,10 +179,13 @@ class RetrainTriggerService:
         while True:
             batches = await self._stats_consumer.getmany(timeout_ms=1000)
             changed = False
+            now = int(time.time() * 1000)
             for records in batches.values():
                 for record in records:
                     stats = self._stats_codec.decode(record.value)
-                    on_stats(self.state, stats)
+                    for request in on_stats(self.state, stats, self.policy, now):
+                        out = self._request_out(request, "alert")
+                        await self.producer.send_and_wait(out.topic, out.value, key=out.key)
                     self.book.observe(stats, self.promotion.metric)
                     changed = True
             if changed and self.promotion.enabled:

@@ -18,7 +18,18 @@ DAY_MS = 86_400_000
 
 
 @dataclass
+class PendingChange:
+    """An alert episode waiting for enough labels from after the change it signalled."""
+
+    episode: str
+    anchor_ms: int  # event time of the detection
+    alert: dict[str, Any]
+    labels: int = 0
+
+
+@dataclass
 class ModelTrigger:
+    pending: dict[str, PendingChange] = field(default_factory=dict)
     last_request_ms: int | None = None
     recent_requests_ms: deque[int] = field(default_factory=deque)
     episodes: set[str] = field(default_factory=set)
@@ -43,6 +54,7 @@ class TriggerState:
         episode = request.get("evidence", {}).get("episode")
         if episode:
             m.episodes.add(episode)
+            m.pending.pop(episode, None)
         m.labels_since_last = 0
 
 
@@ -90,16 +102,47 @@ def _record(m: ModelTrigger, request: dict[str, Any]) -> None:
     m.labels_since_last = 0
 
 
-def on_stats(state: TriggerState, stats: dict[str, Any]) -> None:
-    """Count new labels (champion, all segments, tumbling windows) and track event time."""
-    m = state.of(stats["model"])
-    m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
-    if (
+def counts_labels(stats: dict[str, Any]) -> bool:
+    """Labels are counted once: champion variant, all segments, tumbling windows."""
+    return bool(
         stats["variant"] == "champion"
         and stats["segment"] == "all"
         and stats["window_kind"] == "tumbling"
-    ):
-        m.labels_since_last += int(stats["count"])
+    )
+
+
+def on_stats(
+    state: TriggerState,
+    stats: dict[str, Any],
+    policy: RetrainPolicy | None = None,
+    now_ms: int = 0,
+    actor: str = "retrain-trigger",
+) -> list[dict[str, Any]]:
+    """Count new labels and track event time; release changes that now have enough labels."""
+    m = state.of(stats["model"])
+    m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
+    if not counts_labels(stats):
+        return []
+    m.labels_since_last += int(stats["count"])
+    ready: list[dict[str, Any]] = []
+    for change in list(m.pending.values()):
+        if int(stats["window_start"]) >= change.anchor_ms:
+            change.labels += int(stats["count"])
+        if policy is not None and change.labels >= policy.min_labels_after_change:
+            del m.pending[change.episode]
+            request = _from_alert(
+                state,
+                m,
+                change.alert,
+                change.episode,
+                policy,
+                now_ms,
+                actor,
+                window_start=change.anchor_ms,
+            )
+            if request is not None:
+                ready.append(request)
+    return ready
 
 
 def on_alert(
@@ -108,6 +151,7 @@ def on_alert(
     policy: RetrainPolicy,
     now_ms: int,
     actor: str = "retrain-trigger",
+    replay: bool = False,
 ) -> dict[str, Any] | None:
     if alert["state"] != "firing" or alert["kind"] not in policy.alert_kinds:
         return None
@@ -121,6 +165,24 @@ def on_alert(
     if episode in m.episodes:
         return None  # this episode already asked for a retrain (or its update repeats it)
     m.episodes.add(episode)
+    if policy.train_from_change:
+        m.pending[episode] = PendingChange(episode, int(alert["first_seen"]), alert)
+        return None
+    if replay:
+        return None
+    return _from_alert(state, m, alert, episode, policy, now_ms, actor)
+
+
+def _from_alert(
+    state: TriggerState,
+    m: ModelTrigger,
+    alert: dict[str, Any],
+    episode: str,
+    policy: RetrainPolicy,
+    now_ms: int,
+    actor: str,
+    window_start: int | None = None,
+) -> dict[str, Any] | None:
     blocked = _gate(m, policy, now_ms)
     if blocked:
         state.suppressed[blocked] += 1
@@ -140,6 +202,9 @@ def on_alert(
         now_ms,
         actor,
     )
+    if window_start is not None:
+        request["window_start"] = window_start
+        request["evidence"]["trained_from"] = "change"
     _record(m, request)
     return request
 

@@ -56,7 +56,9 @@ def stats(
     }
 
 
-POLICY = RetrainPolicy(min_new_labels=100, min_interval_s=600, max_per_day=2, window_s=3600)
+POLICY = RetrainPolicy(
+    min_new_labels=100, min_interval_s=600, max_per_day=2, window_s=3600, train_from_change=False
+)
 
 
 def test_one_request_per_episode_and_updates_do_not_repeat_it() -> None:
@@ -184,3 +186,22 @@ def test_re_emitted_windows_count_once_and_only_shared_windows_compare() -> None
     book.observe(stats(100, "1.1.0", "shadow", 0.9, window=1), "accuracy")
     mine, theirs = book.paired(("1.1.0", "shadow"), ("1.0.0", "champion"))
     assert (mine.labels, theirs.labels) == (100, 100) and theirs.rate == pytest.approx(0.9)
+
+
+def test_after_a_change_wait_for_labels_from_after_it_then_train_on_them() -> None:
+    policy = RetrainPolicy(min_new_labels=0, min_interval_s=0, min_labels_after_change=250)
+    state = TriggerState()
+    for w in range(5):
+        assert on_stats(state, stats(100, window=w), policy, NOW) == []
+    change_at = 5 * 60_000
+    assert on_alert(state, alert(first_seen=change_at), policy, NOW) is None  # pending
+    assert on_stats(state, stats(100, window=5), policy, NOW) == []
+    assert on_stats(state, stats(100, window=6), policy, NOW) == []
+    (request,) = on_stats(state, stats(100, window=7), policy, NOW)
+    assert request["window_start"] == change_at and request["window_end"] == 8 * 60_000
+    assert request["evidence"]["trained_from"] == "change"
+    assert on_stats(state, stats(100, window=8), policy, NOW) == []  # released once
+    rebuilt = TriggerState()
+    rebuilt.fold_request(request)
+    assert on_alert(rebuilt, alert(first_seen=change_at), policy, NOW, replay=True) is None
+    assert rebuilt.of("credit").pending == {}
