@@ -75,8 +75,14 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
         writes=("predictions", "events.rejected", "models.commands"),
     ),
     "label-join": ServiceAccess(
-        reads=("predictions", "labels"),
-        writes=("predictions.labeled", "training.examples", "labels.unmatched", "monitoring.stats"),
+        reads=("predictions", "labels", "label-join.changelog", "models.registry"),
+        writes=(
+            "predictions.labeled",
+            "training.examples",
+            "labels.unmatched",
+            "monitoring.stats",
+            "label-join.changelog",
+        ),
         keeps_state=True,
     ),
     "monitor": ServiceAccess(
@@ -93,7 +99,13 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
         watches_lag=True,
     ),
     "retrain-trigger": ServiceAccess(
-        reads=("alerts", "monitoring.stats", "retrain.requests", "models.registry", "deployments.log"),
+        reads=(
+            "alerts",
+            "monitoring.stats",
+            "retrain.requests",
+            "models.registry",
+            "deployments.log",
+        ),
         writes=("retrain.requests", "models.commands"),
         keeps_state=True,
     ),
@@ -109,7 +121,13 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
         writes=("models.artifacts", "models.commands", "retrain.results"),
     ),
     "query": ServiceAccess(
-        reads=("models.registry", "models.artifacts", "deployments.log", "alerts", "retrain.results"),
+        reads=(
+            "models.registry",
+            "models.artifacts",
+            "deployments.log",
+            "alerts",
+            "retrain.results",
+        ),
         writes=("predictions", "models.commands", "retrain.requests"),
     ),
 }

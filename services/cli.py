@@ -25,6 +25,9 @@ SERVICES = {
     "scorer": "services.scorer.service:ScorerService",
     "trainer": "services.trainer.service:TrainerService",
     "retrain-trigger": "services.retrain.service:RetrainTriggerService",
+    "monitor": "services.monitor.service:MonitorService",
+    "label-join": "services.label_join.service:LabelJoinService",
+    "query": "services.query.service:QueryService",
 }
 
 EPILOG = """examples:
@@ -127,7 +130,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         _settings(),
         DemoOptions(
-            events=args.events, invalid_share=args.invalid, keep_stack=args.keep, output=args.output
+            events=args.events,
+            invalid_share=args.invalid,
+            keep_stack=args.keep,
+            output=args.output,
+            closed_loop=args.closed_loop,
+            drift_at=args.drift_at,
+            rate=args.rate,
         ),
     )
 
@@ -136,6 +145,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     from services import cli_models
 
     return cli_models.run(args, _settings())
+
+
+def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from services.monitor.status import ALERT_COLUMNS, DRIFT_COLUMNS, format_table, monitor_status
+
+    settings.require_bootstrap()
+    status = asyncio.run(monitor_status(settings, alerts_from=args.alerts_from))
+    if args.json:
+        sys.stdout.write(orjson.dumps(status.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    print(f"open alerts ({status.alerts_source}): {len(status.alerts)}")
+    if status.alerts:
+        print(format_table(status.alerts, ALERT_COLUMNS))
+    print(f"\ndrift state: {len(status.drift)} signal(s)")
+    if status.drift:
+        print(format_table(status.drift, DRIFT_COLUMNS))
+    for note in status.notes:
+        print(f"note: {note}")
+    return 0
 
 
 def _with_settings(
@@ -178,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--invalid", type=_share, default=0.03, help="share of invalid events")
     demo.add_argument("--keep", action="store_true", help="leave the dev stack running")
     demo.add_argument("--output", default="demo-output", help="where logs and the report go")
+    demo.add_argument(
+        "--no-retrain-loop",
+        dest="closed_loop",
+        action="store_false",
+        help="only the hot path: registry, validator, scorer",
+    )
+    demo.add_argument("--drift-at", type=_positive_int, help="event where the concept changes")
+    demo.add_argument("--rate", type=float, default=800.0, help="events per second")
     demo.set_defaults(func=cmd_demo)
 
     from services import cli_models, cli_stream
@@ -185,8 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     cli_models.add_parsers(sub)
     sub.choices["models"].set_defaults(func=cmd_models)
     cli_stream.add_parsers(sub)
+    monitor = sub.add_parser(
+        "monitor",
+        help="drift state and open alerts",
+        epilog="example: scoremesh monitor status --json",
+    )
+    msub = monitor.add_subparsers(dest="action", required=True)
+    status = msub.add_parser("status", help="current drift state and open alerts as tables")
+    status.add_argument(
+        "--from",
+        dest="alerts_from",
+        choices=("topic", "redis"),
+        default="topic",
+        help="fold open alerts from the alerts topic (default) or read Redis",
+    )
+    status.add_argument("--json", action="store_true")
+    monitor.set_defaults(func=_with_settings(cmd_monitor))
     for name, handler in (
         ("events", cli_stream.cmd_events),
+        ("labels", cli_stream.cmd_labels),
         ("tail", cli_stream.cmd_tail),
         ("dlq", cli_stream.cmd_dlq),
         ("forget", cli_stream.cmd_forget),

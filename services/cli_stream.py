@@ -54,6 +54,23 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--skip-bad", action="store_true", help="send the good lines, report the bad")
     send.add_argument("--json", action="store_true", help="machine-readable summary")
 
+    labels = sub.add_parser(
+        "labels",
+        help="send ground truth to the labels topic",
+        epilog="example: scoremesh labels send labels.csv --skip-bad",
+    )
+    lsub = labels.add_subparsers(dest="action", required=True)
+    lsend = lsub.add_parser(
+        "send",
+        help="send JSON lines or CSV (event_id,value,label_time)",
+        epilog="example: scoremesh labels send labels.jsonl",
+    )
+    lsend.add_argument("file", type=Path)
+    lsend.add_argument(
+        "--skip-bad", action="store_true", help="send the good lines, report the bad"
+    )
+    lsend.add_argument("--json", action="store_true")
+
     tail = sub.add_parser(
         "tail",
         help="decode a catalog topic to JSON lines",
@@ -258,6 +275,29 @@ def _read(path: Path) -> str:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
+
+
+# --- labels send ---------------------------------------------------------------------
+
+
+def cmd_labels(args: argparse.Namespace, settings: Settings) -> int:
+    from services.label_join.labels import send_labels
+
+    settings.require_bootstrap()
+    summary = asyncio.run(send_labels(settings, args.file, skip_bad=args.skip_bad))
+    for bad in summary.bad[:20]:
+        print(f"line {bad.line}: {bad.message}", file=sys.stderr)
+    if args.json:
+        print(orjson.dumps(summary.as_dict()).decode())
+    else:
+        print(
+            f"read {summary.read}, valid {summary.valid}, sent {summary.sent}, bad {len(summary.bad)}"
+        )
+    if not summary.ok:
+        raise InputError(
+            f"{len(summary.bad)} bad line(s), nothing sent; fix them or pass --skip-bad"
+        )
+    return 0
 
 
 # --- tail ------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from services.common.kafka import (
     start_with_retry,
 )
 from services.common.settings import Settings, default_home
+from services.demo_picture import Picture, render
+from services.demo_story import Observer, markers, story, stream_with_labels
 from services.trainer.bootstrap import bootstrap
 from services.trainer.datasets import credit_events
 
@@ -53,6 +55,39 @@ class DemoOptions:
     output: str = "demo-output"
     timeout_s: float = 300.0
     quiet: bool = False
+    closed_loop: bool = True
+    drift_at: int | None = None  # default: half of ``events``
+    after_promotion: int = 3_000
+    max_events: int | None = None  # default: 3 x ``events``
+    rate: float = 800.0
+    label_delay_mean: float = 200.0
+    label_missing_share: float = 0.05
+
+    @property
+    def drift_index(self) -> int:
+        return self.drift_at if self.drift_at is not None else self.events // 2
+
+    @property
+    def max_index(self) -> int:
+        return self.max_events if self.max_events is not None else 3 * self.events
+
+
+LOOP_SERVICES = ("label-join", "monitor", "retrain-trigger", "trainer")
+# The story's clock: one event per second of event time, so windows are short enough to
+# judge a challenger within a few thousand events.
+LOOP_SETTINGS: dict[str, Any] = {
+    "label_join_tumbling_s": 300,
+    "label_join_sliding_s": 1800,
+    "label_join_grace_s": 600,
+    "label_join_publish_interval_s": 1.0,
+    "retrain_policy": {
+        "min_new_labels": 0,
+        "min_interval_s": 300,
+        "train_from_change": True,
+        "min_labels_after_change": 1500,
+    },
+    "promotion_policy": {"min_labels": 300, "canary_percent": 30, "max_labels": 8000},
+}
 
 
 class Progress:
@@ -240,18 +275,24 @@ async def _assign_more(consumer: Any, topic: str, held: list[Any]) -> list[Any]:
     return tps
 
 
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
 def start_services(
-    settings: Settings, env_overrides: dict[str, Any], logs: Path
+    settings: Settings, env_overrides: dict[str, Any], logs: Path, names: tuple[str, ...]
 ) -> dict[str, subprocess.Popen[bytes]]:
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     for key, value in env_overrides.items():
-        env[f"SCOREMESH_{key.upper()}"] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
+        env[f"SCOREMESH_{key.upper()}"] = _env_value(value)
     env["SCOREMESH_METRICS_PORT"] = "0"
     procs = {}
-    for name in DEMO_SERVICES:
+    for name in names:
         with (logs / f"{name}.log").open("wb") as log:
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "run", name],
@@ -296,7 +337,9 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     prefix = settings.topic_prefix or f"demo-{int(time.time())}."
     overrides["topic_prefix"] = prefix
     overrides["artifact_dir"] = str(out / "artifacts")
-    demo_settings = settings.model_copy(update={**overrides, "artifact_dir": out / "artifacts"})
+    if options.closed_loop:
+        overrides.update(LOOP_SETTINGS)
+    demo_settings = Settings(**{**settings.model_dump(exclude_none=True), **overrides})
     progress.say(
         f"Kafka {demo_settings.kafka_bootstrap}, Redis {demo_settings.redis_url}, "
         f"topics prefixed {prefix!r}"
@@ -304,7 +347,8 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         asyncio.run(ensure_topics(demo_settings))
-        procs = start_services(demo_settings, overrides, out / "logs")
+        names = DEMO_SERVICES + (LOOP_SERVICES if options.closed_loop else ())
+        procs = start_services(demo_settings, overrides, out / "logs", names)
         progress.say("started: " + ", ".join(f"{n} (pid {p.pid})" for n, p in procs.items()))
         report = asyncio.run(_loop(demo_settings, options, progress, procs))
     finally:
@@ -314,7 +358,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     report["service_exit_codes"] = codes
     (out / "report.json").write_text(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     print_report(report, out)
-    return 0 if report["accounted"] else 1
+    return 0 if report["accounted"] and report.get("loop_closed", True) else 1
 
 
 async def _loop(
@@ -330,12 +374,55 @@ async def _loop(
     progress.say("training credit@1.0.0 on River's Agrawal generator and registering it ...")
     result = await bootstrap(settings, actor="demo")
     progress.say(result.message + (f"  holdout {_fmt(result.metrics)}" if result.metrics else ""))
-    produced = await produce_events(settings, options.events, options.invalid_share, progress)
-    progress.say(
-        f"produced {produced.total} events in {produced.finished - produced.started:.1f}s "
-        f"({produced.total - produced.valid_expected} deliberately invalid)"
-    )
-    acc = await account(settings, produced, progress, options.timeout_s, procs)
+    observer = Observer(settings)
+    stop_observer = asyncio.Event()
+    following = asyncio.create_task(observer.follow(stop_observer))
+    try:
+        if options.closed_loop:
+            progress.say(
+                f"streaming at {options.rate:.0f} events/s; labels arrive ~{options.label_delay_mean:.0f} "
+                f"events late ({options.label_missing_share:.0%} never); the concept changes at event "
+                f"{options.drift_index}; the stream goes on until a retrained version is promoted"
+            )
+            stream_stats = await stream_with_labels(
+                settings,
+                observer,
+                seed=DEMO_SEED,
+                minimum=options.events,
+                drift_at=options.drift_index,
+                after_promotion=options.after_promotion,
+                maximum=options.max_index,
+                rate=options.rate,
+                invalid_share=options.invalid_share,
+                label_delay_mean=options.label_delay_mean,
+                label_missing_share=options.label_missing_share,
+                closed_loop=True,
+                invalid_value=invalid_value,
+                invalid_kinds=INVALID_KINDS,
+                progress=progress,
+            )
+            by_kind: Counter[str] = Counter(stream_stats.by_kind)
+            produced = Produced(
+                stream_stats.produced,
+                by_kind["valid"],
+                by_kind,
+                stream_stats.started,
+                stream_stats.finished,
+            )
+        else:
+            produced = await produce_events(
+                settings, options.events, options.invalid_share, progress
+            )
+        progress.say(
+            f"produced {produced.total} events in {produced.finished - produced.started:.1f}s "
+            f"({produced.total - produced.valid_expected} deliberately invalid)"
+        )
+        acc = await account(settings, produced, progress, options.timeout_s, procs)
+        if options.closed_loop:
+            await _settle(observer)
+    finally:
+        stop_observer.set()
+        await following
     dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
     settled = len(acc.valid) + len(acc.rejected)
     unscored = acc.valid - set(acc.scored)
@@ -346,7 +433,7 @@ async def _loop(
     }
     elapsed = max(acc.last_prediction_ts - produced.started, 1e-9)
     lat = np.array(acc.latencies_ms) if acc.latencies_ms else np.zeros(1)
-    return {
+    report: dict[str, Any] = {
         "accounted": settled == produced.total and not unscored and not dead and not wrong,
         "produced": produced.total,
         "produced_by_kind": dict(produced.by_kind),
@@ -367,10 +454,92 @@ async def _loop(
         "topic_prefix": settings.topic_prefix,
         "kafka_bootstrap": settings.kafka_bootstrap,
     }
+    if options.closed_loop:
+        told = story(observer, options.drift_index, produced.total)
+        report["story"] = told
+        report["loop_closed"] = observer.promoted_version is not None
+        picture = Picture(
+            title=f"scoremesh demo: {settings.model_name}, drift injected at event {options.drift_index}",
+            series=observer.rolling(),
+            markers=markers(observer, options.drift_index),
+            signals=[
+                {
+                    "index": observer.index_of(a["first_seen"]),
+                    "signal": a["alert_key"],
+                    "severity": a["severity"],
+                }
+                for a in observer.alerts
+                if a["state"] == "firing"
+            ],
+            notes=told["deployment_history"],
+        )
+        path = Path(options.output) / "demo.html"
+        path.write_text(render(picture))
+        report["picture"] = str(path)
+    return report
+
+
+async def _settle(observer: Observer, quiet_s: float = 3.0, limit_s: float = 30.0) -> None:
+    """Wait until labelled predictions stop arriving (labels trail the stream)."""
+    deadline = time.monotonic() + limit_s
+    last = -1
+    while time.monotonic() < deadline:
+        count = sum(len(v) for v in observer.correct.values())
+        if count == last:
+            return
+        last = count
+        await asyncio.sleep(quiet_s)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
+def _accuracy(part: dict[str, Any] | None) -> str:
+    if not part or part["accuracy"] is None:
+        return "n/a"
+    return f"{part['accuracy']:.3f} ({part['version']}, {part['labels']} labels)"
+
+
+def _print_story(report: dict[str, Any], told: dict[str, Any]) -> None:
+    print("\nthe closed loop")
+    print("---------------")
+    print(f"drift injected at event   {told['drift_injected_at']}")
+    print(f"accuracy before drift     {_accuracy(told['accuracy_before_drift'])}")
+    print(f"accuracy after drift      {_accuracy(told['accuracy_after_drift'])}")
+    if told.get("accuracy_after_promotion"):
+        print(f"accuracy after promotion  {_accuracy(told['accuracy_after_promotion'])}")
+    if told.get("old_champion_on_same_events"):
+        print(f"  (old champion, same events: {_accuracy(told['old_champion_on_same_events'])})")
+    det = told.get("detection")
+    print(
+        "drift detected            "
+        + (
+            f"at event {det['index']}, {det['delay_events']} events after the change ({det['alert_key']})"
+            if det
+            else "not detected"
+        )
+    )
+    for r in told["retrain_requests"]:
+        print(f"retrain requested         at event {r['seen_at_index']}: {r['reason'][:80]}")
+        print(
+            f"                          training window: events {r['window'][0]}-{r['window'][1]}"
+        )
+    for r in told["retrain_results"]:
+        line = f"retrain {r['status']:<17} {r['detail'][:80]}"
+        if r["candidate_accuracy"] is not None:
+            line += (
+                f"; recent window accuracy {r['candidate_accuracy']:.3f} vs champion "
+                f"{r['champion_accuracy']:.3f}"
+            )
+        print(line)
+    print("deployment history:")
+    for line in told["deployment_history"]:
+        print(f"  {line[:150]}")
+    if report.get("picture"):
+        print(f"picture: {report['picture']}")
+    if not report.get("loop_closed"):
+        print("the loop did NOT close: no retrained version was promoted (see the service logs)")
 
 
 def print_report(report: dict[str, Any], out: Path) -> None:
@@ -397,6 +566,9 @@ def print_report(report: dict[str, Any], out: Path) -> None:
         print(f"duplicates (at-least-once, deduplicated above): {report['duplicates']}")
     if report["services_died"]:
         print(f"services that died: {report['services_died']} (see {out / 'logs'})")
+    told = report.get("story")
+    if told:
+        _print_story(report, told)
     verdict = (
         "every event accounted for" if report["accounted"] else "NOT every event accounted for"
     )

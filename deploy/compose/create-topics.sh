@@ -20,6 +20,7 @@ create predictions --partitions 6 --replication-factor 1 --config cleanup.policy
 create labels --partitions 6 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=2592000000
 create labels.unmatched --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=2592000000
 create predictions.labeled --partitions 6 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
+create label-join.changelog --partitions 6 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 create training.examples --partitions 6 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=15552000000
 create monitoring.stats --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
 create alerts --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
@@ -30,4 +31,4 @@ create models.registry --partitions 1 --replication-factor 1 --config cleanup.po
 create models.artifacts --partitions 1 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=2097152 --config min.insync.replicas=1 --config retention.ms=-1
 create deployments.log --partitions 1 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 
-echo "topics ready: 16 catalog topics on $bootstrap"
+echo "topics ready: 17 catalog topics on $bootstrap"

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from services.common.kafka import make_consumer, start_with_retry
+from services.common.kafka import make_consumer, send_records, start_with_retry
 from services.common.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_IN, EVENTS_OUT, KAFKA_UP
 from services.common.settings import Settings
 
@@ -119,9 +119,8 @@ class BatchLoop:
         for tp, part in batches.items():
             EVENTS_IN.labels(self.service, tp.topic).inc(len(part))
         outs = await self.process(records)
-        futures = [await self.producer.send(o.topic, o.value, key=o.key) for o in outs]
-        if futures:
-            await asyncio.gather(*futures)
+        if outs:
+            await send_records(self.producer, ((o.topic, None, o.key, o.value) for o in outs))
         per_topic: dict[str, int] = {}
         for o in outs:
             per_topic[o.topic] = per_topic.get(o.topic, 0) + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
@@ -19,6 +20,7 @@ import orjson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from services.common.avro_writer import UnsupportedSchema, compile_encoder
 from services.common.catalog import schemas_dir, topic_spec
 
 MAGIC = b"\xc3\x01"
@@ -58,6 +60,7 @@ class SchemaVersion:
     version: int
     parsed: dict[str, Any]
     fingerprint: bytes  # 8 bytes, little-endian as on the wire
+    raw: dict[str, Any]  # the .avsc as written, for the compiled writer
 
 
 def _fingerprint(parsed: dict[str, Any]) -> bytes:
@@ -71,11 +74,15 @@ def all_schema_versions() -> dict[str, list[SchemaVersion]]:
         match = _FILE_RE.match(path.name)
         if not match:
             raise CodecError(f"{path.name}: schema files are named <Name>.v<N>.avsc")
-        parsed = parse_schema(json.loads(path.read_text()), _write_hint=False)
-        if not isinstance(parsed, dict):
+        raw = json.loads(path.read_text())
+        # The fingerprint comes from the plain parse; encoding and decoding use the default
+        # parse, whose write hint spares fastavro a re-parse on every call (~35% faster).
+        plain = parse_schema(raw, _write_hint=False)
+        parsed = parse_schema(raw)
+        if not isinstance(parsed, dict) or not isinstance(plain, dict):
             raise CodecError(f"{path.name}: a top-level schema must be a record")
         found.setdefault(match["name"], []).append(
-            SchemaVersion(match["name"], int(match["version"]), parsed, _fingerprint(parsed))
+            SchemaVersion(match["name"], int(match["version"]), parsed, _fingerprint(plain), raw)
         )
     for versions in found.values():
         versions.sort(key=lambda v: v.version)
@@ -93,15 +100,23 @@ class AvroCodec:
         self.current = versions[-1]
         self._header = MAGIC + self.current.fingerprint
         self._writers = {v.fingerprint: v.parsed for v in versions}
+        try:
+            self._fast: Callable[[Any], bytes] | None = compile_encoder(
+                self.current.raw, self._header
+            )
+        except UnsupportedSchema:
+            self._fast = None
 
     def encode(self, record: dict[str, Any]) -> bytes:
-        buf = io.BytesIO()
-        buf.write(self._header)
         try:
+            if self._fast is not None:
+                return self._fast(record)
+            buf = io.BytesIO()
+            buf.write(self._header)
             schemaless_writer(buf, self.current.parsed, record)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise EncodeError(f"{self.name}: cannot encode record: {exc}") from exc
-        return buf.getvalue()
+            return buf.getvalue()
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            raise EncodeError(f"{self.name}: cannot encode record: {exc!r}") from exc
 
     def decode(self, data: bytes) -> dict[str, Any]:
         if data[:2] != MAGIC:

@@ -151,7 +151,7 @@ class CheckedEvent:
 MAX_ID_LEN = 256
 
 
-def _event_time_ms(value: Any) -> int | None:
+def event_time_ms(value: Any) -> int | None:
     """Epoch milliseconds from a number (ms) or an ISO-8601 string."""
     if isinstance(value, bool):
         return None
@@ -222,7 +222,7 @@ class RuleSet:
                     f"entity_id must be a printable string of 1-{MAX_ID_LEN} chars",
                 )
             )
-        event_time = _event_time_ms(raw.get("event_time"))
+        event_time = event_time_ms(raw.get("event_time"))
         if event_time is None:
             rejections.append(
                 _v(

@@ -7,6 +7,7 @@ helpers that are correct on any broker; product logic never special-cases tansu.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
 
 from services.common.catalog import TopicSpec, catalog
 from services.common.settings import Settings
@@ -237,3 +239,48 @@ async def true_end_offsets(
         ends.setdefault(tp, approx[tp])
         consumer.seek(tp, ends[tp])
     return ends
+
+
+# One BatchBuilder per partition instead of a send() per record: ~2 µs of client CPU per
+# record instead of ~9 (embedded broker, 300-byte records). Keyed records are placed exactly
+# as send() would place them (murmur2, the Java client's partitioner), so co-partitioning
+# holds; records without a key are spread round-robin.
+_spread = itertools.count()
+
+
+async def send_records(
+    producer: AIOKafkaProducer,
+    records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
+) -> int:
+    """Send (topic, partition or None, key, value) records and wait for every acknowledgement.
+
+    Order is kept within each partition. Returns the number of records sent.
+    """
+    partitions: dict[str, list[int]] = {}
+    open_batches: dict[tuple[str, int], Any] = {}
+    futures: list[asyncio.Future[Any]] = []
+    count = 0
+    for topic, partition, key, value in records:
+        if partition is None:
+            known = partitions.get(topic)
+            if known is None:
+                known = partitions[topic] = sorted(await producer.partitions_for(topic))
+            if key is None:
+                partition = known[next(_spread) % len(known)]
+            else:
+                partition = known[(murmur2(key) & 0x7FFFFFFF) % len(known)]
+        tp = (topic, partition)
+        batch = open_batches.get(tp)
+        if batch is None:
+            batch = open_batches[tp] = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            batch = open_batches[tp] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"{topic}: a record larger than the producer's batch size")
+        count += 1
+    for (topic, partition), batch in open_batches.items():
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    if futures:
+        await asyncio.gather(*futures)
+    return count

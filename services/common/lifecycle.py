@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -40,6 +41,10 @@ async def serve(make: Callable[[], Service], settings: Settings) -> int:
     exit_code = 0
     try:
         await service.start()
+        # Start-up objects (models, schemas, libraries) live for the whole process: move them
+        # out of the collector's way so full collections stop adding 10-20 ms to the tail.
+        gc.collect()
+        gc.freeze()
         log.info("service started", extra={"topic_prefix": settings.topic_prefix})
         await service.run(stop)
     except Exception:

@@ -21,13 +21,16 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# ARGV: prefix, ttl, cap, then per prediction: event_id, entity_id, variant, event_time, json
+# ARGV: prefix, ttl, cap, a JSON array of [event_id, entity_id, variant, event_time] per
+# prediction, then each prediction's JSON body (stored as sent: no float re-formatting).
+# Few, large arguments keep the client's command packing cheap.
 _WRITE_BATCH = """
 local prefix, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local meta = cjson.decode(ARGV[4])
 local written = 0
-for i = 4, #ARGV, 5 do
-  local event_id, entity_id, variant = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local event_time, body = tonumber(ARGV[i + 3]), ARGV[i + 4]
+for n, m in ipairs(meta) do
+  local event_id, entity_id, variant, event_time = m[1], m[2], m[3], tonumber(m[4])
+  local body = ARGV[4 + n]
   local pkey = prefix .. 'pred:' .. event_id
   local held = redis.call('HGET', pkey, 't:' .. variant)
   if (not held) or tonumber(held) <= event_time then
@@ -66,13 +69,16 @@ class QueryStore:
         """Write a batch; returns how many were written, 0 (counted as skipped) on failure."""
         if not predictions:
             return 0
+        meta = orjson.dumps(
+            [(p["event_id"], p["entity_id"], p["variant"], p["event_time"]) for p in predictions]
+        )
         args: list[Any] = [
             self.prefix,
             self.settings.redis_prediction_ttl_s,
             self.settings.redis_entity_cap,
+            meta,
+            *map(orjson.dumps, predictions),
         ]
-        for p in predictions:
-            args += [p["event_id"], p["entity_id"], p["variant"], p["event_time"], orjson.dumps(p)]
         try:
             written = int(await self._write(keys=[], args=args))
         except (RedisError, OSError) as exc:

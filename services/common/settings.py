@@ -21,6 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from services.monitor.policy import MonitorPolicy
 from services.retrain.policy import PromotionPolicy, RetrainPolicy
 
 ENV_PREFIX = "SCOREMESH_"
@@ -124,6 +125,26 @@ class Settings(BaseSettings):
     retrain_policy: RetrainPolicy = Field(default_factory=RetrainPolicy)
     promotion_policy: PromotionPolicy = Field(default_factory=PromotionPolicy)
 
+    # --- Label join (event-time windows, seconds) ----------------------------------
+    label_join_window_s: float = Field(
+        7 * 86400, gt=0, description="how long a prediction waits for its label"
+    )
+    label_join_grace_s: float = Field(3600, ge=0, description="lateness allowed past a window")
+    label_join_tumbling_s: float = Field(3600, gt=0, description="metric window length")
+    label_join_sliding_s: float = Field(
+        86400, gt=0, description="sliding metric window (tumbling multiple)"
+    )
+    label_join_marker_s: float = Field(
+        7 * 86400, ge=0, description="remember expired events (too_late)"
+    )
+    label_join_publish_interval_s: float = Field(2.0, gt=0, description="monitoring.stats cadence")
+
+    # --- Monitoring and alerting -----------------------------------------------------
+    monitor_policy: MonitorPolicy = Field(default_factory=MonitorPolicy)
+    monitor_webhook_url: str | None = Field(None, description="generic JSON webhook for alerts")
+    monitor_slack_webhook_url: SecretStr | None = None
+    monitor_pagerduty_routing_key: SecretStr | None = None
+
     # --- Hot path --------------------------------------------------------------------
     batch_max_records: int = Field(512, ge=1, le=100_000)
     batch_timeout_ms: int = Field(20, ge=0, le=10_000)
@@ -137,6 +158,25 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = Field(8080, ge=0, le=65535)
     api_token: SecretStr | None = None
+    api_max_batch: int = Field(256, ge=1, le=10_000, description="events in one predict body")
+    api_max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger bodies get 413")
+    api_request_timeout_s: float = Field(10.0, gt=0, description="a slower request gets 504")
+    api_batch_max_size: int = Field(64, ge=1, le=4096, description="events per ONNX call")
+    api_batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="wait for batch-mates")
+    api_require_token_for_reads: bool = False
+    api_publish_max_inflight: int = Field(
+        20_000,
+        ge=1,
+        description="sync predictions awaiting Kafka; beyond it they are dropped (counted)",
+    )
+    api_publish_wait_ms: float = Field(50.0, ge=0, description="how long a request waits for room")
+    api_publish_linger_ms: float = Field(
+        5.0, ge=0, description="gather before one Kafka/Redis round"
+    )
+    api_cors_origins: list[str] = Field(default_factory=list, description="empty = CORS off")
+    api_history_cache_s: float = Field(5.0, ge=0)
+    api_command_timeout_s: float = Field(30.0, gt=0, description="wait for the registry's answer")
+    api_access_log: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("kafka_bootstrap", "redis_url")
@@ -144,7 +184,14 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("api_token", "kafka_sasl_password", mode="before")
+    @field_validator(
+        "api_token",
+        "kafka_sasl_password",
+        "monitor_slack_webhook_url",
+        "monitor_pagerduty_routing_key",
+        "monitor_webhook_url",
+        mode="before",
+    )
     @classmethod
     def _blank_secret_is_unset(cls, value: object) -> object:
         # `SCOREMESH_API_TOKEN=` must disable mutating routes, not set an empty token.

@@ -166,6 +166,10 @@ def on_alert(
         return None  # this episode already asked for a retrain (or its update repeats it)
     m.episodes.add(episode)
     if policy.train_from_change:
+        if m.pending:
+            # Another signal of a change already waiting for labels: the same episode.
+            state.suppressed["change_pending"] += 1
+            return None
         m.pending[episode] = PendingChange(episode, int(alert["first_seen"]), alert)
         return None
     if replay:

@@ -12,10 +12,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services.common.artifacts import ArtifactError, fetch_artifact
+from services.common.featurespec import RuleSet
 from services.common.metrics import ACTIVE_VERSION, MODEL_LOAD_FAILURES
 from services.common.model_version import ModelVersion
 from services.common.onnx_model import LoadedModel, ModelLoadError, load_model
 from services.common.registry_view import RegistryState
+from services.common.rulesets import rule_set_version
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,3 +116,17 @@ class ModelHolder:
         live = {m.key for m in ([champion] if champion else [])} | {m.key for m, _ in challengers}
         self._loaded = {k: m for k, m in self._loaded.items() if m.key in live}
         self.changed.set()
+
+
+def serving_rule_set(serving: ServingSet, state: RegistryState) -> RuleSet | None:
+    """The rule set for exactly the versions a serving set scores with.
+
+    Built from the loaded models rather than the registry, so an event is never checked
+    against a version that is not loaded yet; names use the registry's current records.
+    """
+    champion = serving.champion
+    if champion is None:
+        return None
+    loaded = [champion.version, *(mv for _, mv in serving.challengers)]
+    named = [state.versions.get(v.key, v) for v in loaded]
+    return RuleSet([v.feature_spec for v in loaded], rule_set_version(named))

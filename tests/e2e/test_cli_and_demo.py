@@ -49,7 +49,9 @@ def test_dev_up_is_idempotent_and_down_stops_what_it_started(tmp_path: Path) -> 
 
 def test_demo_accounts_for_every_event(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = scoremesh(["demo", "--events", "2000", "--output", str(out)], tmp_path)
+    result = scoremesh(
+        ["demo", "--events", "2000", "--no-retrain-loop", "--output", str(out)], tmp_path
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["accounted"] is True

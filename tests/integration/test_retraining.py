@@ -72,7 +72,7 @@ async def test_retrain_on_drifted_data_registers_a_better_version_in_shadow(
 
 
 async def test_too_little_data_is_a_clear_rejection(settings: Settings, trained_model: Any) -> None:
-    start, end = await drifted_examples(settings, 100)
+    _, end = await drifted_examples(settings, 100)
     async with Running(RegistryService(settings)):
         assert (await register_model(settings, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
         async with Running(TrainerService(settings)):

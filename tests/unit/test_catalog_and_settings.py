@@ -24,6 +24,7 @@ DESIGN_TOPICS = {
     "alerts",
     "retrain.requests",
     "retrain.results",
+    "label-join.changelog",
     "models.commands",
     "models.registry",
     "models.artifacts",

@@ -18,7 +18,7 @@ from tests.contract.samples import SAMPLES
 
 def test_every_topic_value_has_a_schema_and_every_schema_a_sample() -> None:
     names = set(all_schema_versions())
-    assert {spec.value for spec in catalog().values()} <= names
+    assert {spec.value for spec in catalog().values() if "avro" in spec.value_formats} <= names
     assert names == set(SAMPLES)
 
 

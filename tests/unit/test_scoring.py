@@ -104,3 +104,24 @@ def test_canary_guard_judges_latency_and_waits_for_a_sample() -> None:
         same.observe("c@1", 50, failed=False, inference_ms=1.0)
         same.observe("c@2", 50, failed=False, inference_ms=1.2)
     assert same.judge("c@1", ["c@2"]) == []
+
+
+def test_a_canary_that_fails_a_batch_serves_nobody_and_the_champion_decides(
+    models: tuple[Any, Any],
+) -> None:
+    champion, canary = models
+
+    class Broken:
+        key = canary.key
+        classes = canary.classes
+
+        class vectoriser:
+            @staticmethod
+            def transform(rows: Any) -> Any:
+                raise RuntimeError("onnxruntime exploded")
+
+    serving = ServingSet(champion, ((Broken(), canary.version),))  # type: ignore[arg-type]
+    result = score_events(serving, events(200), "stream", time.perf_counter())
+    assert result.challenger_errors == {"credit@1.1.0": "onnxruntime exploded"}
+    assert {p["variant"] for p in result.predictions} == {"champion"}
+    assert all(p["served"] for p in result.predictions)

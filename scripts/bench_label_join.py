@@ -1,0 +1,792 @@
+"""Label-join benchmark on the embedded stack: does the join keep up with the scorer?
+
+One run, on one broker, in phases (each phase its own topic prefix unless it reuses data):
+
+1. scorer - N checked events are pre-produced into events.valid; the scorer (in-process, with
+   the Redis query store, a bootstrapped champion) drains them into predictions: the rate
+   the label join has to keep up with.
+2. join, one process - the scorer's N predictions plus labels for ~90 % of them (5 % sent
+   twice, 3 % corrected, shuffled) are consumed by LabelJoinService in-process (Redis stats
+   store, changelog on the broker). Timed from its first batch to every input committed
+   (the service commits only after outputs and changelog are acknowledged); outputs counted.
+3. join, one and two processes - the same inputs on a fresh prefix, one label-join process
+   (6 partitions), then two in one consumer group (3 partitions each), as subprocesses started
+   before the inputs exist, timed by their committed offsets.
+4. label-to-metric latency - predictions already joined; labels sent at a fixed rate; each
+   label's latency is from its send to the first monitoring.stats record whose labelled count
+   includes it (publish interval shown in the result).
+5. state size - the changelog's bytes per entry, and the memory one entry takes once
+   restored (tracemalloc), plus the restore rate.
+
+    python scripts/bench_label_join.py --events 30000 [--output bench-results/label_join.json]
+"""
+
+# ruff: noqa: E402 - SCOREMESH_HOME must be set before anything from services is imported
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+BENCH_HOME = Path(tempfile.mkdtemp(prefix="scoremesh-bench-lj-"))
+os.environ["SCOREMESH_HOME"] = str(BENCH_HOME)
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import redis
+from aiokafka import TopicPartition
+
+from services.common.batchloop import BatchLoop, Out, ProcessFn, Record
+from services.common.catalog import catalog
+from services.common.codec import codec
+from services.common.devstack import DevStack
+from services.common.featurespec import RuleSet
+from services.common.kafka import (
+    assign_all,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    read_to_end,
+    start_with_retry,
+)
+from services.common.lifecycle import Service
+from services.common.settings import Settings
+from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
+from services.label_join.service import CHANGELOG, LabelJoinService, changelog_spec
+from services.registry.service import RegistryService
+from services.scorer.service import ScorerService
+from services.trainer.bootstrap import bootstrap
+from services.trainer.datasets import CREDIT_SPEC, credit_events
+
+log = logging.getLogger("bench_label_join")
+SEED = 2027
+KeyValue = tuple[bytes | None, bytes]
+CONFIG = JoinConfig(window_ms=7 * DAY_MS, grace_ms=HOUR_MS, tumbling_ms=HOUR_MS, sliding_ms=DAY_MS)
+ROOT = Path(__file__).resolve().parent.parent
+SETTLE_S = 15.0  # > 2 x the dev session timeout: a consumer group with both members
+
+
+def say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# --- Kafka helpers ------------------------------------------------------------------------
+
+
+async def produce(settings: Settings, topic: str, items: Iterable[KeyValue]) -> int:
+    producer = make_producer(settings, max_request_size=8 * 1024 * 1024)
+    await start_with_retry(producer.start, "bench-producer", settings)
+    futures: list[asyncio.Future[Any]] = []
+    count = 0
+    try:
+        for key, value in items:
+            futures.append(await producer.send(settings.topic(topic), value, key=key))
+            count += 1
+            if len(futures) >= 5000:
+                await asyncio.gather(*futures)
+                futures.clear()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return count
+
+
+async def read_all(settings: Settings, name: str) -> list[tuple[bytes | None, bytes]]:
+    consumer = make_consumer(settings, group_id=None, max_poll_records=5000)
+    await start_with_retry(consumer.start, "bench-reader", settings)
+    out: list[tuple[bytes | None, bytes]] = []
+    try:
+        tps = await assign_all(consumer, settings.topic(name))
+        await read_to_end(consumer, tps, lambda r: out.append((r.key, r.value or b"")), 300)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def phase_settings(base: Settings, run_id: str, phase: str) -> Settings:
+    return base.model_copy(update={"topic_prefix": f"bench-{run_id}.{phase}."})
+
+
+async def create_topics(settings: Settings) -> None:
+    await ensure_topics(settings, [*catalog().values(), changelog_spec()])
+
+
+@contextlib.asynccontextmanager
+async def running(service: Service) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    await service.start()
+    task = asyncio.create_task(service.run(stop), name=f"{service.name}-run")
+    try:
+        yield task
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(service.stop(), 30)
+
+
+def check_alive(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        if task.done():
+            exc = None if task.cancelled() else task.exception()
+            raise RuntimeError(f"{task.get_name()} stopped early") from exc
+
+
+class Probe:
+    """First batch time and inputs per batch; BatchLoop.batches counts committed batches."""
+
+    def __init__(self, loop: BatchLoop) -> None:
+        self.loop = loop
+        self.first: float | None = None
+        self.cumulative = [0]
+        self._inner: ProcessFn = loop.process
+        loop.process = self._process
+
+    async def _process(self, records: list[Record]) -> list[Out]:
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.cumulative.append(self.cumulative[-1] + len(records))
+        return await self._inner(records)
+
+    def committed(self) -> int:
+        return self.cumulative[min(self.loop.batches, len(self.cumulative) - 1)]
+
+
+async def drain_time(probe: Probe, total: int, task: asyncio.Task[None], timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while probe.committed() < total:
+        check_alive(task)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{probe.committed()}/{total} committed after {timeout_s:.0f}s")
+        await asyncio.sleep(0.002)
+    assert probe.first is not None
+    return time.perf_counter() - probe.first
+
+
+async def bootstrap_champion(settings: Settings) -> None:
+    async with running(RegistryService(settings)) as registry:
+        work = asyncio.ensure_future(asyncio.to_thread(asyncio.run, bootstrap(settings, "bench")))
+        while not work.done():
+            check_alive(registry)
+            await asyncio.wait({work}, timeout=0.5)
+    say(f"  {work.result().message}")
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": round(float(np.percentile(arr, q)), 1) for q in (50, 90, 99)} | {
+        "max": round(float(arr.max()), 1)
+    }
+
+
+# --- workloads ----------------------------------------------------------------------------
+
+
+def checked_events(n: int) -> tuple[list[KeyValue], dict[str, tuple[str, int]]]:
+    """events.valid records, and each event's (true label, event_time)."""
+    rules = RuleSet([CREDIT_SPEC], "credit@1.0.0#g2")
+    event_codec = codec("Event")
+    out: list[KeyValue] = []
+    truth: dict[str, tuple[str, int]] = {}
+    for event, y in credit_events(n, seed=SEED):
+        checked = rules.check(event)
+        assert checked.event is not None
+        out.append((event["entity_id"].encode(), event_codec.encode(checked.event)))
+        truth[event["event_id"]] = (y, event["event_time"])
+    return out, truth
+
+
+def label_stream(truth: dict[str, tuple[str, int]], seed: int = SEED) -> list[KeyValue]:
+    """~90 % of events labelled after a random delay; 5 % twice; 3 % corrected; shuffled."""
+    rng = random.Random(seed)
+    label_codec = codec("Label")
+    out: list[KeyValue] = []
+    for event_id, (y, t) in truth.items():
+        r = rng.random()
+        if r < 0.10:
+            continue
+        delay = int(rng.expovariate(1 / 600_000))  # mean 10 minutes
+        lab = {"event_id": event_id, "value": y, "label_time": t + delay}
+        key = event_id.encode()
+        if r < 0.13:  # a wrong first label, corrected later
+            wrong = {**lab, "value": "1" if y == "0" else "0", "label_time": t + delay // 2}
+            out.append((key, label_codec.encode(wrong)))
+        out.append((key, label_codec.encode(lab)))
+        if 0.13 <= r < 0.18:
+            out.append((key, label_codec.encode({**lab, "label_time": t + delay + 1000})))
+    rng.shuffle(out)
+    return out
+
+
+# --- phases -------------------------------------------------------------------------------
+
+
+async def scorer_phase(
+    settings: Settings, events: list[KeyValue], timeout_s: float
+) -> dict[str, Any]:
+    await create_topics(settings)
+    n = await produce(settings, "events.valid", events)
+    await bootstrap_champion(settings)
+    service = ScorerService(settings)
+    probe = Probe(service.loop)
+    async with running(service) as task:
+        elapsed = await drain_time(probe, n, task, timeout_s)
+    return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed, 1)}
+
+
+async def join_phase(
+    settings: Settings, labels: list[KeyValue], n_predictions: int, timeout_s: float
+) -> dict[str, Any]:
+    n_labels = await produce(settings, "labels", labels)
+    service = LabelJoinService(settings, CONFIG)
+    probe = Probe(service.loop)
+    total = n_predictions + n_labels
+    async with running(service) as task:
+        elapsed = await drain_time(probe, total, task, timeout_s)
+        counts = dict(service.core.counts)
+        entries = service.core.pending_entries
+        # CPU of the join logic alone (no Kafka): one more pass over fresh state
+    outputs = {
+        name: len(await read_all(settings, name))
+        for name in ("predictions.labeled", "training.examples", "labels.unmatched", CHANGELOG)
+    }
+    joined_rows = counts.get("joined", 0)
+    return {
+        "predictions": n_predictions,
+        "labels": n_labels,
+        "inputs": total,
+        "seconds": round(elapsed, 3),
+        "input_events_per_s": round(total / elapsed, 1),
+        "prediction_events_per_s": round(n_predictions / elapsed, 1),
+        "joined_rows_per_s": round(joined_rows / elapsed, 1),
+        "batches": service.loop.batches,
+        "counts": {k: counts[k] for k in sorted(counts)},
+        "state_entries": entries,
+        "outputs": outputs,
+    }
+
+
+async def core_cost(predictions: list[KeyValue], labels: list[KeyValue]) -> dict[str, float]:
+    """CPU µs per input of JoinCore.process alone, batches of 512, fresh state."""
+    from aiokafka import ConsumerRecord
+
+    from services.label_join.join import JoinCore, OutputTopics, VersionCatalog
+
+    def records(topic: str, items: list[KeyValue]) -> list[Record]:
+        return [
+            ConsumerRecord(topic, 0, i, 0, 0, k, v, None, len(k or b""), len(v), [])
+            for i, (k, v) in enumerate(items)
+        ]
+
+    core = JoinCore(CONFIG, VersionCatalog("credit"), OutputTopics("l", "t", "u"))
+    core.restore(0, [])
+    preds, labs = records("predictions", predictions), records("labels", labels)
+    started = time.process_time()
+    changelog = 0
+    for i in range(0, len(preds), 512):
+        changelog += len(core.process(preds[i : i + 512], []).changelog)
+    p_cost = (time.process_time() - started) / len(preds) * 1e6
+    started = time.process_time()
+    for i in range(0, len(labs), 512):
+        changelog += len(core.process([], labs[i : i + 512]).changelog)
+    l_cost = (time.process_time() - started) / len(labs) * 1e6
+    return {"prediction_us": round(p_cost, 2), "label_us": round(l_cost, 2)}
+
+
+TWO_PROCESS_CODE = """
+import sys
+from services.common.lifecycle import run_service
+from services.common.settings import Settings
+from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
+from services.label_join.service import LabelJoinService
+
+settings = Settings()
+config = JoinConfig(window_ms=7 * DAY_MS, grace_ms=HOUR_MS, tumbling_ms=HOUR_MS, sliding_ms=DAY_MS)
+sys.exit(run_service("label-join", lambda: LabelJoinService(settings, config), settings))
+"""
+
+
+class CommitWatcher:
+    """Polls a consumer group's committed offsets (one consumer, started once)."""
+
+    def __init__(self, settings: Settings, tps: list[TopicPartition]) -> None:
+        self.settings = settings
+        self.tps = tps
+        self.consumer = make_consumer(
+            settings, group_id=f"{settings.topic_prefix}scoremesh-label-join"
+        )
+
+    async def __aenter__(self) -> CommitWatcher:
+        await start_with_retry(self.consumer.start, "bench-offsets", self.settings)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def total(self) -> int:
+        return sum([(await self.consumer.committed(tp)) or 0 for tp in self.tps])
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spawn_label_join(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_CODE],
+            cwd=ROOT,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def process_phase(
+    settings: Settings,
+    processes: int,
+    predictions: list[KeyValue],
+    labels: list[KeyValue],
+    timeout_s: float,
+) -> dict[str, Any]:
+    await create_topics(settings)
+    total = len(predictions) + len(labels)
+    tps = [
+        TopicPartition(settings.topic(t), p)
+        for t in ("predictions", "labels")
+        for p in range(catalog()[t].partitions)
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
+    env |= {
+        "SCOREMESH_HOME": str(BENCH_HOME),
+        "SCOREMESH_IGNORE_DEV_STACK": "1",
+        "SCOREMESH_METRICS_PORT": "0",
+        "SCOREMESH_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    for name in (
+        "kafka_bootstrap",
+        "redis_url",
+        "topic_prefix",
+        "redis_key_prefix",
+        "kafka_idempotence",
+        "kafka_fetch_max_wait_ms",
+        "kafka_session_timeout_ms",
+        "kafka_heartbeat_interval_ms",
+        "kafka_rebalance_timeout_ms",
+    ):
+        env[f"SCOREMESH_{name.upper()}"] = str(getattr(settings, name))
+    logs = BENCH_HOME / f"{processes}-process.log"
+    procs = [spawn_label_join(env, logs) for _ in range(processes)]
+    # let the group settle (both members, 3 partitions each, state restored) before any
+    # input exists, so the timing holds no join or rebalance pause
+    await asyncio.sleep(SETTLE_S)
+    samples: list[tuple[float, int]] = []
+    cpu_s: list[float] = []
+    cpu_before = [process_cpu_s(proc.pid) for proc in procs]  # start-up and settling
+
+    async def send_inputs() -> None:
+        await produce(settings, "predictions", predictions)
+        await produce(settings, "labels", labels)
+
+    try:
+        async with CommitWatcher(settings, tps) as watcher:
+            sender = asyncio.create_task(send_inputs())
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                committed = await watcher.total()
+                samples.append((time.perf_counter(), committed))
+                if committed >= total:
+                    break
+                for proc in procs:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"a label-join process died: {logs.read_text()[-2000:]}")
+                await asyncio.sleep(0.02)
+            await sender
+        cpu_s = [process_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True)]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if not samples or samples[-1][1] < total:
+        raise TimeoutError(f"{processes} label-join process(es) did not commit every input in time")
+    # steady state: from 10 % to 90 % of the inputs committed (no start-up or tail effects)
+    t10, c10 = next((t, c) for t, c in samples if c >= 0.1 * total)
+    t90, c90 = next((t, c) for t, c in samples if c >= 0.9 * total)
+    first = next(t for t, c in samples if c > 0)
+    rate = (c90 - c10) / (t90 - t10) if t90 > t10 else float("nan")
+    elapsed = samples[-1][0] - first
+    return {
+        "processes": processes,
+        "inputs": total,
+        "seconds": round(elapsed, 3),
+        "input_events_per_s": round(rate, 1),
+        "prediction_events_per_s": round(rate * len(predictions) / total, 1),
+        "first_to_last_commit_input_events_per_s": round(total / elapsed, 1),
+        "samples": len(samples),
+        "process_cpu_s": [round(c, 2) for c in cpu_s],
+        "process_cpu_us_per_input": round(sum(cpu_s) / total * 1e6, 1),
+        "note": "processes joined before the inputs were produced (production runs alongside, "
+        "~90k/s); rate = committed offsets from 10 % to 90 % of the inputs over that time",
+    }
+
+
+async def latency_phase(
+    settings: Settings,
+    predictions: list[KeyValue],
+    truth: dict[str, tuple[str, int]],
+    rate: float,
+    seconds: float,
+    publish_interval_s: float,
+    timeout_s: float,
+) -> dict[str, Any]:
+    await create_topics(settings)
+    await produce(settings, "predictions", predictions)
+    service = LabelJoinService(settings, CONFIG, publish_interval_s=publish_interval_s)
+    probe = Probe(service.loop)
+    label_codec = codec("Label")
+    ids = list(truth)[: int(rate * seconds)]
+    stats_codec = codec("MonitoringStats")
+    consumer = make_consumer(settings, group_id=None, max_poll_records=5000)
+    producer = make_producer(settings)
+    await start_with_retry(consumer.start, "latency-consumer", settings)
+    await start_with_retry(producer.start, "latency-producer", settings)
+    sent: list[float] = []
+    reflected: list[float] = []  # receive time of the stats record reflecting label i
+    try:
+        async with running(service) as task:
+            await drain_time(probe, len(predictions), task, timeout_s)
+            await asyncio.sleep(publish_interval_s * 2)
+            await assign_all(consumer, settings.topic("monitoring.stats"))
+
+            async def follow() -> None:
+                while True:
+                    batches = await consumer.getmany(timeout_ms=50)
+                    now = time.time()
+                    for records in batches.values():
+                        for r in records:
+                            s = stats_codec.decode(r.value or b"")
+                            if s["window_kind"] != "sliding" or s["segment"] != "all":
+                                continue
+                            labeled = int(s["metrics"].get("labeled", 0))
+                            while len(reflected) < min(labeled, len(sent)):
+                                reflected.append(now)
+
+            follower = asyncio.create_task(follow())
+            started = time.perf_counter()
+            futures = []
+            for i, event_id in enumerate(ids):
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                y, t = truth[event_id]
+                value = label_codec.encode({"event_id": event_id, "value": y, "label_time": t + 1})
+                sent.append(time.time())
+                futures.append(
+                    await producer.send(settings.topic("labels"), value, key=event_id.encode())
+                )
+                check_alive(task, follower)
+            await asyncio.gather(*futures)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if len(reflected) >= len(sent):
+                    break
+                await asyncio.sleep(0.05)
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    latencies = [(r - s) * 1000 for s, r in zip(sent, reflected, strict=False)]
+    if not latencies:
+        raise RuntimeError("no label was reflected in monitoring.stats")
+    return {
+        "rate": rate,
+        "labels": len(sent),
+        "reflected": len(reflected),
+        "publish_interval_s": publish_interval_s,
+        "label_to_metric_ms": percentiles(latencies),
+        "note": "label i counts as reflected when a sliding 'all' record reports >= i+1 labels",
+    }
+
+
+async def state_phase(settings: Settings) -> dict[str, Any]:
+    """Bytes per entry on the changelog and in memory, and the restore rate."""
+    from services.label_join.join import JoinCore, OutputTopics, VersionCatalog
+
+    records = await read_all(settings, CHANGELOG)
+    latest: dict[bytes | None, bytes] = {}
+    for key, value in records:
+        latest[key] = value
+    entries = [(k, v) for k, v in latest.items() if k is not None and not k.startswith(b"\x00")]
+    changelog_bytes = sum(len(k) + len(v) for k, v in entries) / max(1, len(entries))
+    core = JoinCore(CONFIG, VersionCatalog("credit"), OutputTopics("l", "t", "u"))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    started = time.perf_counter()
+    core.restore(0, entries)
+    elapsed = time.perf_counter() - started
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    per_entry = (after - before) / max(1, len(entries))
+    return {
+        "entries": len(entries),
+        "changelog_bytes_per_entry": round(changelog_bytes, 1),
+        "memory_bytes_per_entry": round(per_entry, 1),
+        "restore_entries_per_s": round(len(entries) / elapsed, 1),
+        "restore_note": "fold + rebuild of statistics only; reading the changelog is extra",
+        "formula": "state bytes = bytes per entry x predicted events/s x (window + grace + "
+        "tumbling) + marker bytes x events/s x marker horizon",
+    }
+
+
+REDIS_JOIN = """
+local prefix, ttl = ARGV[1], tonumber(ARGV[2])
+local joined = {}
+for i = 3, #ARGV, 4 do
+  local kind, event_id, field, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = prefix .. event_id
+  if kind == 'p' then
+    if redis.call('HSETNX', key, 'p:' .. field, body) == 1 then
+      local label = redis.call('HGET', key, 'l')
+      if label then joined[#joined + 1] = event_id end
+    end
+  else
+    redis.call('HSET', key, 'l', body)
+    local preds = redis.call('HKEYS', key)
+    if #preds > 1 then joined[#joined + 1] = event_id end
+  end
+  redis.call('PEXPIRE', key, ttl)
+end
+return joined
+"""
+
+
+async def redis_state_phase(
+    settings: Settings, predictions: list[KeyValue], labels: list[KeyValue]
+) -> dict[str, Any]:
+    """Option (c), Redis as the join state: the Redis side alone (no Kafka, no metrics), one
+    Lua call per batch of 512 that stores each record and finds its partner, TTL = window."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(settings.require_redis())
+    script = client.register_script(REDIS_JOIN)
+    prefix = f"{settings.redis_key_prefix}benchjoin:"
+    items = [("p", k, b"champion", v) for k, v in predictions] + [
+        ("l", k, b"", v) for k, v in labels
+    ]
+    memory_before = (await client.info("memory")).get("used_memory", 0)
+    started = time.perf_counter()
+    cpu = time.process_time()
+    joined = 0
+    try:
+        for i in range(0, len(items), 512):
+            args: list[Any] = [prefix, CONFIG.window_ms]
+            for kind, key, field, value in items[i : i + 512]:
+                args += [kind, key or b"", field, value]
+            joined += len(await script(keys=[], args=args))
+        elapsed = time.perf_counter() - started
+        cpu_us = (time.process_time() - cpu) / len(items) * 1e6
+        info = await client.info("memory")
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=5000)]
+        for j in range(0, len(keys), 5000):
+            await client.delete(*keys[j : j + 5000])
+        await client.aclose()
+    return {
+        "inputs": len(items),
+        "joined": joined,
+        "seconds": round(elapsed, 3),
+        "input_events_per_s": round(len(items) / elapsed, 1),
+        "client_cpu_us_per_input": round(cpu_us, 2),
+        "redis_bytes_per_event": round(
+            (info.get("used_memory", 0) - memory_before) / max(1, len(predictions)), 1
+        ),
+        "note": "upper bound for option (c): Kafka I/O, decoding and metrics come on top",
+    }
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    run_id = str(int(time.time()))
+    say(f"workload: {args.events} events ...")
+    events, truth = checked_events(args.events)
+    labels = label_stream(truth)
+    base = phase_settings(settings, run_id, "main")
+
+    say("scorer: bootstrapping a champion and scoring ...")
+    scorer = await scorer_phase(base, events, args.timeout)
+    say(f"  scorer {scorer['events_per_s']:.0f} events/s")
+    predictions = await read_all(base, "predictions")
+
+    say(f"join, one process: {len(predictions)} predictions + {len(labels)} labels ...")
+    one = await join_phase(base, labels, len(predictions), args.timeout)
+    say(
+        f"  {one['input_events_per_s']:.0f} inputs/s, "
+        f"{one['prediction_events_per_s']:.0f} predictions/s"
+    )
+    cost = await core_cost(predictions[: min(len(predictions), 20_000)], labels[:20_000])
+    state = await state_phase(base)
+
+    say("option (c): Redis as the join state, Redis side alone ...")
+    redis_state = await redis_state_phase(base, predictions, labels)
+    say(f"  {redis_state['input_events_per_s']:.0f} inputs/s")
+
+    say("join, one process (subprocess, timed like the two below) ...")
+    single = await process_phase(
+        phase_settings(settings, run_id, "one"), 1, predictions, labels, args.timeout
+    )
+    say(f"  {single['input_events_per_s']:.0f} inputs/s")
+    two: dict[str, Any] | None = None
+    keeps_up = single["prediction_events_per_s"] >= scorer["events_per_s"]
+    if args.two_process == "always" or (args.two_process == "auto" and not keeps_up):
+        say("join, two processes on 3 partitions each ...")
+        two = await process_phase(
+            phase_settings(settings, run_id, "two"), 2, predictions, labels, args.timeout
+        )
+        say(f"  {two['input_events_per_s']:.0f} inputs/s")
+
+    say(f"label-to-metric latency: {args.rate:g} labels/s for {args.latency_seconds:g}s ...")
+    latency = await latency_phase(
+        phase_settings(settings, run_id, "latency"),
+        predictions,
+        {e: truth[e] for e in truth},
+        args.rate,
+        args.latency_seconds,
+        args.publish_interval,
+        args.timeout,
+    )
+    say(f"  p50 {latency['label_to_metric_ms']['p50']} ms")
+    best_two = two["prediction_events_per_s"] if two else None
+    return {
+        "scorer_eps": scorer["events_per_s"],
+        "join_one_process": {
+            "input_eps": single["input_events_per_s"],
+            "prediction_eps": single["prediction_events_per_s"],
+        },
+        "join_one_process_in_process": {
+            "input_eps": one["input_events_per_s"],
+            "prediction_eps": one["prediction_events_per_s"],
+            "joined_rows_eps": one["joined_rows_per_s"],
+        },
+        "join_two_processes": None
+        if two is None
+        else {"input_eps": two["input_events_per_s"], "prediction_eps": best_two},
+        "keeps_up_with_scorer": {
+            "one_process": keeps_up,
+            "two_processes": None if best_two is None else best_two >= scorer["events_per_s"],
+            "rule": "predictions joined per second >= scorer events (= predictions) per second",
+        },
+        "label_to_metric_ms": latency["label_to_metric_ms"],
+        "core_cpu_us": cost,
+        "option_c_redis_state_upper_bound_eps": redis_state["input_events_per_s"],
+        "state": state,
+        "phases": {
+            "scorer": scorer,
+            "join": one,
+            "one_process": single,
+            "two_processes": two,
+            "latency": latency,
+            "redis_state": redis_state,
+        },
+        "config": {
+            "window_ms": CONFIG.window_ms,
+            "grace_ms": CONFIG.grace_ms,
+            "tumbling_ms": CONFIG.tumbling_ms,
+            "sliding_ms": CONFIG.sliding_ms,
+            "batch_max_records": settings.batch_max_records,
+            "kafka_fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+            "kafka_linger_ms": settings.kafka_linger_ms,
+            "run_id": run_id,
+        },
+        "machine": {
+            "nproc": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "broker": "tansu (embedded)",
+            "services": "in-process, one event loop (two-process phase: subprocesses)",
+        },
+    }
+
+
+def forget_redis_keys(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+    finally:
+        client.close()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--rate", type=float, default=500.0, help="labels/s in the latency phase")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--publish-interval", type=float, default=2.0, help="stats publish, s")
+    parser.add_argument("--two-process", choices=("auto", "always", "never"), default="always")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--output", type=Path, default=Path("bench-results/label_join.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    stack = DevStack(BENCH_HOME, Settings(kafka_bootstrap=None, redis_url=None))
+    redis_prefix = f"scoremesh-bench-lj-{os.getpid()}:"
+    state = None
+    try:
+        say("starting the embedded stack ...")
+        state, _ = stack.up()
+        settings = stack.settings.model_copy(
+            update=state.settings_overrides()
+            | {"redis_key_prefix": redis_prefix, "artifact_dir": BENCH_HOME / "artifacts"}
+        )
+        try:
+            import uvloop
+        except ImportError:
+            report = asyncio.run(run_all(args, settings))
+        else:
+            report = uvloop.run(run_all(args, settings))
+    finally:
+        if state is not None and "redis" not in state.started:
+            with contextlib.suppress(redis.RedisError, OSError):
+                forget_redis_keys(state.redis_url, redis_prefix)
+        stack.down()
+        shutil.rmtree(BENCH_HOME, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text + "\n")
+    print(text)
+    say(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Scorer benchmark on the embedded stack, in one run:
+
+1. aiokafka passthrough (the ceiling), from bench_pipeline;
+2. scorer events/s with batch sizes 1, 64 and 512 (SCOREMESH_BATCH_MAX_RECORDS);
+3. added latency at 1,000 events/s: events.valid -> predictions, per event_id;
+4. five hot swaps under load (promote, roll back, ...): events lost (no champion prediction)
+   and failed (dead-lettered by the scorer) must both be 0.
+
+    python scripts/bench_scorer.py [--events 30000] [--output bench-results/scorer.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_pipeline as bp
+
+from services.common.codec import codec
+from services.common.settings import Settings
+from services.registry.client import command, new_command
+from services.registry.service import RegistryService
+from services.scorer.service import ScorerService
+from services.trainer.datasets import CREDIT_SPEC, credit_events
+from services.trainer.pipeline import train
+
+TARGET_EPS = 20_000
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 50.0
+SWAPS = 5
+
+
+async def scorer_at_batch(
+    settings: Settings, work: bp.Workload, batch: int, broker_pid: int | None, timeout_s: float
+) -> dict[str, Any]:
+    s = settings.model_copy(update={"batch_max_records": batch})
+    n = len(work.checked) if batch > 1 else min(len(work.checked), 5_000)
+    await bp.create_topics(s)
+    await bp.produce(s, s.topic("events.valid"), work.checked[:n])
+    await bp.bootstrap_champion(s)
+    service = ScorerService(s)
+    probe = bp.Probe(service.loop, broker_pid)
+    async with bp.running(service) as task:
+        timing = await bp.drain(probe, n, task, timeout_s)
+    return {"batch_max_records": batch, "events": n, **timing}
+
+
+async def latency(
+    settings: Settings, rate: float, seconds: float, timeout_s: float
+) -> dict[str, Any]:
+    await bp.create_topics(settings)
+    await bp.bootstrap_champion(settings)
+    encode = codec("Event").encode
+    items = [
+        (e["event_id"], e["entity_id"].encode(), encode({**e, "rule_set": "bench", "flags": []}))
+        for e, _ in credit_events(int(rate * (seconds + 1)), seed=77, id_prefix="lat")
+    ]
+    scorer = ScorerService(settings)
+    consumer = bp.make_consumer(settings, group_id=None, max_poll_records=5000)
+    producer = bp.make_producer(settings)
+    arrivals = bp.Arrivals()
+    sent: dict[str, float] = {}
+    await bp.start_with_retry(consumer.start, "lat-consumer", settings)
+    await bp.start_with_retry(producer.start, "lat-producer", settings)
+    try:
+        async with bp.running(scorer) as task:
+            while not scorer.loop.assigned:
+                bp.check_alive(task)
+                await asyncio.sleep(0.05)
+            await bp.assign_all(consumer, settings.topic("predictions"))
+            follower = asyncio.create_task(bp.follow_predictions(consumer, arrivals))
+            begin = time.perf_counter()
+            futures = []
+            for i, (event_id, key, value) in enumerate(items):
+                delay = begin + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent[event_id] = time.time()
+                futures.append(await producer.send(settings.topic("events.valid"), value, key=key))
+            await asyncio.gather(*futures)
+            deadline = time.monotonic() + timeout_s
+            while len(arrivals.seen) < len(items) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    warm = int(rate)
+    lat = [(arrivals.seen[e][0] - sent[e]) * 1000 for e, _, _ in items[warm:] if e in arrivals.seen]
+    return {
+        "rate": rate,
+        "events": len(items) - warm,
+        "received": len(lat),
+        "latency_ms": bp.percentiles(lat),
+    }
+
+
+async def hot_swaps(settings: Settings, n: int, rate: float, timeout_s: float) -> dict[str, Any]:
+    """Promote and roll back SWAPS times while events stream; count lost and failed."""
+    await bp.create_topics(settings)
+    await bp.bootstrap_champion(settings)
+    pairs = list(credit_events(3000, seed=5))
+    other = await asyncio.to_thread(
+        train,
+        CREDIT_SPEC,
+        [e["features"] for e, _ in pairs],
+        [y for _, y in pairs],
+        5,
+        "bench",
+        None,
+        3,
+    )
+    from services.registry.operations import register_version
+
+    encode = codec("Event").encode
+    items = [
+        (e["event_id"], e["entity_id"].encode(), encode({**e, "rule_set": "bench", "flags": []}))
+        for e, _ in credit_events(n, seed=78, id_prefix="swap")
+    ]
+    swaps: list[dict[str, Any]] = []
+    async with bp.running(RegistryService(settings)) as registry_task:
+        reg = await register_version(
+            settings,
+            settings.model_name,
+            "1.0.1",
+            other.onnx,
+            CREDIT_SPEC,
+            metadata=other.metadata,
+            actor="bench",
+        )
+        assert reg.outcome["outcome"] == "applied", reg.outcome
+        scorer = ScorerService(settings)
+        async with bp.running(scorer) as scorer_task:
+            while not scorer.loop.assigned:
+                bp.check_alive(scorer_task, registry_task)
+                await asyncio.sleep(0.05)
+            producer = bp.make_producer(settings)
+            await bp.start_with_retry(producer.start, "swap-producer", settings)
+            try:
+                begin = time.perf_counter()
+                futures = []
+                next_swap = n // (SWAPS + 1)
+                for i, (_event_id, key, value) in enumerate(items):
+                    delay = begin + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    futures.append(
+                        await producer.send(settings.topic("events.valid"), value, key=key)
+                    )
+                    if i == next_swap and len(swaps) < SWAPS:
+                        target = "1.0.1" if len(swaps) % 2 == 0 else None
+                        cmd = (
+                            new_command(
+                                settings.model_name,
+                                "promote",
+                                "bench",
+                                version=target,
+                                target_stage="champion",
+                            )
+                            if target
+                            else new_command(settings.model_name, "rollback", "bench")
+                        )
+                        t0 = time.perf_counter()
+                        outcome = await command(settings, cmd)
+                        swaps.append(
+                            {
+                                "at_event": i,
+                                "action": cmd["action"],
+                                "outcome": outcome["outcome"],
+                                "new_champion": outcome.get("new_champion"),
+                                "answer_s": round(time.perf_counter() - t0, 3),
+                            }
+                        )
+                        next_swap += n // (SWAPS + 1)
+                await asyncio.gather(*futures)
+            finally:
+                await producer.stop()
+            deadline = time.monotonic() + timeout_s
+            while scorer.loop.batches == 0 or time.monotonic() < deadline:
+                counts = await bp.count_records(settings, "predictions")
+                if counts["predictions"] >= n:
+                    break
+                await asyncio.sleep(1)
+    consumer = bp.make_consumer(settings, group_id=None, max_poll_records=5000)
+    await bp.start_with_retry(consumer.start, "swap-reader", settings)
+    champion: dict[str, set[str]] = {}
+    rejected = 0
+    try:
+        decode = codec("Prediction").decode
+        tps = await bp.assign_all(consumer, settings.topic("predictions"))
+
+        def keep(record: Any) -> None:
+            p = decode(record.value)
+            if p["variant"] == "champion":
+                champion.setdefault(p["event_id"], set()).add(p["model_version"])
+
+        await bp.read_to_end(consumer, tps, keep, timeout_s=120)
+        tps = await bp.assign_all(consumer, settings.topic("events.rejected"))
+        rejected = await bp.read_to_end(consumer, tps, lambda _r: None, timeout_s=60)
+    finally:
+        await consumer.stop()
+    ids = {e for e, _, _ in items}
+    versions: dict[str, int] = {}
+    for vs in champion.values():
+        for v in vs:
+            versions[v] = versions.get(v, 0) + 1
+    return {
+        "events": n,
+        "rate": rate,
+        "swaps": swaps,
+        "lost": len(ids - set(champion)),
+        "failed": rejected,
+        "scored_by_version": versions,
+    }
+
+
+async def run(args: argparse.Namespace, settings: Settings, state: Any) -> dict[str, Any]:
+    run_id = str(int(time.time()))
+    broker_pid = state.started.get("broker")
+    work = bp.build_workload(args.events)
+    bp.gc.collect()
+    bp.gc.freeze()
+    bp.say("passthrough ...")
+    ceiling = await bp.passthrough_phase(
+        bp.phase_settings(settings, run_id, "passthrough"),
+        work.passthrough,
+        broker_pid,
+        args.timeout,
+    )
+    batches = {}
+    for size in (1, 64, 512):
+        bp.say(f"scorer, batch {size} ...")
+        batches[str(size)] = await scorer_at_batch(
+            bp.phase_settings(settings, run_id, f"b{size}"), work, size, broker_pid, args.timeout
+        )
+    bp.say("latency at 1,000 events/s ...")
+    lat = await latency(
+        bp.phase_settings(settings, run_id, "latency"), 1000.0, args.latency_seconds, args.timeout
+    )
+    bp.say(f"{SWAPS} hot swaps under load ...")
+    swaps = await hot_swaps(
+        bp.phase_settings(settings, run_id, "swaps"), args.swap_events, 2000.0, args.timeout
+    )
+    eps_512 = batches["512"]["events_per_s"]
+    return {
+        "passthrough_eps": ceiling["events_per_s"],
+        "scorer_eps": {k: v["events_per_s"] for k, v in batches.items()},
+        "scorer_ratio_512": round(eps_512 / ceiling["events_per_s"], 3),
+        "latency_1k_eps": lat,
+        "hot_swaps": swaps,
+        "targets": {
+            f"scorer_eps>={TARGET_EPS}": eps_512 >= TARGET_EPS,
+            f"scorer_ratio>={TARGET_RATIO}": eps_512 / ceiling["events_per_s"] >= TARGET_RATIO,
+            f"p99_added_latency<{TARGET_P99_MS}ms": lat["latency_ms"]["p99"] < TARGET_P99_MS,
+            "swaps_lost_or_failed==0": swaps["lost"] == 0 and swaps["failed"] == 0,
+        },
+        "phases": {"passthrough": ceiling, "batches": batches},
+        "machine": {
+            "loadavg": [round(x, 2) for x in bp.os.getloadavg()],
+            "nproc": bp.os.cpu_count(),
+        },
+        "code": bp.code_version(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--swap-events", type=int, default=20_000)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--output", type=Path, default=Path("bench-results/scorer.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    stack = bp.DevStack(bp.BENCH_HOME, Settings(kafka_bootstrap=None, redis_url=None))
+    prefix = f"scoremesh-bench-scorer-{int(time.time())}:"
+    state = None
+    try:
+        state, _ = stack.up()
+        settings = stack.settings.model_copy(
+            update=state.settings_overrides()
+            | {
+                "redis_key_prefix": prefix,
+                "redis_prediction_ttl_s": 3600,
+                "artifact_dir": bp.BENCH_HOME / "artifacts",
+            }
+        )
+        import uvloop
+
+        report = uvloop.run(run(args, settings, state))
+    finally:
+        if state is not None and "redis" not in state.started:
+            with contextlib.suppress(Exception):
+                bp.forget_redis_keys(state.redis_url, prefix)
+        stack.down()
+        bp.shutil.rmtree(bp.BENCH_HOME, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,826 @@
+"""The join itself, per input partition: predictions ⋈ labels by event_id. Pure: no I/O.
+
+State is one ``Entry`` per event_id (every variant's prediction, the event's features, the
+current label), so every change to an event is one changelog record and a crash can never
+leave half an event behind. Rules (docs/adr/0006-label-join-state.md):
+
+- a prediction is kept once per (event_id, variant); a repeat is ignored;
+- a label may come first: it waits ("pending") as long as a prediction could still join,
+  i.e. until the partition's watermark passes ``label_time + window + grace`` (a prediction
+  is at the latest as old as its label, and one older than the window is too late anyway),
+  then goes to labels.unmatched as ``unknown_event``. Waiting the whole window, not just the
+  grace, keeps a backlog catch-up (predictions hours behind their labels) from turning
+  joinable labels into unmatched ones;
+- duplicate labels: the last one wins. The label held changes only to a *different* value
+  with a label_time not older than the held one; then every joined row of the event is
+  emitted again with the new label (predictions.labeled and training.examples, keyed so
+  downstream keeps the newest label_time) and its metric contribution is retracted and
+  re-added. A repeat of the held value, or an older label, changes nothing;
+- time is event time per partition: the watermark is the newest prediction event_time;
+  a tumbling metrics window [b, b+T) and every entry in it expire together once the
+  watermark reaches ``b + T + window + grace``. An expired entry leaves a marker for
+  ``marker`` ms so a label for it is classified ``too_late`` (not ``unknown_event``);
+- labels that fail to decode, name no event, or carry a class the model does not know go
+  to labels.unmatched with the reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import orjson
+
+from services.common.batchloop import Out, Record
+from services.common.codec import CodecError, codec
+from services.common.registry_view import RegistryState
+from services.label_join import telemetry
+from services.label_join.performance import (
+    Contribution,
+    GroupStats,
+    brier_term,
+    delay_bucket,
+    log_loss_term,
+)
+
+log = logging.getLogger(__name__)
+
+SECOND_MS = 1000
+HOUR_MS = 3600 * SECOND_MS
+DAY_MS = 24 * HOUR_MS
+MAX_ID_LEN = 256
+MAX_TIME_MS = 10**14
+MISSING = "(missing)"
+
+# (model, version, variant, segment, window_start)
+GroupKey: TypeAlias = tuple[str, str, str, str, int]
+
+WINDOW_KEY = b"\x00window:"  # changelog keys of closed windows; event ids are printable
+
+
+def window_key(group: GroupKey) -> bytes:
+    return WINDOW_KEY + orjson.dumps(list(group))
+
+
+def window_group(key: bytes) -> GroupKey:
+    model, version, variant, segment, start = orjson.loads(key[len(WINDOW_KEY) :])
+    return (model, version, variant, segment, int(start))
+
+
+# Reason codes of labels.unmatched (UnmatchedLabel.reason). Stable: dashboards use them.
+UNMATCHED_REASONS: dict[str, str] = {
+    "too_late": "the event's join window had closed when the label arrived",
+    "unknown_event": "no prediction for the event arrived within the join window",
+    "invalid_class": "the label is not one of the model's classes",
+    "invalid_label": "event_id, value or label_time is missing or malformed",
+    "undecodable": "the bytes are not a Label record",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class JoinConfig:
+    """Windows in milliseconds of event time."""
+
+    window_ms: int = 7 * DAY_MS
+    grace_ms: int = HOUR_MS
+    tumbling_ms: int = HOUR_MS
+    sliding_ms: int = DAY_MS
+    marker_ms: int = 7 * DAY_MS
+    keep_original_bytes: int = 4 * 1024
+
+    def __post_init__(self) -> None:
+        if min(self.window_ms, self.tumbling_ms, self.sliding_ms) <= 0:
+            raise ValueError("window, tumbling and sliding lengths must be positive")
+        if self.grace_ms < 0 or self.marker_ms < 0:
+            raise ValueError("grace and marker lengths must not be negative")
+        if self.sliding_ms % self.tumbling_ms:
+            raise ValueError("the sliding window must be a whole number of tumbling windows")
+
+    def bucket(self, t: int) -> int:
+        return t - t % self.tumbling_ms
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> JoinConfig:
+        """From ``SCOREMESH_LABEL_JOIN_*`` settings (seconds) where Settings declares them;
+        the defaults above otherwise."""
+        defaults = cls()
+
+        def ms(name: str, default_ms: int) -> int:
+            value = getattr(settings, f"label_join_{name}_s", None)
+            return default_ms if value is None else int(float(value) * SECOND_MS)
+
+        return cls(
+            window_ms=ms("window", defaults.window_ms),
+            grace_ms=ms("grace", defaults.grace_ms),
+            tumbling_ms=ms("tumbling", defaults.tumbling_ms),
+            sliding_ms=ms("sliding", defaults.sliding_ms),
+            marker_ms=ms("marker", defaults.marker_ms),
+            keep_original_bytes=int(
+                getattr(settings, "rejection_keep_bytes", defaults.keep_original_bytes)
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Binner:
+    """Which bin of a feature a value falls in: reference deciles, or the category itself."""
+
+    feature: str
+    inner_edges: tuple[float, ...] | None  # None: categorical
+
+    def bin_of(self, value: Any) -> str:
+        if value is None:
+            return "null"
+        if self.inner_edges is None:
+            return str(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            return "null"
+        return f"bin{bisect.bisect_right(self.inner_edges, value)}"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    classes: tuple[str, ...]
+    positive: str
+    segments: tuple[str, ...]
+    binners: tuple[Binner, ...]
+    known: bool  # False: the registry did not know the version; classes came from its scores
+
+
+def binners_from_reference(reference: dict[str, Any]) -> tuple[Binner, ...]:
+    out: list[Binner] = []
+    features = reference.get("features") if isinstance(reference, dict) else None
+    if not isinstance(features, dict):
+        return ()
+    for name, ref in sorted(features.items()):
+        if not isinstance(ref, dict):
+            continue
+        if ref.get("kind") == "categorical":
+            out.append(Binner(name, None))
+        elif ref.get("kind") == "numeric" and isinstance(ref.get("edges"), list):
+            edges = [float(e) for e in ref["edges"]]
+            if len(edges) >= 3:
+                out.append(Binner(name, tuple(edges[1:-1])))
+    return tuple(out)
+
+
+class VersionCatalog:
+    """Classes, positive class, segments and feature bins of each model version.
+
+    Read from the registry (the version's feature spec and metadata.reference). Infos are
+    cached for the life of the process so a contribution is always retracted exactly as it
+    was added; a version the registry does not know (yet) gets its classes from the
+    prediction's scores, the model's newest known segments, and no feature bins.
+    """
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.state: RegistryState | None = None
+        self._infos: dict[tuple[str, str], VersionInfo] = {}
+        self._allowed: frozenset[str] | None = None
+
+    def update(self, state: RegistryState) -> None:
+        self.state = state
+        classes = {c for v in state.of_model(self.model) for c in v.feature_spec.classes}
+        self._allowed = frozenset(classes) if classes else None
+
+    def allowed_labels(self) -> frozenset[str] | None:
+        """The classes any version of the model knows; None (accept any) when none is known."""
+        return self._allowed
+
+    def info(self, model: str, version: str, scores: dict[str, float]) -> VersionInfo:
+        key = (model, version)
+        held = self._infos.get(key)
+        if held is not None:
+            return held
+        mv = self.state.versions.get(f"{model}@{version}") if self.state else None
+        if mv is not None:
+            spec = mv.feature_spec
+            info = VersionInfo(
+                classes=tuple(spec.classes),
+                positive=spec.positive,
+                segments=tuple(spec.segments),
+                binners=binners_from_reference(mv.metadata.reference),
+                known=True,
+            )
+        else:
+            newest = self.state.of_model(model) if self.state else []
+            classes = tuple(scores) or ("",)
+            info = VersionInfo(
+                classes=classes,
+                positive=classes[-1],
+                segments=tuple(newest[-1].feature_spec.segments) if newest else (),
+                binners=(),
+                known=False,
+            )
+        self._infos[key] = info
+        return info
+
+
+@dataclass(slots=True)
+class Pred:
+    model: str
+    version: str
+    served: bool
+    source: str
+    score: float
+    scores: dict[str, float]
+    decision: str
+    scored_at: int
+
+    def to_list(self) -> list[Any]:
+        return [
+            self.model,
+            self.version,
+            self.served,
+            self.source,
+            self.score,
+            self.scores,
+            self.decision,
+            self.scored_at,
+        ]
+
+    @classmethod
+    def from_list(cls, raw: list[Any]) -> Pred:
+        return cls(raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7])
+
+
+@dataclass(slots=True)
+class Entry:
+    """Everything known about one event in this partition."""
+
+    event_id: str
+    event_time: int | None = None  # None: only a label is known so far
+    entity_id: str = ""
+    features: dict[str, Any] | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+    preds: dict[str, Pred] = field(default_factory=dict)  # variant -> prediction
+    label: str | None = None
+    label_time: int | None = None
+    expired: bool = False  # a marker: the window closed; remembered for `too_late`
+
+    def encode(self) -> bytes:
+        if self.expired:
+            return orjson.dumps({"v": 1, "t": self.event_time, "x": 1})
+        return orjson.dumps(
+            {
+                "v": 1,
+                "t": self.event_time,
+                "e": self.entity_id,
+                "f": self.features,
+                "a": self.attributes,
+                "p": {variant: p.to_list() for variant, p in self.preds.items()},
+                "l": None if self.label is None else [self.label, self.label_time],
+            }
+        )
+
+    @classmethod
+    def decode(cls, event_id: str, data: bytes) -> Entry:
+        raw = orjson.loads(data)
+        if raw.get("v") != 1:
+            raise ValueError(f"unknown label-join state version {raw.get('v')!r}")
+        if raw.get("x"):
+            return cls(event_id, event_time=raw["t"], expired=True)
+        label = raw.get("l")
+        return cls(
+            event_id,
+            event_time=raw.get("t"),
+            entity_id=raw.get("e", ""),
+            features=raw.get("f"),
+            attributes=raw.get("a") or {},
+            preds={variant: Pred.from_list(p) for variant, p in (raw.get("p") or {}).items()},
+            label=label[0] if label else None,
+            label_time=label[1] if label else None,
+        )
+
+
+@dataclass
+class PartitionState:
+    partition: int
+    entries: dict[str, Entry] = field(default_factory=dict)
+    watermark: int | None = None
+    event_buckets: dict[int, set[str]] = field(default_factory=dict)  # live entries by event time
+    marker_buckets: dict[int, set[str]] = field(default_factory=dict)
+    label_buckets: dict[int, set[str]] = field(default_factory=dict)  # pending labels by label time
+    stats: dict[GroupKey, GroupStats] = field(default_factory=dict)
+    dirty_stats: set[GroupKey] = field(default_factory=set)
+    closed: dict[GroupKey, GroupStats] = field(default_factory=dict)  # final, to publish
+    dirty_keys: set[str] = field(default_factory=set)
+    # Final statistics of closed windows, in the changelog too: written before the first
+    # marker of their window, so a crash half-way through closing a window cannot turn the
+    # rest of it into a partial "final" after the restart.
+    final_windows: dict[GroupKey, GroupStats] = field(default_factory=dict)
+    dirty_windows: set[GroupKey] = field(default_factory=set)
+    dead_windows: set[GroupKey] = field(default_factory=set)
+
+    def stat(self, key: GroupKey, info: VersionInfo) -> GroupStats:
+        held = self.stats.get(key)
+        if held is None:
+            held = self.stats[key] = GroupStats(info.classes, info.positive)
+        self.dirty_stats.add(key)
+        return held
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTopics:
+    labeled: str
+    examples: str
+    unmatched: str
+
+
+@dataclass
+class BatchResult:
+    outputs: list[Out]
+    changelog: list[tuple[int, bytes, bytes | None]]  # (partition, key, value or tombstone)
+
+
+class JoinCore:
+    """The join across the partitions this process owns (each with its own state)."""
+
+    def __init__(
+        self,
+        config: JoinConfig,
+        catalog: VersionCatalog,
+        topics: OutputTopics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.topics = topics
+        self.clock = clock
+        self.partitions: dict[int, PartitionState] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._delay_children: dict[tuple[str, str], Any] = {}
+        self._prediction_codec = codec("Prediction")
+        self._label_codec = codec("Label")
+        self._labeled_codec = codec("LabeledPrediction")
+        self._example_codec = codec("TrainingExample")
+        self._unmatched_codec = codec("UnmatchedLabel")
+
+    # --- partitions -----------------------------------------------------------------------
+
+    def restore(
+        self, partition: int, records: Iterable[tuple[bytes, bytes | None]]
+    ) -> PartitionState:
+        """Rebuild a partition's state from its changelog (last record per key wins)."""
+        latest: dict[bytes, bytes | None] = {}
+        for key, value in records:
+            latest[key] = value
+        ps = PartitionState(partition)
+        for raw_key, raw_value in latest.items():
+            if raw_value is None:
+                continue
+            if raw_key.startswith(WINDOW_KEY):
+                group = window_group(raw_key)
+                ps.final_windows[group] = GroupStats.from_json(raw_value)
+                continue
+            event_id = raw_key.decode()
+            entry = Entry.decode(event_id, raw_value)
+            ps.entries[event_id] = entry
+            self._index(ps, entry)
+            if entry.event_time is not None and not entry.expired:
+                ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
+            for variant, pred in entry.preds.items():
+                info = self.catalog.info(pred.model, pred.version, pred.scores)
+                for group in self._group_keys(entry, pred, variant, info):
+                    ps.stat(group, info).predicted += 1
+                if entry.label is not None:
+                    self._account(ps, entry, pred, variant, info, +1)
+        for group, final in ps.final_windows.items():
+            ps.stats.pop(group, None)  # rebuilt from the entries not yet expired: partial
+            ps.closed[group] = final  # published again: the crash may have beaten the publisher
+        ps.dirty_stats.clear()
+        self.partitions[partition] = ps
+        return ps
+
+    def drop(self, partition: int) -> None:
+        self.partitions.pop(partition, None)
+
+    def _index(self, ps: PartitionState, entry: Entry) -> None:
+        cfg = self.config
+        if entry.expired:
+            assert entry.event_time is not None
+            ps.marker_buckets.setdefault(cfg.bucket(entry.event_time), set()).add(entry.event_id)
+        elif entry.event_time is not None:
+            ps.event_buckets.setdefault(cfg.bucket(entry.event_time), set()).add(entry.event_id)
+        elif entry.label_time is not None:
+            ps.label_buckets.setdefault(cfg.bucket(entry.label_time), set()).add(entry.event_id)
+
+    # --- the batch ------------------------------------------------------------------------
+
+    def process(self, predictions: list[Record], labels: list[Record]) -> BatchResult:
+        """Predictions first (they move the watermark), then labels, then expiry."""
+        outputs: list[Out] = []
+        touched: set[int] = set()
+        for record in predictions:
+            ps = self.partitions.get(record.partition)
+            if ps is None:  # revoked while the batch was in flight: the new owner replays it
+                continue
+            touched.add(record.partition)
+            self._on_prediction(ps, record, outputs)
+        for record in labels:
+            ps = self.partitions.get(record.partition)
+            if ps is None:
+                continue
+            touched.add(record.partition)
+            self._on_label(ps, record, outputs)
+        changelog: list[tuple[int, bytes, bytes | None]] = []
+        for partition in sorted(touched):
+            ps = self.partitions[partition]
+            self._expire(ps, outputs)
+            for group in sorted(ps.dirty_windows):  # before the markers of their windows
+                changelog.append((partition, window_key(group), ps.final_windows[group].to_json()))
+            for group in sorted(ps.dead_windows):
+                changelog.append((partition, window_key(group), None))
+            ps.dirty_windows.clear()
+            ps.dead_windows.clear()
+            for event_id in ps.dirty_keys:
+                entry = ps.entries.get(event_id)
+                changelog.append(
+                    (partition, event_id.encode(), entry.encode() if entry is not None else None)
+                )
+            ps.dirty_keys.clear()
+        return BatchResult(outputs, changelog)
+
+    def _closed_before(self, ps: PartitionState) -> int | None:
+        """Event-time buckets below this one are closed (None: nothing seen yet)."""
+        if ps.watermark is None:
+            return None
+        cfg = self.config
+        return cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms)
+
+    def _on_prediction(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
+        try:
+            p = self._prediction_codec.decode(record.value or b"")
+        except CodecError as exc:
+            self._count("prediction_undecodable")
+            log.error(
+                "undecodable prediction skipped",
+                extra={"partition": record.partition, "offset": record.offset, "error": str(exc)},
+            )
+            return
+        event_id: str = p["event_id"]
+        t: int = p["event_time"]
+        if t <= self.clock() * 1000 + self.config.grace_ms:  # a clock far ahead never moves time
+            ps.watermark = t if ps.watermark is None else max(ps.watermark, t)
+        entry = ps.entries.get(event_id)
+        closed = self._closed_before(ps)
+        if (entry is not None and entry.expired) or (
+            closed is not None and self.config.bucket(t) < closed
+        ):
+            self._count("prediction_too_late")
+            return
+        if entry is None:
+            entry = ps.entries[event_id] = Entry(event_id)
+        if entry.event_time is None:
+            if entry.label_time is not None:  # a pending label now has its event
+                pending = ps.label_buckets.get(self.config.bucket(entry.label_time))
+                if pending is not None:
+                    pending.discard(event_id)
+            entry.event_time = t
+            entry.entity_id = p["entity_id"]
+            entry.features = p["features"]
+            entry.attributes = p.get("attributes") or {}
+            ps.event_buckets.setdefault(self.config.bucket(t), set()).add(event_id)
+        variant: str = p["variant"]
+        if variant in entry.preds:
+            self._count("prediction_duplicate")
+            return
+        pred = Pred(
+            model=p["model"],
+            version=p["model_version"],
+            served=p["served"],
+            source=p["source"],
+            score=p["score"],
+            scores=p["scores"],
+            decision=p["decision"],
+            scored_at=p["scored_at"],
+        )
+        first = not entry.preds
+        entry.preds[variant] = pred
+        ps.dirty_keys.add(event_id)
+        info = self.catalog.info(pred.model, pred.version, pred.scores)
+        for key in self._group_keys(entry, pred, variant, info):
+            ps.stat(key, info).predicted += 1
+        self._count("prediction")
+        if entry.label is not None:
+            self._account(ps, entry, pred, variant, info, +1)
+            outputs.append(self._labeled(entry, pred, variant))
+            self._count("joined")
+            if first:
+                outputs.append(self._example(entry))
+
+    def _on_label(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
+        value = record.value or b""
+        try:
+            label = self._label_codec.decode(value)
+        except CodecError as exc:
+            outputs.append(self._unmatched(record, None, "undecodable", str(exc)))
+            return
+        event_id, cls, label_time = label["event_id"], label["value"], label["label_time"]
+        problem = _label_problem(event_id, cls, label_time)
+        if problem:
+            outputs.append(self._unmatched(record, label, "invalid_label", problem))
+            return
+        allowed = self.catalog.allowed_labels()
+        if allowed is not None and cls not in allowed:
+            outputs.append(
+                self._unmatched(
+                    record,
+                    label,
+                    "invalid_class",
+                    f"label {cls!r} is not one of the model's classes {sorted(allowed)}",
+                )
+            )
+            return
+        self._count("label")
+        entry = ps.entries.get(event_id)
+        if entry is not None and entry.expired:
+            outputs.append(
+                self._unmatched(
+                    record, label, "too_late", "the event's join window closed before the label"
+                )
+            )
+            return
+        if entry is None:
+            cfg = self.config
+            if (
+                ps.watermark is not None
+                and label_time < ps.watermark - cfg.window_ms - cfg.grace_ms
+            ):
+                outputs.append(
+                    self._unmatched(
+                        record,
+                        label,
+                        "too_late",
+                        "label_time is older than the join window, so its event is too",
+                    )
+                )
+                return
+            entry = ps.entries[event_id] = Entry(event_id, label=cls, label_time=label_time)
+            ps.label_buckets.setdefault(cfg.bucket(label_time), set()).add(event_id)
+            ps.dirty_keys.add(event_id)
+            self._count("label_pending")
+            return
+        if entry.label == cls:
+            self._count("label_duplicate")
+            return
+        if entry.label is not None and label_time < (entry.label_time or 0):
+            self._count("label_superseded")
+            return
+        correction = entry.label is not None
+        if correction and entry.event_time is None:  # still pending: just hold the newer one
+            old = ps.label_buckets.get(self.config.bucket(entry.label_time or 0))
+            if old is not None:
+                old.discard(event_id)
+            ps.label_buckets.setdefault(self.config.bucket(label_time), set()).add(event_id)
+        for variant, pred in entry.preds.items():
+            info = self.catalog.info(pred.model, pred.version, pred.scores)
+            if correction:
+                self._account(ps, entry, pred, variant, info, -1)
+        entry.label, entry.label_time = cls, label_time
+        ps.dirty_keys.add(event_id)
+        self._count("label_correction" if correction else "label_matched")
+        for variant, pred in entry.preds.items():
+            info = self.catalog.info(pred.model, pred.version, pred.scores)
+            self._account(ps, entry, pred, variant, info, +1)
+            outputs.append(self._labeled(entry, pred, variant))
+            self._count("joined")
+        if entry.preds:
+            outputs.append(self._example(entry))
+
+    # --- expiry ---------------------------------------------------------------------------
+
+    def _expire(self, ps: PartitionState, outputs: list[Out]) -> None:
+        if ps.watermark is None:
+            return
+        cfg = self.config
+        closed = self._closed_before(ps)
+        assert closed is not None
+        for bucket in sorted(b for b in ps.event_buckets if b < closed):
+            for event_id in ps.event_buckets.pop(bucket):
+                entry = ps.entries[event_id]
+                if entry.label is None:
+                    for variant, pred in entry.preds.items():
+                        telemetry.EXPIRED_UNLABELED.labels(pred.model, pred.version, variant).inc()
+                    self._count("expired_unlabeled", len(entry.preds))
+                self._count("expired")
+                ps.dirty_keys.add(event_id)
+                if cfg.marker_ms > 0:
+                    ps.entries[event_id] = Entry(
+                        event_id, event_time=entry.event_time, expired=True
+                    )
+                    ps.marker_buckets.setdefault(bucket, set()).add(event_id)
+                else:
+                    del ps.entries[event_id]
+            for key in [k for k in ps.stats if k[4] == bucket]:
+                final = ps.stats.pop(key)
+                ps.dirty_stats.discard(key)
+                held = ps.final_windows.get(key)
+                if held is not None:  # closed before a crash: that record is complete
+                    ps.closed[key] = held
+                    continue
+                final.expired_unlabeled = final.predicted - final.labeled
+                ps.closed[key] = ps.final_windows[key] = final
+                ps.dirty_windows.add(key)
+        forget = cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms - cfg.marker_ms)
+        for bucket in [b for b in ps.marker_buckets if b < forget]:
+            for event_id in ps.marker_buckets.pop(bucket):
+                ps.entries.pop(event_id, None)
+                ps.dirty_keys.add(event_id)
+        forget_windows = cfg.bucket(
+            ps.watermark - cfg.window_ms - cfg.grace_ms - max(cfg.marker_ms, cfg.tumbling_ms)
+        )
+        for key in [k for k in ps.final_windows if k[4] < forget_windows]:
+            del ps.final_windows[key]
+            ps.dirty_windows.discard(key)
+            ps.dead_windows.add(key)
+        for bucket in [b for b in ps.label_buckets if b < closed]:
+            for event_id in ps.label_buckets.pop(bucket):
+                pending = ps.entries.get(event_id)
+                if pending is None or pending.event_time is not None or pending.label is None:
+                    continue
+                del ps.entries[event_id]
+                ps.dirty_keys.add(event_id)
+                label = {
+                    "event_id": event_id,
+                    "value": pending.label,
+                    "label_time": pending.label_time,
+                }
+                outputs.append(
+                    self._unmatched(
+                        None,
+                        label,
+                        "unknown_event",
+                        "no prediction for this event arrived within the join window "
+                        f"({(cfg.window_ms + cfg.grace_ms) // SECOND_MS}s of event time)",
+                    )
+                )
+
+    # --- statistics -----------------------------------------------------------------------
+
+    def _group_keys(
+        self, entry: Entry, pred: Pred, variant: str, info: VersionInfo
+    ) -> list[GroupKey]:
+        assert entry.event_time is not None
+        window = self.config.bucket(entry.event_time)
+        keys: list[GroupKey] = [(pred.model, pred.version, variant, "all", window)]
+        for attr in info.segments:
+            segment = f"{attr}={entry.attributes.get(attr, MISSING)}"
+            keys.append((pred.model, pred.version, variant, segment, window))
+        return keys
+
+    def contribution(self, entry: Entry, pred: Pred, info: VersionInfo) -> Contribution:
+        assert entry.label is not None and entry.event_time is not None
+        label = entry.label
+        features = entry.features or {}
+        return Contribution(
+            label=label,
+            decision=pred.decision,
+            log_loss=log_loss_term(pred.scores, label),
+            brier=brier_term(pred.scores, label, info.classes, info.positive),
+            delay_bucket=delay_bucket((entry.label_time or 0) - entry.event_time),
+            bins=tuple(f"{b.feature}:{b.bin_of(features.get(b.feature))}" for b in info.binners),
+        )
+
+    def _account(
+        self,
+        ps: PartitionState,
+        entry: Entry,
+        pred: Pred,
+        variant: str,
+        info: VersionInfo,
+        sign: int,
+    ) -> None:
+        c = self.contribution(entry, pred, info)
+        for key in self._group_keys(entry, pred, variant, info):
+            ps.stat(key, info).add(c, sign, bins=key[3] == "all")
+        if sign > 0:
+            delay_s = ((entry.label_time or 0) - (entry.event_time or 0)) / 1000.0
+            child = self._delay_children.get((pred.model, variant))
+            if child is None:  # .labels() is a locked lookup: once per (model, variant)
+                child = self._delay_children[(pred.model, variant)] = telemetry.LABEL_DELAY.labels(
+                    pred.model, variant
+                )
+            child.observe(max(0.0, delay_s))
+
+    # --- output records -------------------------------------------------------------------
+
+    def _labeled(self, entry: Entry, pred: Pred, variant: str) -> Out:
+        assert entry.label is not None and entry.event_time is not None
+        label_time = entry.label_time or 0
+        record = {
+            "event_id": entry.event_id,
+            "entity_id": entry.entity_id,
+            "event_time": entry.event_time,
+            "model": pred.model,
+            "model_version": pred.version,
+            "variant": variant,
+            "source": pred.source,
+            "score": pred.score,
+            "decision": pred.decision,
+            "label": entry.label,
+            "correct": pred.decision == entry.label,
+            "label_time": label_time,
+            "label_delay_ms": label_time - entry.event_time,
+            "attributes": entry.attributes,
+        }
+        return Out(self.topics.labeled, entry.event_id.encode(), self._labeled_codec.encode(record))
+
+    def _example(self, entry: Entry) -> Out:
+        """Once per event (again only when a corrected label replaces the held one)."""
+        record = {
+            "event_id": entry.event_id,
+            "entity_id": entry.entity_id,
+            "event_time": entry.event_time,
+            "features": entry.features or {},
+            "attributes": entry.attributes,
+            "label": entry.label,
+            "label_time": entry.label_time,
+        }
+        self._count("training_example")
+        return Out(
+            self.topics.examples, entry.event_id.encode(), self._example_codec.encode(record)
+        )
+
+    def _unmatched(
+        self, record: Record | None, label: dict[str, Any] | None, reason: str, detail: str
+    ) -> Out:
+        label = label or {}
+        event_id = label.get("event_id")
+        if record is not None:
+            original = (record.value or b"")[: self.config.keep_original_bytes]
+            if not (isinstance(event_id, str) and event_id) and record.key:
+                event_id = record.key.decode("utf-8", "replace")
+        else:  # a pending label that timed out: its bytes are re-encoded from the state
+            original = self._label_codec.encode(label)
+        value = label.get("value")
+        label_time = label.get("label_time")
+        out = {
+            "event_id": event_id if isinstance(event_id, str) else None,
+            "value": value if isinstance(value, str) else None,
+            "label_time": label_time if isinstance(label_time, int) else None,
+            "reason": reason,
+            "detail": detail,
+            "original": original,
+            "received_at": int(self.clock() * 1000),
+        }
+        self._count(f"unmatched_{reason}")
+        telemetry.UNMATCHED.labels(reason).inc()
+        key = (
+            event_id.encode()
+            if isinstance(event_id, str)
+            else (record.key if record is not None else None)
+        )
+        return Out(self.topics.unmatched, key, self._unmatched_codec.encode(out))
+
+    def _count(self, what: str, n: int = 1) -> None:
+        self.counts[what] += n
+
+    # --- what the publisher needs ---------------------------------------------------------
+
+    def take_dirty(self) -> tuple[dict[tuple[GroupKey, int], GroupStats], int | None]:
+        """Shards changed since the last call, keyed by (group key, partition), and the
+        newest watermark across partitions (where the sliding window ends)."""
+        shards: dict[tuple[GroupKey, int], GroupStats] = {}
+        newest: int | None = None
+        for partition, ps in self.partitions.items():
+            for key in ps.dirty_stats:
+                held = ps.stats.get(key)
+                if held is not None:
+                    shards[(key, partition)] = held.copy()
+            ps.dirty_stats.clear()
+            for key, final in ps.closed.items():
+                shards[(key, partition)] = final
+            ps.closed.clear()
+            if ps.watermark is not None:
+                newest = ps.watermark if newest is None else max(newest, ps.watermark)
+        return shards, newest
+
+    def mark_all_dirty(self) -> None:
+        for ps in self.partitions.values():
+            ps.dirty_stats.update(ps.stats)
+
+    @property
+    def pending_entries(self) -> int:
+        return sum(len(ps.entries) for ps in self.partitions.values())
+
+
+def _label_problem(event_id: Any, value: Any, label_time: Any) -> str | None:
+    if (
+        not isinstance(event_id, str)
+        or not 0 < len(event_id) <= MAX_ID_LEN
+        or not event_id.isprintable()
+    ):
+        return f"event_id must be a printable string of 1-{MAX_ID_LEN} characters"
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LEN or not value.isprintable():
+        return f"value must be a printable class name of 1-{MAX_ID_LEN} characters"
+    if not isinstance(label_time, int) or not 0 <= label_time < MAX_TIME_MS:
+        return "label_time must be epoch milliseconds"
+    return None

@@ -1,0 +1,542 @@
+"""label-join: predictions ⋈ labels -> predictions.labeled, training.examples, labels.unmatched,
+and performance per version x variant x segment -> monitoring.stats, Redis, Prometheus.
+
+Runtime (docs/adr/0006-label-join-state.md): the shared aiokafka batch loop over both
+co-partitioned topics (range assignment, so partition p of each comes to the same owner),
+the join state in memory per partition, and its own compacted changelog topic
+(``label-join.changelog``, keyed by event_id, written to the input's partition number).
+
+Per batch: join (pure) -> send every output and wait for the acknowledgements -> write the
+changelog records of the events it changed and wait -> commit the input offsets. So the
+changelog never says "joined" for a row whose output is not on the broker, and a crash at
+any point replays the batch against a state that makes the replay idempotent. Metrics are
+sums derived from the state, so a replay never counts twice; outputs are at-least-once,
+deduplicated downstream by (event_id, variant) and for examples by event_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from redis.exceptions import RedisError
+
+from services.common.batchloop import BatchLoop, Out, Record
+from services.common.catalog import TopicSpec, catalog
+from services.common.codec import codec
+from services.common.health import HealthServer
+from services.common.kafka import (
+    make_consumer,
+    make_producer,
+    read_to_end,
+    send_records,
+    start_with_retry,
+)
+from services.common.metrics import EVENTS_OUT, KAFKA_UP
+from services.common.registry_view import RegistryState, RegistryView
+from services.common.settings import ConfigError, Settings
+from services.label_join import telemetry
+from services.label_join.join import (
+    GroupKey,
+    JoinConfig,
+    JoinCore,
+    OutputTopics,
+    VersionCatalog,
+)
+from services.label_join.performance import GroupStats, merge_all
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions"
+LABELS = "labels"
+LABELED = "predictions.labeled"
+EXAMPLES = "training.examples"
+UNMATCHED = "labels.unmatched"
+STATS = "monitoring.stats"
+CHANGELOG = "label-join.changelog"
+
+# Prometheus gets the headline metrics, never the per-feature bins (label cardinality).
+GAUGE_METRICS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "log_loss",
+    "brier",
+    "coverage",
+    "labeled",
+    "predicted",
+    "expired_unlabeled",
+    "label_delay_p50_ms",
+    "label_delay_p90_ms",
+    "label_delay_p99_ms",
+)
+
+
+def changelog_spec() -> TopicSpec:
+    """The changelog's catalog entry; until schemas/topics.yaml declares it, the same values."""
+    try:
+        return catalog()[CHANGELOG]
+    except KeyError:
+        predictions = catalog()[PREDICTIONS]
+        return TopicSpec(
+            name=CHANGELOG,
+            key="event_id",
+            value="LabelJoinState",
+            partitions=predictions.partitions,
+            retention_ms=-1,
+            cleanup_policy="compact",
+            max_message_bytes=1048576,
+            replication_factor=3,
+            min_insync_replicas=2,
+            doc="label-join state: one record per event (JSON), compacted; null = forgotten",
+            value_formats=("json",),
+        )
+
+
+# --- the batch loop over two co-partitioned topics ----------------------------------------
+
+
+class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: LabelJoinService) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self.service.on_revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.service.loop.assigned = list(assigned)
+        await self.service.on_assigned({tp.partition for tp in assigned})
+
+
+class JoinLoop(BatchLoop):
+    """The shared loop, subscribed with range assignment and a state-restoring listener."""
+
+    def __init__(self, service: LabelJoinService, *args: Any) -> None:
+        super().__init__(*args)
+        self._listener = _StateListener(service)
+
+    async def start(self, stop: asyncio.Event | None = None) -> None:
+        self.consumer = make_consumer(
+            self.settings,
+            group_id=self.group_id,
+            partition_assignment_strategy=(RangePartitionAssignor,),
+        )
+        self.consumer.subscribe(self.topics, listener=self._listener)
+        await start_with_retry(self.consumer.start, f"{self.service}-consumer", self.settings, stop)
+        self.consuming = True
+        KAFKA_UP.labels(self.service).set(1)
+
+
+# --- where partitions' statistics meet ----------------------------------------------------
+
+
+class ShardStore:
+    """Per-partition statistics of each (group, window), merged across partitions.
+
+    In memory always; with Redis also there, so every process (each owning some partitions)
+    publishes stats merged over all partitions, and a window closed by one partition keeps
+    its final numbers after a restart.
+    """
+
+    def __init__(self, settings: Settings, config: JoinConfig, client: aioredis.Redis | None):
+        self.prefix = settings.redis_key_prefix
+        self.config = config
+        self.client = client
+        self.memory: dict[tuple[tuple[str, str, str, str], int], dict[int, GroupStats]] = {}
+        self.ttl_s = max(
+            1, (config.window_ms + config.grace_ms + config.sliding_ms + config.tumbling_ms) // 1000
+        )
+        self.healthy = client is not None
+
+    def shard_key(self, group: tuple[str, str, str, str], start: int) -> str:
+        model, version, variant, segment = group
+        return f"{self.prefix}monitor:{model}:shard:{version}:{variant}:{segment}:{start}"
+
+    def latest_key(self, group: tuple[str, str, str, str]) -> str:
+        model, version, variant, segment = group
+        return f"{self.prefix}monitor:{model}:{version}:{variant}:{segment}"
+
+    async def put(self, shards: dict[tuple[GroupKey, int], GroupStats]) -> None:
+        for (key, partition), stats in shards.items():
+            self.memory.setdefault((key[:4], key[4]), {})[partition] = stats
+        if self.client is None:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for (key, partition), stats in shards.items():
+                    name = self.shard_key(key[:4], key[4])
+                    pipe.hset(name, str(partition), stats.to_json())
+                    pipe.expire(name, self.ttl_s)
+                await pipe.execute()
+            self.healthy = True
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def get(
+        self, wanted: Sequence[tuple[tuple[str, str, str, str], int]]
+    ) -> dict[tuple[tuple[str, str, str, str], int], list[GroupStats]]:
+        if self.client is not None:
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for group, start in wanted:
+                        pipe.hgetall(self.shard_key(group, start))
+                    answers = await pipe.execute()
+                self.healthy = True
+                return {
+                    w: [GroupStats.from_json(v) for v in answer.values()]
+                    for w, answer in zip(wanted, answers, strict=True)
+                }
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+        return {w: list(self.memory.get(w, {}).values()) for w in wanted}
+
+    async def put_latest(self, records: list[dict[str, Any]]) -> None:
+        if self.client is None or not records:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for r in records:
+                    group = (r["model"], r["model_version"], r["variant"], r["segment"])
+                    name = self.latest_key(group)
+                    pipe.hset(name, r["window_kind"], orjson.dumps(r))
+                    pipe.expire(name, self.ttl_s)
+                    index = f"{self.prefix}monitor:{r['model']}:index"
+                    pipe.sadd(index, f"{r['model_version']}:{r['variant']}:{r['segment']}")
+                    pipe.expire(index, self.ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    def forget_before(self, start: int) -> None:
+        for key in [k for k in self.memory if k[1] < start]:
+            del self.memory[key]
+
+    def _failed(self, exc: Exception) -> None:
+        if self.healthy:
+            log.warning(
+                "Redis stats write/read failed; merging in memory", extra={"error": str(exc)}
+            )
+        self.healthy = False
+        telemetry.STATS_PUBLISH_FAILURES.labels("redis").inc()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+# --- the service ---------------------------------------------------------------------------
+
+
+class LabelJoinService:
+    name = "label-join"
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: JoinConfig | None = None,
+        publish_interval_s: float | None = None,
+        redis_client: aioredis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config or JoinConfig.from_settings(settings)
+        self.publish_interval_s = (
+            publish_interval_s
+            if publish_interval_s is not None
+            else float(getattr(settings, "label_join_publish_interval_s", 2.0))
+        )
+        self.catalog = VersionCatalog(settings.model_name)
+        self.core = JoinCore(
+            self.config,
+            self.catalog,
+            OutputTopics(
+                labeled=settings.topic(LABELED),
+                examples=settings.topic(EXAMPLES),
+                unmatched=settings.topic(UNMATCHED),
+            ),
+        )
+        self.view = RegistryView(settings, on_change=self._on_registry)
+        self.producer = make_producer(settings)
+        self.loop = JoinLoop(
+            self,
+            settings,
+            self.name,
+            f"{settings.topic_prefix}scoremesh-label-join",
+            [settings.topic(PREDICTIONS), settings.topic(LABELS)],
+            self.producer,
+            self._process,
+        )
+        if redis_client is None and settings.redis_url:
+            redis_client = aioredis.from_url(
+                settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+            )
+        self.shards = ShardStore(settings, self.config, redis_client)
+        self._predictions = settings.topic(PREDICTIONS)
+        self._changelog = settings.topic(CHANGELOG)
+        self._stats_topic = settings.topic(STATS)
+        self._stats_codec = codec("MonitoringStats")
+        self._lock = asyncio.Lock()
+        self._restorer: AIOKafkaConsumer | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._latest_tumbling: dict[tuple[str, str, str, str], int] = {}
+        self.restored_partitions: set[int] = set()
+        self.published = 0  # MonitoringStats records sent
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def register_checks(self, health: HealthServer) -> None:
+        health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
+        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        health.add_check(
+            "state",
+            lambda: (
+                {tp.partition for tp in self.loop.assigned} <= self.restored_partitions,
+                f"{len(self.restored_partitions)} partition(s) restored, "
+                f"{self.core.pending_entries} entries",
+            ),
+        )
+        if self.shards.client is not None:
+            health.add_check("redis", lambda: (self.shards.healthy, "monitor stats store"))
+
+    async def start(self) -> None:
+        await start_with_retry(self.producer.start, "label-join-producer", self.settings)
+        self._restorer = make_consumer(self.settings, group_id=None)
+        await start_with_retry(self._restorer.start, "label-join-restorer", self.settings)
+        await self._check_topics(self._restorer)
+        await self.view.start()
+
+    async def _check_topics(self, consumer: AIOKafkaConsumer) -> None:
+        """Co-partitioning is what makes the join local: refuse to start without it."""
+        await consumer.topics()
+        counts = {
+            name: len(consumer.partitions_for_topic(self.settings.topic(name)) or ())
+            for name in (PREDICTIONS, LABELS, CHANGELOG)
+        }
+        missing = [name for name, n in counts.items() if n == 0]
+        if missing:
+            raise ConfigError(
+                f"label-join needs topics {', '.join(self.settings.topic(m) for m in missing)}; "
+                "create them with `scoremesh dev up` (or from schemas/topics.yaml)"
+            )
+        if len(set(counts.values())) != 1:
+            raise ConfigError(
+                f"predictions, labels and {CHANGELOG} must have the same partition count "
+                f"(co-partitioned by event_id), found {counts}"
+            )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.loop.start(stop)
+        self._publisher = asyncio.create_task(self._publish_forever(stop), name="stats-publisher")
+        await self.loop.run(stop)
+
+    async def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        await self.loop.stop()
+        with contextlib.suppress(Exception):
+            await self.publish()  # the last batches' stats
+        await self.view.stop()
+        if self._restorer is not None:
+            await self._restorer.stop()
+        await self.producer.stop()
+        await self.shards.close()
+
+    def _on_registry(self, state: RegistryState) -> None:
+        self.catalog.update(state)
+
+    # --- partitions: the state follows them -----------------------------------------------
+
+    async def on_revoked(self, partitions: set[int]) -> None:
+        log.info("partitions revoked: join state dropped", extra={"partitions": sorted(partitions)})
+        async with self._lock:
+            for p in partitions:
+                self.core.drop(p)
+                self.restored_partitions.discard(p)
+            telemetry.JOIN_STATE_ENTRIES.set(self.core.pending_entries)
+
+    async def on_assigned(self, partitions: set[int]) -> None:
+        async with self._lock:
+            for p in set(self.core.partitions) - partitions:
+                self.core.drop(p)
+                self.restored_partitions.discard(p)
+            for p in sorted(partitions - set(self.core.partitions)):
+                await self._restore(p)
+            self.core.mark_all_dirty()
+            telemetry.JOIN_STATE_ENTRIES.set(self.core.pending_entries)
+
+    async def _restore(self, partition: int) -> None:
+        assert self._restorer is not None, "start() first"
+        started = time.perf_counter()
+        tp = TopicPartition(self._changelog, partition)
+        self._restorer.assign([tp])
+        await self._restorer.seek_to_beginning(tp)
+        records: list[tuple[bytes, bytes | None]] = []
+
+        def keep(record: ConsumerRecord[bytes, bytes]) -> None:
+            if record.key is not None:
+                records.append((record.key, record.value))
+
+        await read_to_end(self._restorer, [tp], keep, timeout_s=600)
+        self._restorer.assign([])
+        ps = self.core.restore(partition, records)
+        self.restored_partitions.add(partition)
+        elapsed = time.perf_counter() - started
+        telemetry.JOIN_RESTORE_SECONDS.set(elapsed)
+        log.info(
+            "join state restored",
+            extra={
+                "partition": partition,
+                "changelog_records": len(records),
+                "entries": len(ps.entries),
+                "seconds": round(elapsed, 3),
+            },
+        )
+
+    # --- one batch ------------------------------------------------------------------------
+
+    async def _process(self, records: list[Record]) -> list[Out]:
+        async with self._lock:
+            predictions = [r for r in records if r.topic == self._predictions]
+            labels = [r for r in records if r.topic != self._predictions]
+            result = self.core.process(predictions, labels)
+            # 1. the outputs, acknowledged ...
+            await send_records(
+                self.producer, ((o.topic, None, o.key, o.value) for o in result.outputs)
+            )
+            per_topic: dict[str, int] = {}
+            for o in result.outputs:
+                per_topic[o.topic] = per_topic.get(o.topic, 0) + 1
+            for topic, n in per_topic.items():
+                EVENTS_OUT.labels(self.name, topic).inc(n)
+            # 2. ... before the state that says they were sent; the loop commits after this.
+            await send_records(
+                self.producer,
+                (
+                    (self._changelog, partition, key, value)
+                    for partition, key, value in result.changelog
+                ),
+            )
+            if result.changelog:
+                EVENTS_OUT.labels(self.name, self._changelog).inc(len(result.changelog))
+            telemetry.JOIN_STATE_ENTRIES.set(self.core.pending_entries)
+        return []
+
+    # --- statistics -----------------------------------------------------------------------
+
+    async def _publish_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.publish_interval_s)
+            try:
+                await self.publish()
+            except Exception:  # the join goes on; the next tick publishes again
+                log.exception("publishing monitoring stats failed")
+                telemetry.STATS_PUBLISH_FAILURES.labels("kafka").inc()
+                self.core.mark_all_dirty()
+
+    async def publish(self) -> int:
+        """Publish the windows whose statistics changed; returns the records sent."""
+        shards, newest = self.core.take_dirty()
+        if not shards:
+            return 0
+        cfg = self.config
+        await self.shards.put(shards)
+        tumbling = sorted({(key[:4], key[4]) for key, _ in shards})
+        groups = sorted({group for group, _ in tumbling})
+        wanted: set[tuple[tuple[str, str, str, str], int]] = set(tumbling)
+        sliding_end = cfg.bucket(newest) + cfg.tumbling_ms if newest is not None else None
+        sliding_starts: list[int] = []
+        if sliding_end is not None:
+            first = sliding_end - cfg.sliding_ms
+            sliding_starts = list(range(first, sliding_end, cfg.tumbling_ms))
+            wanted.update((g, s) for g in groups for s in sliding_starts)
+        found = await self.shards.get(sorted(wanted))
+        now_ms = int(time.time() * 1000)
+        records: list[dict[str, Any]] = []
+        for group, start in tumbling:
+            merged = merge_all(found.get((group, start), []))
+            if merged is not None:
+                records.append(
+                    _stats_record(group, "tumbling", start, start + cfg.tumbling_ms, merged, now_ms)
+                )
+        if sliding_end is not None:
+            for group in groups:
+                merged = merge_all(
+                    s for start in sliding_starts for s in found.get((group, start), [])
+                )
+                if merged is not None:
+                    records.append(
+                        _stats_record(
+                            group,
+                            "sliding",
+                            sliding_end - cfg.sliding_ms,
+                            sliding_end,
+                            merged,
+                            now_ms,
+                        )
+                    )
+        futures = [
+            await self.producer.send(
+                self._stats_topic, self._stats_codec.encode(r), key=r["model"].encode()
+            )
+            for r in records
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+        EVENTS_OUT.labels(self.name, self._stats_topic).inc(len(records))
+        latest = [r for r in records if r["window_kind"] == "sliding"]
+        for r in records:
+            if r["window_kind"] != "tumbling":
+                continue
+            group = (r["model"], r["model_version"], r["variant"], r["segment"])
+            if r["window_start"] >= self._latest_tumbling.get(group, r["window_start"]):
+                self._latest_tumbling[group] = r["window_start"]
+                latest.append(r)
+        await self.shards.put_latest(latest)
+        for r in records:
+            if r["window_kind"] == "sliding":
+                for metric in GAUGE_METRICS:
+                    if metric in r["metrics"]:
+                        telemetry.PERFORMANCE.labels(
+                            r["model"], r["model_version"], r["variant"], r["segment"], metric
+                        ).set(r["metrics"][metric])
+        if newest is not None:
+            self.shards.forget_before(
+                newest - cfg.window_ms - cfg.grace_ms - cfg.sliding_ms - cfg.tumbling_ms
+            )
+        self.published += len(records)
+        return len(records)
+
+
+def _stats_record(
+    group: tuple[str, str, str, str],
+    kind: str,
+    start: int,
+    end: int,
+    stats: GroupStats,
+    now_ms: int,
+) -> dict[str, Any]:
+    model, version, variant, segment = group
+    return {
+        "model": model,
+        "model_version": version,
+        "variant": variant,
+        "segment": segment,
+        "window_kind": kind,
+        "window_start": start,
+        "window_end": end,
+        "count": stats.labeled,
+        "metrics": stats.metrics(),
+        "emitted_at": now_ms,
+    }

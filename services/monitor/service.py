@@ -1,0 +1,291 @@
+"""monitor: predictions, labels, stats and deployments in; alerts, Redis and metrics out.
+
+An aiokafka batch loop (ADR 0001, 0007) in the consumer group ``<prefix>scoremesh-monitor``
+over predictions, predictions.labeled, monitoring.stats and deployments.log. Alert records
+are outputs of the batch, so a batch's offsets are committed only after its alerts are
+on the broker. State survives restarts without pickle:
+
+- alert state: the alerts topic (the monitor's own output) is folded at start and then
+  followed, so sibling processes see each other's alerts;
+- detector and window state: when a partition is first seen (start or rebalance), its
+  last ``replay.records_per_partition`` records before the batch are replayed through
+  the detectors with alerting off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from services.common.batchloop import BatchLoop, Out, Record
+from services.common.codec import CodecError, codec
+from services.common.health import HealthServer
+from services.common.kafka import (
+    assign_all,
+    make_consumer,
+    make_producer,
+    read_to_end,
+    start_with_retry,
+)
+from services.common.registry_view import RegistryView
+from services.common.settings import Settings
+from services.monitor import metrics as m
+from services.monitor.alerts import Transition
+from services.monitor.core import ALERTS, REPLAYED_SOURCES, SOURCES, MonitorCore
+from services.monitor.lag import LagCollector
+from services.monitor.performance import PerformanceCheck
+from services.monitor.policy import MonitorPolicy, with_sinks
+from services.monitor.sinks import Sink, SinkHub, sinks_from_policy
+from services.monitor.store import AlertStore
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 5_000
+
+
+class MonitorService:
+    name = "monitor"
+
+    def __init__(
+        self,
+        settings: Settings,
+        policy: MonitorPolicy | None = None,
+        *,
+        sinks: list[Sink] | None = None,
+        performance_check: PerformanceCheck | None = None,
+        store: AlertStore | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy or with_sinks(
+            settings.monitor_policy,
+            webhook_url=settings.monitor_webhook_url,
+            slack_webhook_url=settings.monitor_slack_webhook_url,
+            pagerduty_routing_key=settings.monitor_pagerduty_routing_key,
+        )
+        self.core = MonitorCore(settings, self.policy, performance_check)
+        self.view = RegistryView(settings, on_change=self.core.on_registry)
+        self.producer = make_producer(settings)
+        self.group_id = f"{settings.topic_prefix}scoremesh-monitor"
+        self.loop = BatchLoop(
+            settings,
+            self.name,
+            self.group_id,
+            [settings.topic(name) for name in SOURCES],
+            self.producer,
+            self._process,
+        )
+        if store is None and settings.redis_url:
+            store = AlertStore(
+                settings, self.policy.redis_alert_ttl_s, self.policy.redis_recent_alerts
+            )
+        self.store = store
+        cooldown_ms = int(self.policy.alerts.cooldown_s * 1000)
+
+        async def gate(transition: Transition) -> bool:
+            assert self.store is not None
+            return await self.store.claim(transition, cooldown_ms)
+
+        self.hub = SinkHub(
+            sinks if sinks is not None else sinks_from_policy(self.policy.sinks),
+            self.policy.sinks,
+            gate=gate if store is not None else None,
+            client=http_client,
+        )
+        self.lag = LagCollector(settings) if self.policy.lag_interval_s > 0 else None
+        self.alerts_ready = asyncio.Event()
+        self._alert_codec = codec("Alert")
+        self._alerts_consumer: AIOKafkaConsumer | None = None
+        self._replay_consumer: AIOKafkaConsumer | None = None
+        self._warmed: set[TopicPartition] = set()
+        self._replayed_topics = {settings.topic(name) for name in REPLAYED_SOURCES}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store_write: asyncio.Task[None] | None = None
+        self._drift_written_at = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def register_checks(self, health: HealthServer) -> None:
+        health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
+        health.add_check(
+            "alerts",
+            lambda: (
+                self.alerts_ready.is_set(),
+                f"alerts folded: {len(self.core.manager.book.open_alerts())} open",
+            ),
+        )
+        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        if self.store is not None:
+            store = self.store
+            health.add_check("redis", lambda: (store.healthy, "alert store writable"))
+
+    async def start(self) -> None:
+        await start_with_retry(self.producer.start, "monitor-producer", self.settings)
+        await self.view.start()
+        await self._fold_alerts()
+        self._replay_consumer = make_consumer(
+            self.settings, group_id=None, max_poll_records=REPLAY_CHUNK
+        )
+        await start_with_retry(self._replay_consumer.start, "monitor-replay", self.settings)
+        if self.store is not None:
+            await self.store.ping()
+        await self.hub.start()
+        if self.lag is not None:
+            await self.lag.start()
+            self._tasks.append(
+                asyncio.create_task(self.lag.run(self.policy.lag_interval_s), name="consumer-lag")
+            )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.loop.start(stop)
+        await self.loop.run(stop)
+
+    async def stop(self) -> None:
+        await self.loop.stop()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.lag is not None:
+            await self.lag.stop()
+        for consumer in (self._alerts_consumer, self._replay_consumer):
+            if consumer is not None:
+                await consumer.stop()
+        await self.hub.stop()
+        if self._store_write is not None:
+            with contextlib.suppress(Exception):
+                await self._store_write
+        if self.store is not None:
+            await self.store.close()
+        await self.view.stop()
+        await self.producer.stop()
+
+    # --- alert state from the topic -------------------------------------------------
+
+    async def _fold_alerts(self) -> None:
+        consumer = make_consumer(self.settings, group_id=None, max_poll_records=REPLAY_CHUNK)
+        await start_with_retry(consumer.start, "monitor-alerts", self.settings)
+        self._alerts_consumer = consumer
+        tps = await assign_all(consumer, self.settings.topic(ALERTS))
+        folded = await read_to_end(consumer, tps, self._apply_alert, timeout_s=120)
+        self.core.export_open()
+        self.alerts_ready.set()
+        log.info(
+            "alerts folded",
+            extra={"records": folded, "open": len(self.core.manager.book.open_alerts())},
+        )
+        self._tasks.append(asyncio.create_task(self._follow_alerts(consumer), name="alerts-follow"))
+
+    def _apply_alert(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            self.core.manager.book.apply_record(self._alert_codec.decode(record.value or b""))
+        except (CodecError, KeyError, ValueError) as exc:
+            m.SKIPPED.labels(ALERTS, "undecodable").inc()
+            log.error(
+                "skipping unreadable alert record",
+                extra={"offset": record.offset, "error": str(exc)},
+            )
+
+    async def _follow_alerts(self, consumer: AIOKafkaConsumer) -> None:
+        """Sibling monitors' records (and our own, which change nothing) keep the book whole."""
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=1000)
+            except KafkaError as exc:
+                log.warning("alerts follow error, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self._apply_alert(record)
+
+    # --- the batch ------------------------------------------------------------------
+
+    async def _process(self, records: list[Record]) -> list[Out]:
+        await self._sync_partitions(records)
+        result = self.core.process(records)
+        for transition in result.transitions:
+            self.hub.submit(transition)
+        self._schedule_store_write(result.transitions)
+        return result.outs
+
+    async def _sync_partitions(self, records: list[Record]) -> None:
+        """Forget revoked partitions; rebuild the state of newly seen ones by replay."""
+        assigned = set(self.loop.assigned)
+        for tp in [tp for tp in self._warmed if tp not in assigned]:
+            self.core.drop_partition(tp.topic, tp.partition)
+            self._warmed.discard(tp)
+        firsts: dict[TopicPartition, int] = {}
+        for record in records:
+            if record.topic not in self._replayed_topics:
+                continue
+            tp = TopicPartition(record.topic, record.partition)
+            if tp in self._warmed:
+                continue
+            firsts[tp] = min(firsts.get(tp, record.offset), record.offset)
+        for tp, first in firsts.items():
+            await self._replay(tp, first)
+            self._warmed.add(tp)
+
+    async def _replay(self, tp: TopicPartition, before: int) -> None:
+        start = max(0, before - self.policy.replay.records_per_partition)
+        if start >= before:
+            return
+        consumer = self._replay_consumer
+        assert consumer is not None
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        deadline = time.monotonic() + self.policy.replay.timeout_s
+        replayed = 0
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(tp, timeout_ms=200, max_records=REPLAY_CHUNK)
+            chunk = [r for r in batches.get(tp, []) if r.offset < before]
+            if chunk:
+                self.core.process(chunk, warm=True)
+                replayed += len(chunk)
+            if await consumer.position(tp) >= before:
+                break
+        else:
+            log.warning(
+                "replay did not reach the batch in time; detectors start partly cold",
+                extra={"partition": f"{tp.topic}/{tp.partition}", "replayed": replayed},
+            )
+        m.REPLAYED.labels(tp.topic).inc(replayed)
+        log.info(
+            "detector state rebuilt by replay",
+            extra={"partition": f"{tp.topic}/{tp.partition}", "records": replayed},
+        )
+
+    def _schedule_store_write(self, transitions: list[Transition]) -> None:
+        store = self.store
+        if store is None:
+            return
+        drift: dict[str, list[dict[str, Any]]] = {}
+        now = time.monotonic()
+        if (
+            self.core.drift_changed
+            and now - self._drift_written_at >= self.policy.drift_state_interval_s
+        ):
+            for model, version in self.core.drift_changed:
+                rows = self.core.drift.get((model, version), {})
+                drift[f"{model}@{version}"] = [row.as_dict() for row in rows.values()]
+            self.core.drift_changed.clear()
+            self._drift_written_at = now
+        if not transitions and not drift:
+            return
+        previous = self._store_write
+
+        async def write() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
+            await store.write(transitions, drift)
+
+        self._store_write = asyncio.create_task(write())

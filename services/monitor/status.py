@@ -1,0 +1,184 @@
+"""`scoremesh monitor status`: current drift state and open alerts, as rows.
+
+Alerts come from the alerts topic (folded, authoritative: works with no monitor running)
+or from Redis; drift state comes from Redis, where the monitor writes every window's
+measurements. ``format_table`` renders rows for a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from redis.exceptions import RedisError
+
+from services.common.codec import CodecError, codec
+from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
+from services.common.settings import Settings
+from services.monitor.alerts import AlertBook
+from services.monitor.core import ALERTS
+from services.monitor.policy import severity_rank
+from services.monitor.store import AlertStore
+
+ALERT_COLUMNS = (
+    "severity",
+    "alert_key",
+    "kind",
+    "summary",
+    "first_seen",
+    "last_seen",
+    "count",
+)
+DRIFT_COLUMNS = (
+    "model",
+    "version",
+    "signal",
+    "state",
+    "psi",
+    "ks",
+    "rate",
+    "sample",
+    "window_last",
+)
+
+
+@dataclass(frozen=True)
+class MonitorStatus:
+    drift: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]
+    alerts_source: str  # "topic" | "redis"
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "drift": self.drift,
+            "alerts": self.alerts,
+            "alerts_source": self.alerts_source,
+            "notes": self.notes,
+        }
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def alert_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [
+        {
+            "severity": r["severity"],
+            "alert_key": r["alert_key"],
+            "kind": r["kind"],
+            "state": r["state"],
+            "model": r["model"],
+            "version": r.get("model_version") or "",
+            "summary": r["summary"],
+            "first_seen": _when(r["first_seen"]),
+            "last_seen": _when(r["last_seen"]),
+            "count": r.get("count", 1),
+            "evidence": r.get("evidence", {}),
+        }
+        for r in records
+        if r["state"] == "firing"
+    ]
+    rows.sort(key=lambda r: (-severity_rank(r["severity"]), r["alert_key"]))
+    return rows
+
+
+def drift_rows(measurements: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for d in measurements:
+        stats = d.get("stats") or {}
+        rows.append(
+            {
+                "model": d["model"],
+                "version": d["version"],
+                "signal": d["signal"],
+                "feature": d.get("feature") or "",
+                "state": d.get("state", "ok"),
+                "psi": _num(stats.get("psi")),
+                "ks": _num(stats.get("ks")),
+                "rate": _num(stats.get("rate")),
+                "sample": d.get("sample", 0),
+                "window_last": _when(d.get("window_last")),
+                "stats": stats,
+            }
+        )
+    rows.sort(key=lambda r: (r["model"], r["version"], -severity_rank(r["state"]), r["signal"]))
+    return rows
+
+
+def _num(value: Any) -> str:
+    return "" if value is None else f"{float(value):.4g}"
+
+
+async def fold_alert_topic(settings: Settings, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Every alert's newest record, from the alerts topic."""
+    book = AlertBook()
+    alert_codec = codec("Alert")
+    consumer = make_consumer(settings, group_id=None, max_poll_records=5_000)
+    await start_with_retry(consumer.start, "status-alerts", settings)
+
+    def handle(record: ConsumerRecord[bytes, bytes]) -> None:
+        # an unreadable record is counted by the monitor itself; status shows the rest
+        with contextlib.suppress(CodecError, KeyError, ValueError):
+            book.apply_record(alert_codec.decode(record.value or b""))
+
+    try:
+        tps = await assign_all(consumer, settings.topic(ALERTS))
+        await read_to_end(consumer, tps, handle, timeout_s=timeout_s)
+    finally:
+        await consumer.stop()
+    return [a.to_record() for a in book.alerts.values()]
+
+
+async def monitor_status(
+    settings: Settings, *, alerts_from: str = "topic", store: AlertStore | None = None
+) -> MonitorStatus:
+    """Drift state (Redis) and open alerts (``alerts_from`` = "topic" or "redis")."""
+    notes: list[str] = []
+    own = store is None and settings.redis_url is not None
+    if own:
+        store = AlertStore(settings, ttl_s=60, recent=1)
+    drift: list[dict[str, Any]] = []
+    alerts: list[dict[str, Any]] = []
+    try:
+        if store is not None:
+            try:
+                drift = drift_rows(await store.drift_rows())
+                if alerts_from == "redis":
+                    alerts = alert_rows(await store.open_alerts())
+            except (RedisError, OSError) as exc:
+                notes.append(f"Redis unavailable ({exc}); drift state needs the monitor's Redis")
+        else:
+            notes.append("no Redis configured (SCOREMESH_REDIS_URL): drift state is unavailable")
+        if alerts_from == "topic" or (alerts_from == "redis" and store is None):
+            alerts = alert_rows(await fold_alert_topic(settings))
+            alerts_from = "topic"
+    finally:
+        if own and store is not None:
+            await store.close()
+    if not drift:
+        notes.append("no drift measurements yet: is `scoremesh run monitor` running?")
+    return MonitorStatus(drift=drift, alerts=alerts, alerts_source=alerts_from, notes=notes)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], width: int = 60) -> str:
+    """A plain-text table; long cells are cut to ``width`` characters."""
+    if not rows:
+        return "(none)"
+
+    def cell(value: Any) -> str:
+        text = str(value)
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,150 @@
+"""Alerts and drift state in Redis, for the query API and `scoremesh monitor status`.
+
+Redis is a read model, never the system of record (that is the alerts topic). Layout,
+``<p>`` = ``settings.redis_key_prefix``:
+
+- ``<p>alerts:by-key:<alert_key>``: hash ``{order, alert}``: the newest Alert record of a
+  key as JSON; written only if newer (``order`` = episode, count, last seen, resolved);
+  TTL ``redis_alert_ttl_s``, refreshed by every write;
+- ``<p>alerts:open``: sorted set of firing alert keys, score = last seen (ms);
+- ``<p>alerts:recent``: list of the newest Alert records as JSON (newest first, capped);
+- ``<p>alerts:gate:<alert_key>:<event>``: a notification claim (SET NX PX cooldown) so that
+  one monitor process out of several notifies;
+- ``<p>monitor:drift:<model>@<version>``: hash signal -> JSON of its last windowed
+  measurement (stats, state, sample, window); TTL ``redis_alert_ttl_s``;
+- ``<p>monitor:versions``: set of ``model@version`` that have drift state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.common.settings import Settings
+from services.monitor import metrics as m
+from services.monitor.alerts import AlertState, Transition
+
+log = logging.getLogger(__name__)
+
+# ARGV: prefix, ttl, recent cap, then per alert: key, order, state, last_seen, json
+_WRITE_ALERTS = """
+local prefix, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local written = 0
+for i = 4, #ARGV, 5 do
+  local akey, order, state, last_seen, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local hkey = prefix .. 'alerts:by-key:' .. akey
+  local held = redis.call('HGET', hkey, 'order')
+  if (not held) or held < order then
+    redis.call('HSET', hkey, 'order', order, 'alert', body)
+    redis.call('EXPIRE', hkey, ttl)
+    if state == 'firing' then
+      redis.call('ZADD', prefix .. 'alerts:open', tonumber(last_seen), akey)
+    else
+      redis.call('ZREM', prefix .. 'alerts:open', akey)
+    end
+    redis.call('LPUSH', prefix .. 'alerts:recent', body)
+    written = written + 1
+  end
+end
+redis.call('LTRIM', prefix .. 'alerts:recent', 0, cap - 1)
+return written
+"""
+
+
+def order_text(record: dict[str, Any]) -> str:
+    """The episode order of an Alert record as a string Redis compares correctly."""
+    first, count, last, resolved = AlertState.from_record(record).order
+    return f"{first:015d}:{count:012d}:{last:015d}:{resolved}"
+
+
+class AlertStore:
+    def __init__(
+        self,
+        settings: Settings,
+        ttl_s: int,
+        recent: int,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        self.prefix = settings.redis_key_prefix
+        self.ttl_s = ttl_s
+        self.recent = recent
+        self.client = client or aioredis.from_url(
+            settings.require_redis(), socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self._write = self.client.register_script(_WRITE_ALERTS)
+        self.healthy = False
+
+    async def ping(self) -> bool:
+        try:
+            self.healthy = bool(await self.client.ping())
+        except (RedisError, OSError):
+            self.healthy = False
+        return self.healthy
+
+    async def write(
+        self, transitions: Sequence[Transition], drift: dict[str, list[dict[str, Any]]]
+    ) -> None:
+        """Alert records (if newer) and drift rows per ``model@version``; failures are
+        counted and logged, never raised."""
+        try:
+            if transitions:
+                args: list[Any] = [self.prefix, self.ttl_s, self.recent]
+                for t in transitions:
+                    r = t.record
+                    args += [r["alert_key"], order_text(r), r["state"], r["last_seen"]]
+                    args.append(orjson.dumps(r))
+                await self._write(keys=[], args=args)
+            if drift:
+                pipe = self.client.pipeline(transaction=False)
+                for version_key, rows in drift.items():
+                    key = f"{self.prefix}monitor:drift:{version_key}"
+                    pipe.hset(key, mapping={row["signal"]: orjson.dumps(row) for row in rows})
+                    pipe.expire(key, self.ttl_s)
+                    pipe.sadd(f"{self.prefix}monitor:versions", version_key)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            m.ALERT_STORE_WRITES.labels("failed").inc()
+            if self.healthy:
+                log.warning("alert store write failed", extra={"error": str(exc)})
+            self.healthy = False
+            return
+        m.ALERT_STORE_WRITES.labels("written").inc()
+        self.healthy = True
+
+    async def claim(self, transition: Transition, ttl_ms: int) -> bool:
+        """True when this process may send this notification (first claim in ``ttl_ms``)."""
+        key = f"{self.prefix}alerts:gate:{transition.key}:{transition.event}"
+        try:
+            return bool(await self.client.set(key, "1", nx=True, px=max(1, ttl_ms)))
+        except (RedisError, OSError) as exc:
+            log.warning("notification gate unavailable; sending", extra={"error": str(exc)})
+            return True
+
+    async def open_alerts(self) -> list[dict[str, Any]]:
+        keys = await self.client.zrevrange(f"{self.prefix}alerts:open", 0, -1)
+        out: list[dict[str, Any]] = []
+        for key in keys:
+            body = await self.client.hget(
+                f"{self.prefix}alerts:by-key:{key.decode() if isinstance(key, bytes) else key}",
+                "alert",
+            )
+            if body:
+                out.append(orjson.loads(body))
+        return out
+
+    async def drift_rows(self) -> list[dict[str, Any]]:
+        versions = await self.client.smembers(f"{self.prefix}monitor:versions")
+        out: list[dict[str, Any]] = []
+        for raw in sorted(versions):
+            version_key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            rows = await self.client.hgetall(f"{self.prefix}monitor:drift:{version_key}")
+            out.extend(orjson.loads(v) for v in rows.values())
+        return out
+
+    async def close(self) -> None:
+        await self.client.aclose()

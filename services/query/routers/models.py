@@ -1,0 +1,220 @@
+"""Models: the folded registry, the deployment history, and promote / rollback commands."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query
+from fastapi.responses import JSONResponse
+
+from services.common.kafka import KafkaUnavailable
+from services.common.model_version import ModelVersion
+from services.query.deps import MutationAuth, Runtime
+from services.query.problems import Problem
+from services.query.runtime import QueryRuntime
+from services.query.schemas import (
+    MODEL_NAME,
+    SEMVER,
+    DeploymentEventOut,
+    HistoryOut,
+    ModelOut,
+    ModelsOut,
+    PromoteIn,
+    RollbackIn,
+    VersionOut,
+    problem_responses,
+)
+from services.registry.client import (
+    RegistryTimeout,
+    new_command,
+    send_command,
+    wait_for_outcome,
+)
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+Name = Annotated[str, Path(pattern=MODEL_NAME, description="model name")]
+Version = Annotated[str, Path(pattern=SEMVER, description="semantic version")]
+ACTOR = "api"
+
+
+def _summary(v: ModelVersion) -> dict[str, Any]:
+    return {
+        "version": v.version,
+        "stage": v.stage,
+        "generation": v.generation,
+        "canary_percent": v.canary_percent,
+        "enabled": v.enabled,
+        "registered_at": v.registered_at,
+        "updated_at": v.updated_at,
+    }
+
+
+def _folded(runtime: QueryRuntime) -> None:
+    if not runtime.view.ready.is_set():
+        raise Problem(503, "not-ready", "models.registry is still being read; retry shortly")
+
+
+def _versions(runtime: QueryRuntime, name: str) -> list[ModelVersion]:
+    _folded(runtime)
+    versions = runtime.view.state.of_model(name)
+    if not versions:
+        known = ", ".join(runtime.view.state.models()) or "none yet"
+        raise Problem(404, "not-found", f"no model named {name!r} (known models: {known})")
+    return versions
+
+
+def _challengers(runtime: QueryRuntime, name: str) -> list[dict[str, Any]]:
+    return [_summary(v) for v in runtime.view.state.active(name) if v.stage != "champion"]
+
+
+@router.get(
+    "",
+    summary="Every model in the registry, with its champion and challengers",
+    response_model=ModelsOut,
+    responses=problem_responses(503),
+)
+async def list_models(runtime: Runtime) -> Any:
+    _folded(runtime)
+    state = runtime.view.state
+    out = []
+    for name in state.models():
+        champion = state.champion(name)
+        out.append(
+            {
+                "name": name,
+                "champion": champion.version if champion else None,
+                "challengers": _challengers(runtime, name),
+                "versions": len(state.of_model(name)),
+            }
+        )
+    return {"models": out}
+
+
+@router.get(
+    "/{name}",
+    summary="One model: its versions, champion, challengers and what this replica serves",
+    response_model=ModelOut,
+    responses=problem_responses(404, 503),
+)
+async def get_model(name: Name, runtime: Runtime) -> Any:
+    versions = _versions(runtime, name)
+    champion = runtime.view.state.champion(name)
+    serving = None
+    if name == runtime.settings.model_name:
+        current = runtime.holder.current
+        serving = {
+            "champion": current.champion.key if current.champion else None,
+            "challengers": [f"{v.key}:{v.stage}" for _, v in current.challengers],
+            "failures": dict(current.failures),
+        }
+    return {
+        "name": name,
+        "champion": champion.version if champion else None,
+        "challengers": _challengers(runtime, name),
+        "versions": [_summary(v) for v in versions],
+        "serving": serving,
+    }
+
+
+@router.get(
+    "/{name}/versions/{version}",
+    summary="One version: stage, artifact, feature spec, metrics and limitations",
+    response_model=VersionOut,
+    responses=problem_responses(404, 503),
+)
+async def get_version(name: Name, version: Version, runtime: Runtime) -> Any:
+    versions = _versions(runtime, name)
+    held = next((v for v in versions if v.version == version), None)
+    if held is None:
+        known = ", ".join(v.version for v in versions)
+        raise Problem(404, "not-found", f"{name} has no version {version} (versions: {known})")
+    return held.to_json()
+
+
+@router.get(
+    "/{name}/history",
+    summary="The deployment log of a model: every stage change and refused command",
+    response_model=HistoryOut,
+    responses=problem_responses(404, 503),
+)
+async def history(
+    name: Name,
+    runtime: Runtime,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="the most recent N")] = 100,
+) -> Any:
+    try:
+        events = [e for e in await runtime.history() if e["model"] == name]
+    except KafkaUnavailable as exc:
+        raise Problem(503, "kafka-unavailable", str(exc)) from exc
+    if not events and name not in runtime.view.state.models():
+        raise Problem(404, "not-found", f"no model named {name!r} and no history for it")
+    return {"model": name, "events": events[-limit:]}
+
+
+async def _command(runtime: QueryRuntime, cmd: dict[str, Any]) -> JSONResponse:
+    settings = runtime.settings
+    try:
+        await send_command(settings, cmd, producer=runtime.producer)
+        event = await wait_for_outcome(
+            settings, cmd["request_id"], timeout_s=runtime.config.command_timeout_s
+        )
+    except RegistryTimeout as exc:
+        raise Problem(
+            504,
+            "registry-timeout",
+            f"{exc}; the command may still be applied later (request_id {cmd['request_id']})",
+            command_request_id=cmd["request_id"],
+        ) from exc
+    except KafkaUnavailable as exc:
+        raise Problem(503, "kafka-unavailable", str(exc)) from exc
+    runtime.forget_history()
+    log.info(
+        "registry command answered",
+        extra={k: event.get(k) for k in ("request_id", "model", "action", "outcome", "detail")},
+    )
+    if event["outcome"] != "applied":
+        raise Problem(409, "command-refused", event.get("detail") or "refused", event=event)
+    return JSONResponse(event)
+
+
+COMMAND_RESPONSES = problem_responses(401, 403, 409, 422, 503, 504)
+
+
+@router.post(
+    "/{name}/promote",
+    summary="Move a version to shadow, canary (with a percent), champion or retired",
+    response_model=DeploymentEventOut,
+    responses=COMMAND_RESPONSES,
+    dependencies=[MutationAuth],
+)
+async def promote(name: Name, body: PromoteIn, runtime: Runtime) -> Any:
+    options = {"percent": str(body.percent)} if body.percent is not None else {}
+    cmd = new_command(
+        name,
+        "promote",
+        ACTOR,
+        version=body.version,
+        target_stage=body.stage,
+        options=options,
+        reason=body.reason,
+    )
+    return await _command(runtime, cmd)
+
+
+@router.post(
+    "/{name}/rollback",
+    summary="Roll back the champion to the previous one, or take a challenger out",
+    response_model=DeploymentEventOut,
+    responses=COMMAND_RESPONSES,
+    dependencies=[MutationAuth],
+)
+async def rollback(
+    name: Name, runtime: Runtime, body: Annotated[RollbackIn | None, Body()] = None
+) -> Any:
+    body = body or RollbackIn()
+    cmd = new_command(name, "rollback", ACTOR, version=body.version, reason=body.reason)
+    return await _command(runtime, cmd)

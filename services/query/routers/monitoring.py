@@ -1,0 +1,110 @@
+"""Monitoring and alerts: the monitor's read model in Redis (``services/monitor/store.py``).
+
+Drift measurements per ``model@version`` and the open alerts are read with the monitor's
+own ``AlertStore``; recently resolved alerts come from its ``alerts:recent`` list. When
+the monitor has written nothing yet, these routes answer empty lists with a note.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Path, Query
+from redis.exceptions import RedisError
+
+from services.monitor.store import AlertStore
+from services.query.deps import Runtime
+from services.query.problems import Problem
+from services.query.runtime import QueryRuntime
+from services.query.schemas import MODEL_NAME, AlertsOut, MonitoringOut, problem_responses
+
+router = APIRouter(prefix="/v1", tags=["monitoring"])
+
+RECENT_ALERTS = 1000
+
+
+def _alert_store(runtime: QueryRuntime) -> AlertStore:
+    store = runtime.store
+    if store is None:
+        raise Problem(503, "store-unavailable", "this server has no Redis; set SCOREMESH_REDIS_URL")
+    # Reads only: the TTL and cap matter to the monitor, which writes.
+    return AlertStore(runtime.settings, ttl_s=1, recent=RECENT_ALERTS, client=store.client)
+
+
+def _unavailable(exc: Exception) -> Problem:
+    return Problem(503, "store-unavailable", f"the query store (Redis) did not answer: {exc}")
+
+
+@router.get(
+    "/monitoring/{model}",
+    summary="The monitor's latest drift measurements per version and signal",
+    response_model=MonitoringOut,
+    responses=problem_responses(503),
+)
+async def monitoring(
+    model: Annotated[str, Path(pattern=MODEL_NAME)],
+    runtime: Runtime,
+    version: Annotated[str | None, Query(max_length=64)] = None,
+) -> Any:
+    try:
+        rows = await _alert_store(runtime).drift_rows()
+    except (RedisError, OSError) as exc:
+        raise _unavailable(exc) from exc
+    stats = [
+        r
+        for r in rows
+        if r.get("model") == model and (version is None or r.get("version") == version)
+    ]
+    stats.sort(key=lambda r: (str(r.get("version")), str(r.get("signal"))))
+    note = None
+    if not stats:
+        note = (
+            f"no drift measurements for {model!r} yet: the monitor service writes them once "
+            "it runs and has seen a window of predictions"
+        )
+    return {"model": model, "stats": stats, "note": note}
+
+
+@router.get(
+    "/alerts",
+    summary="Alerts raised by the monitor: open ones by default, most recently seen first",
+    response_model=AlertsOut,
+    responses=problem_responses(503),
+)
+async def alerts(
+    runtime: Runtime,
+    model: Annotated[str | None, Query(pattern=MODEL_NAME)] = None,
+    state: Literal["firing", "resolved", "all"] = "firing",
+    severity: Literal["info", "warning", "critical"] | None = None,
+) -> Any:
+    store = _alert_store(runtime)
+    try:
+        if state == "firing":
+            found = await store.open_alerts()
+        else:
+            raw = await store.client.lrange(f"{store.prefix}alerts:recent", 0, -1)
+            found = _latest_per_key([orjson.loads(r) for r in raw])
+    except (RedisError, OSError) as exc:
+        raise _unavailable(exc) from exc
+    picked = [
+        a
+        for a in found
+        if (model is None or a.get("model") == model)
+        and (state == "all" or a.get("state") == state)
+        and (severity is None or a.get("severity") == severity)
+    ]
+    picked.sort(key=lambda a: a.get("last_seen") or 0, reverse=True)
+    note = None
+    if not found:
+        note = "no alerts recorded: the monitor service writes them once it runs"
+    return {"alerts": picked, "note": note}
+
+
+def _latest_per_key(records: list[Any]) -> list[dict[str, Any]]:
+    """``alerts:recent`` is newest first and may hold several records of one alert."""
+    seen: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if isinstance(record, dict):
+            seen.setdefault(str(record.get("alert_key")), record)
+    return list(seen.values())

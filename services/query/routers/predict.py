@@ -1,0 +1,213 @@
+"""POST /v1/predict: validate like the validator, score like the scorer, micro-batched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from services.common.featurespec import RuleSet
+from services.query.problems import Problem
+from services.query.runtime import EventPredictions, QueryRuntime
+from services.query.schemas import (
+    EventBatchIn,
+    EventIn,
+    PredictionBatchOut,
+    PredictionOut,
+    problem_responses,
+)
+from services.scorer.scoring import ScoringError
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/EventIn"},
+                        {"$ref": "#/components/schemas/EventBatchIn"},
+                    ]
+                },
+                "examples": {
+                    "one event": {
+                        "value": {
+                            "event_id": "e-1",
+                            "entity_id": "customer-42",
+                            "event_time": "2026-11-02T10:00:00Z",
+                            "features": {"salary": 52000.0, "age": 41, "elevel": 2},
+                            "attributes": {"channel": "web"},
+                        }
+                    }
+                },
+            }
+        },
+    }
+}
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "One prediction per event; a single event gets a single object",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/PredictionOut"},
+                        {"$ref": "#/components/schemas/PredictionBatchOut"},
+                    ]
+                }
+            }
+        },
+    },
+    **problem_responses(400, 413, 422, 503),
+}
+
+DOC_MODELS = (EventIn, EventBatchIn, PredictionOut, PredictionBatchOut)
+JSON = "application/json"
+
+
+def _event_errors(index: int, raw: Any, violations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    return [
+        {**v, "index": index, "event_id": event_id if isinstance(event_id, str) else None}
+        for v in violations
+    ]
+
+
+def _check_events(
+    raws: list[Any], rules: RuleSet, size_limit: int, sizes_known_small: bool
+) -> list[dict[str, Any]]:
+    """Checked events, or a 422 Problem naming every invalid event's reasons."""
+    events: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for index, raw in enumerate(raws):
+        if not sizes_known_small:
+            size = len(orjson.dumps(raw))
+            if size > size_limit:
+                errors += _event_errors(
+                    index,
+                    raw,
+                    [
+                        {
+                            "code": "too_large",
+                            "field": None,
+                            "message": f"{size} bytes exceeds the {size_limit}-byte limit",
+                        }
+                    ],
+                )
+                continue
+        checked = rules.check(raw)
+        if checked.event is None:
+            errors += _event_errors(index, raw, [v.as_record() for v in checked.rejections])
+        elif not errors:
+            events.append(checked.event)
+    if errors:
+        bad = len({e["index"] for e in errors})
+        raise Problem(
+            422,
+            "invalid-events",
+            f"{bad} of {len(raws)} events are invalid; nothing was scored. The errors list "
+            "names each event (index, event_id) and what to fix (code, field, message)",
+            errors=errors,
+            rule_set=rules.version,
+        )
+    return events
+
+
+def _out(event: dict[str, Any], variants: EventPredictions) -> dict[str, Any]:
+    served = next((p for p in variants if p["served"]), variants[0])
+    return {
+        "event_id": served["event_id"],
+        "entity_id": served["entity_id"],
+        "decision": served["decision"],
+        "score": served["score"],
+        "scores": served["scores"],
+        "model": served["model"],
+        "model_version": served["model_version"],
+        "variant": served["variant"],
+        "served": True,
+        "flags": event["flags"],
+    }
+
+
+@router.post(
+    "/predict",
+    summary="Score one event or a batch",
+    description=(
+        "Validates each event with the serving versions' rule set (the validator's reason "
+        "codes), scores with the champion (and the canary for its share of entities), and "
+        "publishes every variant's prediction to the predictions topic with source=sync. "
+        "If any event is invalid, nothing is scored and the answer is 422."
+    ),
+    openapi_extra=REQUEST_BODY,
+    responses=RESPONSES,
+    response_class=Response,
+)
+async def predict(request: Request) -> Response:
+    # The hot path reads the runtime from app.state itself: FastAPI's dependency solving
+    # measured ~15 us per request here, about a tenth of the whole request's CPU.
+    runtime: QueryRuntime | None = request.app.state.runtime
+    if runtime is None:
+        raise Problem(503, "not-ready", "the service is starting; retry in a moment")
+    body = await request.body()
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(
+            400,
+            "malformed-body",
+            f'the body is not JSON ({exc}); send one event object or {{"events": [...]}}',
+            errors=[{"code": "undecodable", "field": None, "message": str(exc)}],
+        ) from None
+    batch = isinstance(payload, dict) and "events" in payload and "event_id" not in payload
+    if batch:
+        raws = payload["events"]
+        limit = runtime.config.max_events
+        if not isinstance(raws, list) or not raws:
+            raise Problem(
+                422,
+                "invalid-request",
+                "'events' must be a non-empty list of event objects",
+                errors=[{"code": "invalid_envelope", "field": "events", "message": "not a list"}],
+            )
+        if len(raws) > limit:
+            raise Problem(
+                422,
+                "too-many-events",
+                f"{len(raws)} events in one request; the limit is {limit}; split them",
+                errors=[
+                    {
+                        "code": "too_many_events",
+                        "field": "events",
+                        "message": f"at most {limit} events per request",
+                    }
+                ],
+            )
+    else:
+        raws = [payload]
+    serving, rules = runtime.rules()
+    if rules is None or serving.champion is None:
+        raise Problem(
+            503,
+            "no-model",
+            f"no champion of model {runtime.settings.model_name!r} is loaded yet; promote one "
+            "(`scoremesh models promote`) or wait for it to load",
+            headers={"Retry-After": "5"},
+        )
+    size_limit = min(
+        runtime.settings.max_event_bytes,
+        rules.spec.max_event_bytes or runtime.settings.max_event_bytes,
+    )
+    events = _check_events(raws, rules, size_limit, len(body) <= size_limit)
+    try:
+        results = await runtime.predict(events)
+    except ScoringError as exc:
+        raise Problem(500, "scoring-error", f"the model could not score the events: {exc}") from exc
+    if batch:
+        out: Any = {"predictions": [_out(e, r) for e, r in zip(events, results, strict=True)]}
+    else:
+        out = _out(events[0], results[0])
+    return Response(orjson.dumps(out), media_type=JSON)

@@ -1,0 +1,218 @@
+"""Everything the query API serves from: models, rules, Kafka, Redis, the micro-batcher.
+
+Registry folding and hot-loading are the scorer's own (``RegistryView`` + ``ModelHolder``),
+scoring is ``score_events``; this class only wires them for request/response use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from services.common.featurespec import RuleSet
+from services.common.kafka import make_producer, start_with_retry
+from services.common.metrics import BATCH_SIZE, PREDICTION_LATENCY, PREDICTIONS, SCORING_ERRORS
+from services.common.query_store import QueryStore
+from services.common.registry_view import RegistryView
+from services.common.settings import Settings
+from services.query.batching import AdaptiveBatcher
+from services.query.config import ApiConfig
+from services.query.sink import PredictionSink
+from services.registry.client import read_history
+from services.scorer.models import ModelHolder, ServingSet, serving_rule_set
+from services.scorer.scoring import ScoringError, score_events
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_TOPIC = "predictions"
+SOURCE = "sync"
+
+EventPredictions = list[dict[str, Any]]
+"""Every variant's prediction for one event: the champion's first, then challengers'."""
+
+
+@dataclass
+class Readiness:
+    ready: bool
+    checks: dict[str, str] = field(default_factory=dict)
+
+
+class QueryRuntime:
+    def __init__(self, settings: Settings, config: ApiConfig | None = None) -> None:
+        self.settings = settings
+        self.config = config or ApiConfig.from_settings(settings)
+        self.holder = ModelHolder(settings)
+        self.view = RegistryView(settings, on_change=self.holder.on_registry)
+        self.producer = make_producer(settings)
+        self.store = QueryStore(settings) if settings.redis_url else None
+        self.sink = PredictionSink(
+            self.producer,
+            settings.topic(PREDICTIONS_TOPIC),
+            self.store,
+            self.config.publish_max_inflight,
+            linger_s=self.config.publish_linger_ms / 1000.0,
+        )
+        self.batcher: AdaptiveBatcher[dict[str, Any], EventPredictions] = AdaptiveBatcher(
+            self._score,
+            max_size=self.config.batch_max_size,
+            max_wait_s=self.config.batch_max_wait_ms / 1000.0,
+            on_batch=self._on_batch,
+        )
+        self.producer_started = False
+        self._rules: tuple[ServingSet, RuleSet | None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._history: tuple[float, list[dict[str, Any]]] | None = None
+        self._history_lock = asyncio.Lock()
+        self._batch_size = BATCH_SIZE.labels("query")
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        await start_with_retry(self.producer.start, "query-producer", self.settings)
+        self.producer_started = True
+        self.sink.start()
+        self._tasks.append(asyncio.create_task(self.holder.run(), name="model-holder"))
+        await self.view.start()
+        if self.store is not None:
+            await self.store.ping()
+        log.info(
+            "query runtime started",
+            extra={"model": self.settings.model_name, "versions": len(self.view.state.versions)},
+        )
+
+    async def stop(self) -> None:
+        self.batcher.close()
+        await self.sink.drain(self.settings.shutdown_deadline_s / 2)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.view.stop()
+        if self.producer_started:
+            await self.producer.stop()
+            self.producer_started = False
+        if self.store is not None:
+            await self.store.close()
+
+    # --- predictions -----------------------------------------------------------------
+    def rules(self) -> tuple[ServingSet, RuleSet | None]:
+        """The serving set and the rule set for exactly its versions (cached per set)."""
+        serving = self.holder.current
+        cached = self._rules
+        if cached is None or cached[0] is not serving:
+            cached = self._rules = (serving, serving_rule_set(serving, self.view.state))
+        return cached
+
+    def _score(self, events: list[dict[str, Any]], first_at: float) -> list[EventPredictions]:
+        """One ``score_events`` call for a micro-batch; published once, split per event."""
+        serving = self.holder.current  # one snapshot per batch, as in the scorer
+        try:
+            result = score_events(serving, events, SOURCE, first_at)
+        except ScoringError:
+            if serving.champion is not None:
+                version = serving.champion.version
+                SCORING_ERRORS.labels(version.name, version.version).inc()
+            raise
+        predictions = result.predictions
+        for key, error in result.challenger_errors.items():
+            log.warning("challenger failed on a sync batch", extra={"version": key, "error": error})
+        self.sink.publish(predictions)
+        n = len(events)
+        blocks = len(predictions) // n
+        counts: dict[tuple[str, str], int] = {}
+        for b in range(blocks):
+            head = predictions[b * n]
+            ident = (head["model_version"], head["variant"])
+            counts[ident] = counts.get(ident, 0) + n
+        for ident, count in counts.items():
+            self._count(ident, count, predictions[0]["latency_ms"] / 1000.0)
+        return [[predictions[b * n + i] for b in range(blocks)] for i in range(n)]
+
+    def _count(self, ident: tuple[str, str], n: int, latency_s: float) -> None:
+        children = self._counters.get(ident)
+        if children is None:
+            model = self.settings.model_name
+            children = self._counters[ident] = (
+                PREDICTIONS.labels(model, ident[0], ident[1], SOURCE),
+                PREDICTION_LATENCY.labels(model, ident[0], ident[1]),
+            )
+        children[0].inc(n)
+        children[1].observe(latency_s)
+
+    def _on_batch(self, items: int, submissions: int) -> None:
+        self._batch_size.observe(items)
+
+    async def predict(self, events: list[dict[str, Any]]) -> list[EventPredictions]:
+        if not self.sink.has_room():
+            await self.sink.wait_for_room(self.config.publish_wait_ms / 1000.0)
+        return await self.batcher.submit(events)
+
+    # --- registry history ------------------------------------------------------------
+    async def history(self) -> list[dict[str, Any]]:
+        """deployments.log, read at most once per ``history_cache_s``."""
+        ttl = self.config.history_cache_s
+        cached = self._history
+        if cached is not None and time.monotonic() - cached[0] < ttl:
+            return cached[1]
+        async with self._history_lock:
+            cached = self._history
+            if cached is not None and time.monotonic() - cached[0] < ttl:
+                return cached[1]
+            events = await read_history(self.settings)
+            self._history = (time.monotonic(), events)
+            return events
+
+    def forget_history(self) -> None:
+        self._history = None
+
+    # --- health ----------------------------------------------------------------------
+    def quick_checks(self) -> dict[str, tuple[bool, str]]:
+        """Checks that need no I/O (the health port polls these)."""
+        serving = self.holder.current
+        checks = {
+            "registry": (self.view.ready.is_set(), "models.registry folded"),
+            "model": (
+                serving.champion is not None,
+                ",".join(serving.keys) or f"no champion of {self.settings.model_name!r} loaded",
+            ),
+            "kafka": (
+                self.producer_started and self.sink.kafka_ok,
+                "producer started, last send acknowledged"
+                if self.producer_started and self.sink.kafka_ok
+                else "producer not started or the last send failed",
+            ),
+        }
+        if self.store is None:
+            checks["redis"] = (False, "no Redis configured (SCOREMESH_REDIS_URL)")
+        else:
+            checks["redis"] = (self.store.healthy, "query store reachable")
+        return checks
+
+    async def readiness(self) -> Readiness:
+        checks = self.quick_checks()
+        if self.producer_started and not self.sink.kafka_ok:
+            # The last send failed; with no traffic (a not-ready pod gets none) it would never
+            # be retried, so ask the broker directly whether it answers again.
+            try:
+                await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 1.0)
+            except (TimeoutError, KafkaError, OSError):
+                pass
+            else:
+                checks["kafka"] = (True, "broker answers (the last send had failed)")
+        if self.store is not None:
+            try:
+                ok = await asyncio.wait_for(self.store.ping(), 1.0)
+            except (TimeoutError, RedisError, OSError):
+                ok = False
+            checks["redis"] = (ok, "PING answered" if ok else "PING failed")
+        ready = all(ok for ok, _ in checks.values())
+        return Readiness(
+            ready, {k: ("ok: " if ok else "not ready: ") + d for k, (ok, d) in checks.items()}
+        )

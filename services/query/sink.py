@@ -1,0 +1,222 @@
+"""Where sync predictions go after the response: the predictions topic and the query store.
+
+Fire-and-forget with a bound: a request never waits for Kafka acknowledgements. Two pumps
+run in the background, one for Kafka and one for Redis; each takes everything that
+accumulated while its previous round was in flight and sends it as one round (one batch
+per partition, one EVALSHA), so the per-call overhead shrinks as load grows.
+
+At most ``max_inflight`` predictions wait for Kafka at a time; a request waits a short
+while for room (``wait_for_room``) and past that its predictions are dropped from the
+topic, counted and logged, rather than holding the API hostage to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client import Counter
+
+from services.common.codec import CodecError, codec
+from services.common.metrics import EVENTS_OUT, KAFKA_UP
+from services.common.query_store import QueryStore
+
+log = logging.getLogger(__name__)
+
+SERVICE = "query"
+YIELD_EVERY = 64  # predictions encoded between two turns of the event loop
+PUBLISH_DROPPED = Counter(
+    "scoremesh_api_published_dropped_total",
+    "Sync predictions that did not reach the predictions topic",
+    ["reason"],
+)
+
+
+class PredictionSink:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        store: QueryStore | None,
+        max_inflight: int,
+        linger_s: float = 0.005,
+        ack_timeout_s: float = 30.0,
+    ) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.store = store
+        self.max_inflight = max_inflight
+        self.ack_timeout_s = ack_timeout_s
+        self.linger_s = linger_s
+        self.inflight = 0  # accepted for Kafka, not yet acknowledged (or dropped)
+        self.kafka_ok = True
+        self._to_kafka: list[dict[str, Any]] = []
+        self._to_store: list[dict[str, Any]] = []
+        self._kafka_wake = asyncio.Event()
+        self._store_wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._encode = codec("Prediction").encode
+        # The producer's own choice for a keyed record, so sync predictions land on the
+        # same partition as the stream's for an event_id (and as its labels).
+        self._partitioner = DefaultPartitioner()
+        self._partitions: list[int] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store_busy = False
+        self._settled = asyncio.Event()  # set after every round, for drain()
+        self._last_drop_log = 0.0
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._kafka_pump(), name="sync-predictions-kafka"),
+            asyncio.create_task(self._store_pump(), name="sync-predictions-redis"),
+        ]
+
+    def has_room(self) -> bool:
+        return self.inflight < self.max_inflight
+
+    async def wait_for_room(self, timeout_s: float) -> bool:
+        if self.inflight < self.max_inflight:
+            return True
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout_s)
+        return self.inflight < self.max_inflight
+
+    def publish(self, predictions: Sequence[dict[str, Any]]) -> None:
+        """Queue for Kafka and Redis; never raises, never blocks."""
+        if not predictions:
+            return
+        n = len(predictions)
+        if self.inflight + n <= self.max_inflight:
+            self.inflight += n
+            self._to_kafka.extend(predictions)
+            self._kafka_wake.set()
+        else:
+            self._dropped("backpressure", n)
+        if self.store is not None:
+            if len(self._to_store) + n > self.max_inflight:
+                del self._to_store[:n]  # Redis is a cache: keep the newest
+            self._to_store.extend(predictions)
+            self._store_wake.set()
+
+    # --- Kafka -----------------------------------------------------------------------
+    async def _kafka_pump(self) -> None:
+        while True:
+            await self._kafka_wake.wait()
+            await asyncio.sleep(self.linger_s)  # let a round gather several micro-batches
+            self._kafka_wake.clear()
+            batch, self._to_kafka = self._to_kafka, []
+            if not batch:
+                continue
+            try:
+                await self._send(batch)
+            except Exception as exc:  # the pump must outlive any one round
+                self._dropped("kafka_error", len(batch), str(exc))
+            finally:
+                self.inflight -= len(batch)
+                if self.inflight < self.max_inflight:
+                    self._room.set()
+                self._settled.set()
+
+    async def _send(self, predictions: list[dict[str, Any]]) -> None:
+        if not self._partitions:
+            self._partitions = sorted(await self.producer.partitions_for(self.topic))
+        partitions = self._partitions
+        batches: dict[int, Any] = {}
+        futures = []
+        sent = 0
+        try:
+            for i, p in enumerate(predictions):
+                if i and not i % YIELD_EVERY:
+                    await asyncio.sleep(0)  # a big round must not stall requests
+                try:
+                    value = self._encode(p)
+                except CodecError as exc:
+                    self._dropped("encode_error", 1, str(exc))
+                    continue
+                key = p["event_id"].encode()
+                partition = self._partitioner(key, partitions, partitions)
+                builder = batches.get(partition)
+                if builder is None:
+                    builder = batches[partition] = self.producer.create_batch()
+                if builder.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(
+                        await self.producer.send_batch(builder, self.topic, partition=partition)
+                    )
+                    builder = batches[partition] = self.producer.create_batch()
+                    if builder.append(key=key, value=value, timestamp=None) is None:
+                        self._dropped("too_large", 1, f"{len(value)} bytes")
+                        continue
+                sent += 1
+            for partition, builder in batches.items():
+                if builder.record_count():
+                    futures.append(
+                        await self.producer.send_batch(builder, self.topic, partition=partition)
+                    )
+            await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout_s)
+        except (KafkaError, TimeoutError, OSError) as exc:
+            self.kafka_ok = False
+            self._partitions = []  # re-read: the topic may have changed
+            KAFKA_UP.labels(SERVICE).set(0)
+            self._dropped("kafka_error", sent, str(exc))
+            return
+        if not self.kafka_ok:
+            log.info("predictions topic writable again")
+        self.kafka_ok = True
+        KAFKA_UP.labels(SERVICE).set(1)
+        EVENTS_OUT.labels(SERVICE, self.topic).inc(sent)
+
+    # --- Redis -----------------------------------------------------------------------
+    async def _store_pump(self) -> None:
+        while True:
+            await self._store_wake.wait()
+            await asyncio.sleep(self.linger_s)
+            self._store_wake.clear()
+            batch, self._to_store = self._to_store, []
+            if batch and self.store is not None:
+                self._store_busy = True
+                try:
+                    await self.store.write_predictions(batch)  # counts and logs its failures
+                except Exception as exc:  # the pump must outlive any one round
+                    log.warning("query store write failed", extra={"error": str(exc)})
+                finally:
+                    self._store_busy = False
+                    self._settled.set()
+
+    # --- both ------------------------------------------------------------------------
+    def _dropped(self, reason: str, n: int, error: str = "") -> None:
+        if n <= 0:
+            return
+        PUBLISH_DROPPED.labels(reason).inc(n)
+        now = time.monotonic()
+        if now - self._last_drop_log > 10:  # say it, but not once per request
+            self._last_drop_log = now
+            log.warning(
+                "sync predictions not published to Kafka",
+                extra={"reason": reason, "predictions": n, "error": error},
+            )
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and not self._to_store and not self._store_busy
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let what is queued go out, then stop the pumps (at shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and (remaining := deadline - time.monotonic()) > 0:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), remaining)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []

@@ -1,0 +1,215 @@
+"""The monitor's batch logic on real, Avro-encoded predictions and labels (no broker).
+
+Credit events from River's Agrawal generator are scored by the session's trained ONNX
+model; the monitor sees them as six partitions of Kafka records in batches of 512.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from services.common.registry_view import RegistryState
+from services.common.settings import Settings
+from services.monitor.core import MonitorCore
+from services.monitor.policy import MonitorPolicy
+from services.scorer.models import ServingSet
+from services.scorer.scoring import score_events
+from services.trainer.datasets import credit_events
+from tests.monitor.streams import as_records, credit_version, labeled, loaded, predictions
+
+START_MS = 1_767_225_600_000
+BATCH = 512
+
+
+@pytest.fixture(scope="module")
+def model(trained_model: Any) -> Any:
+    return loaded(trained_model.onnx, credit_version(trained_model.onnx, trained_model.metadata))
+
+
+def make_core(model: Any, policy: MonitorPolicy | None = None) -> MonitorCore:
+    settings = Settings(kafka_bootstrap="127.0.0.1:9", topic_prefix="core.")
+    core = MonitorCore(settings, policy or MonitorPolicy())
+    state = RegistryState()
+    state.apply(model.version)
+    core.on_registry(state)
+    return core
+
+
+def run(
+    core: MonitorCore, preds: list[dict[str, Any]], labels: list[str] | None = None
+) -> list[Any]:
+    """Feed predictions (and, interleaved, their labels) batch by batch; all transitions."""
+    topic = core.settings.topic
+    records = as_records(topic("predictions"), "Prediction", preds)
+    label_records = (
+        as_records(
+            topic("predictions.labeled"),
+            "LabeledPrediction",
+            [labeled(p, y) for p, y in zip(preds, labels, strict=True)],
+        )
+        if labels is not None
+        else []
+    )
+    transitions = []
+    for start in range(0, len(records), BATCH):
+        batch = records[start : start + BATCH] + label_records[start : start + BATCH]
+        transitions += core.process(batch).transitions
+    return transitions
+
+
+def index_of(ms: int) -> int:
+    return (ms - START_MS) // 1_000
+
+
+def first_alerts(transitions: list[Any]) -> dict[str, tuple[int, str]]:
+    """Per alert key: the event index it opened at and its highest severity."""
+    out: dict[str, tuple[int, str]] = {}
+    for t in transitions:
+        key, record = t.key, t.record
+        if t.event == "opened" and key not in out:
+            out[key] = (index_of(record["first_seen"]), record["severity"])
+        elif t.event == "escalated":
+            out[key] = (out[key][0], record["severity"])
+    return out
+
+
+def test_a_stationary_stream_of_100000_events_raises_no_alert(model: Any) -> None:
+    n = 100_000
+    preds = list(predictions(model, n, seed=5))
+    labels = [y for _, y in credit_events(n, seed=5)]
+    core = make_core(model)
+    assert run(core, preds, labels) == []
+    ctx = core.contexts[("credit", "1.0.0")]
+    # not vacuous: every event went through every detector and the windows were tested
+    assert len(ctx.banks) == 6 and sum(b.score[0].seen for b in ctx.banks.values()) == n
+    assert sum(b.detectors[0].seen for b in core.error_banks.values()) == n
+    assert ctx.window.total == n and core.detections_total == 0
+    rows = core.drift[("credit", "1.0.0")]
+    assert len(rows) == 19 and all(row.severity is None for row in rows.values())
+
+
+def test_feature_drift_is_detected_at_pinned_events(model: Any) -> None:
+    """Salary x1.3 from event 30,000 on: the stream detectors on six partitions, then the
+    windowed test against the training reference, open one alert each."""
+    preds = list(predictions(model, 40_000, seed=5, drift_at=30_000, drift={"salary": 1.3}))
+    alerts = first_alerts(run(make_core(model), preds))
+    assert alerts == {
+        "credit/1.0.0/stream_drift.salary": (30_331, "warning"),
+        "credit/1.0.0/reference_drift.salary": (32_767, "critical"),
+    }
+
+
+def test_concept_drift_raises_the_error_rate_alert_only(model: Any) -> None:
+    """Agrawal's labelling function switches from 0 to 2 at event 30,000; features and
+    scores do not change, the error stream does."""
+    n = 30_000
+    before = credit_events(n, seed=5)
+    after = credit_events(
+        n, seed=6, classification_function=2, start_ms=START_MS + n * 1_000, id_prefix="late"
+    )
+    pairs = list(itertools.chain(before, after))
+    serving = ServingSet(champion=model)
+    preds = [
+        p
+        for start in range(0, 2 * n, 2_000)
+        for p in score_events(
+            serving, [e for e, _ in pairs[start : start + 2_000]], "stream", 0.0
+        ).predictions
+    ]
+    alerts = first_alerts(run(make_core(model), preds, [y for _, y in pairs]))
+    # two partitions agreed within the episode: critical (the default rule for error_rate)
+    assert alerts == {"credit/1.0.0/error_rate": (30_199, "critical")}
+
+
+def stats_record(f1: float, window_end: int, labeled: int = 500) -> dict[str, Any]:
+    return {
+        "model": "credit",
+        "model_version": "1.0.0",
+        "variant": "champion",
+        "segment": "all",
+        "window_kind": "sliding",
+        "window_start": window_end - 3_600_000,
+        "window_end": window_end,
+        "count": labeled,
+        "metrics": {"f1": f1, "accuracy": 0.9, "labeled": float(labeled)},
+        "emitted_at": window_end,
+    }
+
+
+def test_performance_thresholds_from_monitoring_stats_open_and_resolve(model: Any) -> None:
+    core = make_core(model)
+    baseline = model.version.metadata.holdout_metrics["f1"]
+    topic = core.settings.topic("monitoring.stats")
+
+    def feed(*records: dict[str, Any]) -> list[Any]:
+        values = [{**r, "event_id": "-", "variant": r["variant"]} for r in records]
+        encoded = as_records(topic, "MonitoringStats", values, partitions=1)
+        return core.process(encoded).transitions
+
+    hour = 3_600_000
+    assert feed(stats_record(baseline - 0.01, START_MS + hour)) == []
+    assert feed(stats_record(baseline - 0.5, START_MS + 2 * hour, labeled=50)) == []  # too few
+    (opened,) = feed(stats_record(baseline - 0.3, START_MS + 3 * hour))
+    assert opened.key == "credit/1.0.0/performance.f1" and opened.record["severity"] == "critical"
+    assert opened.record["evidence"]["baseline"] == f"{baseline:.4g}"
+    assert feed(stats_record(baseline, START_MS + 4 * hour)) == []  # clear, not yet long enough
+    (resolved,) = feed(stats_record(baseline, START_MS + 5 * hour))
+    assert resolved.event == "resolved"
+
+
+def test_refused_commands_and_load_failures_from_deployments_log_alert(model: Any) -> None:
+    import time
+
+    core = make_core(model)
+    now = int(time.time() * 1000)
+    base = {
+        "model": "credit",
+        "from_stage": None,
+        "to_stage": None,
+        "previous_champion": None,
+        "new_champion": None,
+        "generation": 7,
+        "actor": "cli",
+        "reason": "",
+    }
+    events = [
+        {
+            **base,
+            "request_id": "r1",
+            "version": "2.0.0",
+            "action": "promote",
+            "outcome": "refused",
+            "detail": "a major version is already in canary",
+            "at": now,
+        },
+        {
+            **base,
+            "request_id": "r2",
+            "version": "1.1.0",
+            "action": "load_failed",
+            "outcome": "applied",
+            "detail": "onnxruntime: invalid graph",
+            "at": now,
+        },
+        {
+            **base,
+            "request_id": "r0",
+            "version": "0.9.0",
+            "action": "promote",
+            "outcome": "refused",
+            "detail": "ancient history",
+            "at": now - 3 * 86_400_000,
+        },  # older than the max age
+    ]
+    values = [{**e, "event_id": e["request_id"], "variant": "-"} for e in events]
+    transitions = core.process(
+        as_records(core.settings.topic("deployments.log"), "DeploymentEvent", values, partitions=1)
+    ).transitions
+    got = {(t.key, t.record["kind"], t.record["severity"]) for t in transitions}
+    assert got == {
+        ("credit/2.0.0/deployment_refused.promote", "deployment", "warning"),
+        ("credit/1.1.0/model_load", "model_load", "critical"),
+    }

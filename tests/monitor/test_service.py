@@ -1,0 +1,189 @@
+"""The monitor on the embedded broker and Redis: real Prediction records in, Alerts out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from prometheus_client import REGISTRY
+
+from services.common.codec import codec
+from services.common.kafka import make_consumer, make_producer, start_with_retry
+from services.common.settings import Settings
+from services.monitor.alerts import Transition
+from services.monitor.lag import LagCollector
+from services.monitor.policy import AlertPolicy, MonitorPolicy, ReplayPolicy, WindowPolicy
+from services.monitor.service import MonitorService
+from services.monitor.sinks import LogSink
+from services.monitor.status import ALERT_COLUMNS, format_table, monitor_status
+from services.registry.service import RegistryService
+from tests.conftest import Running
+from tests.helpers import consume_until, produce, register_model
+from tests.monitor.streams import credit_version, loaded, predictions
+
+pytestmark = pytest.mark.integration
+
+DRIFT_KEY = "credit/1.0.0/reference_drift.salary"
+
+
+class RecordingSink(LogSink):
+    """Notifications as people would get them, kept for assertions."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        super().__init__("info")
+        self.seen: list[Transition] = []
+
+    def emit(self, transition: Transition) -> None:
+        self.seen.append(transition)
+
+
+def small_policy(**overrides: Any) -> MonitorPolicy:
+    return MonitorPolicy(
+        window=WindowPolicy(size=1_000, hop=250, min_samples=500),
+        alerts=AlertPolicy(cooldown_s=3_600, heartbeat_s=600),
+        replay=ReplayPolicy(records_per_partition=500),
+        lag_interval_s=0.5,
+        drift_state_interval_s=0,
+        **overrides,
+    )
+
+
+async def publish(settings: Settings, values: list[dict[str, Any]]) -> None:
+    encode = codec("Prediction").encode
+    await produce(settings, "predictions", [(p["event_id"].encode(), encode(p)) for p in values])
+
+
+def scored(trained: Any, n: int, seed: int, drift_at: int | None = None) -> list[dict[str, Any]]:
+    version = credit_version(trained.onnx, trained.metadata)
+    model = loaded(trained.onnx, version)
+    return list(predictions(model, n, seed, drift_at=drift_at, drift={"salary": 1.5}))
+
+
+async def wait_for(check: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.1)
+
+
+def alerts_of(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["alert_key"] == key]
+
+
+async def test_injected_drift_in_real_predictions_raises_one_alert(
+    settings: Settings, trained_model: Any
+) -> None:
+    sink = RecordingSink()
+    async with Running(RegistryService(settings)):
+        outcome = await register_model(
+            settings, trained_model.onnx, "1.0.0", metadata=trained_model.metadata
+        )
+        assert outcome["outcome"] == "applied", outcome
+        async with Running(MonitorService(settings, small_policy(), sinks=[sink])) as monitor:
+            await publish(settings, scored(trained_model, 6_000, seed=5, drift_at=3_000))
+            records = await consume_until(
+                settings, "alerts", lambda rs: bool(alerts_of(rs, DRIFT_KEY)), timeout_s=90
+            )
+            await wait_for(lambda: monitor.loop.batches > 0 and monitor.store.healthy)
+            # the whole stream is in: nothing more may open for this key
+            await wait_for(lambda: monitor.core.contexts[("credit", "1.0.0")].window.total >= 6_000)
+            status = await monitor_status(settings, alerts_from="redis")
+            await wait_for(lambda: _gauge("scoremesh_consumer_group_lag", monitor.group_id) == 0)
+    opened = [t for t in sink.seen if t.key == DRIFT_KEY and t.event == "opened"]
+    assert len(opened) == 1, [t.event for t in sink.seen if t.key == DRIFT_KEY]
+    first = alerts_of(records, DRIFT_KEY)[0]
+    assert first["state"] == "firing" and first["kind"] == "drift"
+    assert first["subject"]["feature"] == "salary" and first["model_version"] == "1.0.0"
+    assert float(first["evidence"]["psi"]) >= 0.1 and first["evidence"]["sample"]
+    # before the drift the stream matched its training reference: nothing fired
+    assert all(r["first_seen"] >= _event_time(3_000) for r in records)
+    keys = {r["alert_key"] for r in status.alerts}
+    assert DRIFT_KEY in keys
+    salary = [d for d in status.drift if d["signal"] == "reference_drift.salary"]
+    assert salary and salary[0]["state"] in ("warning", "critical")
+    assert "salary" in format_table(status.alerts, ALERT_COLUMNS, width=200)
+
+
+async def test_restart_rebuilds_alert_state_and_detectors_without_pickle(
+    settings: Settings, trained_model: Any
+) -> None:
+    stream = scored(trained_model, 9_000, seed=6, drift_at=3_000)
+    first_sink, second_sink = RecordingSink(), RecordingSink()
+    async with Running(RegistryService(settings)):
+        outcome = await register_model(
+            settings, trained_model.onnx, "1.0.0", metadata=trained_model.metadata
+        )
+        assert outcome["outcome"] == "applied", outcome
+        async with Running(MonitorService(settings, small_policy(), sinks=[first_sink])) as first:
+            await publish(settings, stream[:6_000])
+            await consume_until(
+                settings, "alerts", lambda rs: bool(alerts_of(rs, DRIFT_KEY)), timeout_s=90
+            )
+            await wait_for(lambda: first.core.contexts[("credit", "1.0.0")].window.total >= 6_000)
+            held = first.core.manager.book.alerts[DRIFT_KEY]
+            before = (held.first_seen, held.state)
+        second = MonitorService(settings, small_policy(), sinks=[second_sink])
+        async with Running(second):
+            rebuilt = second.core.manager.book.alerts[DRIFT_KEY]
+            assert (rebuilt.first_seen, rebuilt.state) == before  # folded from the topic
+            await publish(settings, stream[6_000:])
+            await wait_for(
+                lambda: (
+                    ("credit", "1.0.0") in second.core.contexts
+                    and second.core.contexts[("credit", "1.0.0")].window.total >= 6_000
+                )
+            )
+            ctx = second.core.contexts[("credit", "1.0.0")]
+            # each of the 6 partitions replayed its last 500 records, then the 3,000 new ones
+            assert len(ctx.banks) == 6
+            assert sum(bank.score[0].seen for bank in ctx.banks.values()) == 3_000 + 6 * 500
+            assert second._warmed
+    assert not [t for t in second_sink.seen if t.key == DRIFT_KEY and t.event == "opened"]
+    assert second.core.manager.book.alerts[DRIFT_KEY].first_seen == before[0]
+
+
+async def test_consumer_lag_uses_committed_offsets_and_true_end(settings: Settings) -> None:
+    topic = settings.topic("monitoring.stats")
+    producer = make_producer(settings)
+    await start_with_retry(producer.start, "lag-producer", settings)
+    try:
+        futures = [await producer.send(topic, b"x" * 10, partition=0) for _ in range(100)]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    group = f"{settings.topic_prefix}lag-probe"
+    consumer = make_consumer(settings, group_id=group)
+    await start_with_retry(consumer.start, "lag-probe", settings)
+    tp = TopicPartition(topic, 0)
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: 10})
+    finally:
+        await consumer.stop()
+    collector = LagCollector(settings, topics=[topic])
+    await collector.start()
+    try:
+        lags = {(x.group, x.topic, x.partition): x for x in await collector.collect()}
+    finally:
+        await collector.stop()
+    probe = lags[(group, topic, 0)]
+    assert (probe.committed, probe.end, probe.lag) == (10, 100, 90)
+
+
+def _gauge(name: str, group: str) -> float | None:
+    total = None
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name == name and sample.labels.get("group") == group:
+                total = (total or 0.0) + sample.value
+    return total
+
+
+def _event_time(index: int) -> int:
+    return 1_767_225_600_000 + index * 1_000
