@@ -151,6 +151,26 @@ def _wait_port(
     raise DevStackError(f"{what} did not open {host}:{port} within {timeout:.0f}s (log: {log})")
 
 
+def start_redis_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A throwaway redis-server on 127.0.0.1 (no persistence), answering when this returns."""
+    proc = _spawn(
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        log,
+    )
+    _wait_port("127.0.0.1", port, proc, "redis-server", log)
+    return proc
+
+
 class DevStack:
     def __init__(self, home: Path, settings: Settings) -> None:
         self.home = home
@@ -219,22 +239,8 @@ class DevStack:
                 else:
                     port = free_port()
                     log = logs_dir / "redis.log"
-                    proc = _spawn(
-                        [
-                            redis_binary(),
-                            "--port",
-                            str(port),
-                            "--bind",
-                            "127.0.0.1",
-                            "--save",
-                            "",
-                            "--appendonly",
-                            "no",
-                        ],
-                        log,
-                    )
+                    proc = start_redis_server(port, log)
                     procs.append(proc)
-                    _wait_port("127.0.0.1", port, proc, "redis-server", log)
                     redis_url = f"redis://127.0.0.1:{port}/0"
                     started["redis"] = proc.pid
                     logs["redis"] = str(log)

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.common.metrics import REDIS_WRITES
+from services.common.redis_client import answers, connect
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,12 @@ class QueryStore:
     def __init__(self, settings: Settings, client: aioredis.Redis | None = None) -> None:
         self.settings = settings
         self.prefix = settings.redis_key_prefix
-        self.client = client or aioredis.from_url(
-            settings.require_redis(), socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self.client = client or connect(settings)
         self._write = self.client.register_script(_WRITE_BATCH)
         self.healthy = False
 
     async def ping(self) -> bool:
-        try:
-            self.healthy = bool(await self.client.ping())
-        except (RedisError, OSError):
-            self.healthy = False
+        self.healthy = await answers(self.client)
         return self.healthy
 
     async def write_predictions(self, predictions: Sequence[dict[str, Any]]) -> int:

@@ -42,6 +42,7 @@ from services.common.kafka import (
     start_with_retry,
 )
 from services.common.metrics import EVENTS_OUT, KAFKA_UP
+from services.common.redis_client import connect
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.settings import ConfigError, Settings
 from services.label_join import telemetry
@@ -276,9 +277,7 @@ class LabelJoinService:
             self._process,
         )
         if redis_client is None and settings.redis_url:
-            redis_client = aioredis.from_url(
-                settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-            )
+            redis_client = connect(settings)
         self.shards = ShardStore(settings, self.config, redis_client)
         self._predictions = settings.topic(PREDICTIONS)
         self._changelog = settings.topic(CHANGELOG)

@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.common.redis_client import answers, connect
 from services.common.settings import Settings
 from services.monitor import metrics as m
 from services.monitor.alerts import AlertState, Transition
@@ -73,17 +74,12 @@ class AlertStore:
         self.prefix = settings.redis_key_prefix
         self.ttl_s = ttl_s
         self.recent = recent
-        self.client = client or aioredis.from_url(
-            settings.require_redis(), socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self.client = client or connect(settings)
         self._write = self.client.register_script(_WRITE_ALERTS)
         self.healthy = False
 
     async def ping(self) -> bool:
-        try:
-            self.healthy = bool(await self.client.ping())
-        except (RedisError, OSError):
-            self.healthy = False
+        self.healthy = await answers(self.client)
         return self.healthy
 
     async def write(

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.codec import codec
-from services.common.devstack import free_port, port_open, redis_binary
+from services.common.devstack import free_port, start_redis_server
 from services.common.health import HealthServer
 from services.common.query_store import QueryStore
 from services.common.settings import Settings
@@ -29,25 +29,7 @@ OUTAGE_S = 30
 
 
 def start_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 10
-    while not port_open("127.0.0.1", port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return proc
+    return start_redis_server(port, log)
 
 
 def skipped() -> float:
