@@ -49,8 +49,12 @@ def test_dev_up_is_idempotent_and_down_stops_what_it_started(tmp_path: Path) -> 
 
 def test_demo_accounts_for_every_event(tmp_path: Path) -> None:
     out = tmp_path / "demo"
+    token, password = "tok-7c1f0e5a9b", "pw-3d8e2b6f41"  # must never reach a log
     result = scoremesh(
-        ["demo", "--events", "2000", "--no-retrain-loop", "--output", str(out)], tmp_path
+        ["demo", "--events", "2000", "--no-retrain-loop", "--output", str(out)],
+        tmp_path,
+        SCOREMESH_API_TOKEN=token,
+        SCOREMESH_KAFKA_SASL_PASSWORD=password,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -62,6 +66,12 @@ def test_demo_accounts_for_every_event(tmp_path: Path) -> None:
     assert report["model_versions"] == {"1.0.0": report["valid"]}
     assert "every event accounted for" in result.stdout
     assert not (tmp_path / "dev" / "stack.json").exists()  # the demo stopped what it started
+    logs = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".log", ".json", ".html")]
+    assert len(logs) >= 4
+    for path in logs:
+        text = path.read_text(errors="replace")
+        assert token not in text and password not in text, f"a secret leaked into {path}"
+    assert token not in result.stdout + result.stderr
 
 
 def test_usage_errors_exit_2_and_config_errors_say_what_to_do(tmp_path: Path) -> None:
