@@ -8,9 +8,10 @@ import logging
 import time
 from typing import Any
 
+from services.common.avro_writer import zigzag
 from services.common.batchloop import BatchLoop, Out, Record
-from services.common.codec import CodecError, codec, decode_any
-from services.common.featurespec import RuleSet, Violation
+from services.common.codec import HEADER_LEN, MAGIC, CodecError, codec, decode_any
+from services.common.featurespec import CheckedEvent, RuleSet, Violation
 from services.common.health import HealthServer
 from services.common.kafka import make_producer, start_with_retry
 from services.common.metrics import FEATURE_NULLS, FEATURE_SEEN, FLAGGED, REJECT_RATE, REJECTED
@@ -21,6 +22,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_ABSENT = object()
 SOURCE = "events.raw"
 VALID = "events.valid"
 REJECTED_TOPIC = "events.rejected"
@@ -57,6 +59,8 @@ class ValidatorCore:
         self.settings = settings
         self.rules: RuleSet | None = None
         self._event_codec = codec("Event")
+        self._event_header = MAGIC + self._event_codec.current.fingerprint
+        self._stamp_tail = b""
         self._rejection_codec = codec("Rejection")
         self._valid = settings.topic(VALID)
         self._rejected = settings.topic(REJECTED_TOPIC)
@@ -64,6 +68,36 @@ class ValidatorCore:
 
     def set_rules(self, rules: RuleSet) -> None:
         self.rules = rules
+        # Avro inputs that pass unchanged are stamped by rewriting their last two fields
+        # (rule_set: null, flags: []) instead of being encoded again: see _restamp().
+        stamp = rules.version.encode()
+        self._stamp_tail = b"\x02" + zigzag(len(stamp)) + stamp + b"\x00"
+
+    def _restamp(self, value: bytes, raw: dict[str, Any], checked: CheckedEvent) -> bytes | None:
+        """The input bytes with our stamp, when they are current-schema Avro that the rules
+        passed without changing anything; None when the event must be encoded again.
+
+        A decoded ``rule_set`` of None and ``flags`` of [] are always the two bytes 00 00 at
+        the end of the body, so replacing them is exact (a golden test pins this).
+        """
+        event = checked.event
+        if (
+            event is None
+            or checked.flags
+            or value[:HEADER_LEN] != self._event_header
+            or raw.get("rule_set") is not None
+            or raw.get("flags")
+            or type(raw.get("event_time")) is not int
+        ):
+            return None
+        given, clean = raw["features"], event["features"]
+        if len(given) != len(clean):
+            return None
+        for name, v in clean.items():
+            w = given.get(name, _ABSENT)
+            if type(v) is not type(w) or v != w:
+                return None
+        return value[:-2] + self._stamp_tail
 
     def limit(self) -> int:
         spec_limit = self.rules.spec.max_event_bytes if self.rules else None
@@ -98,7 +132,9 @@ class ValidatorCore:
                     checked = rules.check(raw)
                     if checked.event is not None:
                         try:
-                            encoded = self._event_codec.encode(checked.event)
+                            encoded = self._restamp(
+                                value, raw, checked
+                            ) or self._event_codec.encode(checked.event)
                         except CodecError as exc:
                             reasons = [Violation("wrong_type", None, str(exc))]
                         else:

@@ -106,3 +106,33 @@ def test_windowed_reject_rate() -> None:
     rate.add(100, 10, now=1000)
     assert rate.add(100, 30, now=1005) == pytest.approx(0.2)
     assert rate.add(100, 0, now=1020) == 0.0  # old buckets expired
+
+
+def test_restamped_avro_is_byte_identical_to_a_fresh_encoding(core: ValidatorCore) -> None:
+    events = [good_event(i) for i in range(20)]
+    outs = core.process([record(codec("Event").encode(e), i) for i, e in enumerate(events)])
+    for event, out in zip(events, outs, strict=True):
+        expected = codec("Event").encode({**event, "rule_set": "credit@1.0.0#g2", "flags": []})
+        assert out.value == expected
+
+
+def test_inputs_that_need_normalising_or_carry_a_stamp_are_encoded_again(
+    core: ValidatorCore,
+) -> None:
+    e = good_event()
+    e["features"]["salary"] = 52000  # a long where the spec wants a double
+    stamped = {**good_event(1), "rule_set": "forged@9.9.9", "flags": ["x"]}
+    reordered = {
+        **good_event(2),
+        "features": dict(reversed(list(good_event(2)["features"].items()))),
+    }
+    outs = core.process(
+        [record(codec("Event").encode(x), i) for i, x in enumerate((e, stamped, reordered))]
+    )
+    decoded = [codec("Event").decode(o.value) for o in outs]
+    assert type(decoded[0]["features"]["salary"]) is float
+    assert decoded[1]["rule_set"] == "credit@1.0.0#g2" and decoded[1]["flags"] == []
+    assert (
+        decoded[2]["features"] == reordered["features"]
+        and decoded[2]["rule_set"] == "credit@1.0.0#g2"
+    )
