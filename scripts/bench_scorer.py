@@ -159,17 +159,14 @@ async def hot_swaps(settings: Settings, n: int, rate: float, timeout_s: float) -
                         await producer.send(settings.topic("events.valid"), value, key=key)
                     )
                     if i == next_swap and len(swaps) < SWAPS:
-                        target = "1.0.1" if len(swaps) % 2 == 0 else None
-                        cmd = (
-                            new_command(
-                                settings.model_name,
-                                "promote",
-                                "bench",
-                                version=target,
-                                target_stage="champion",
-                            )
-                            if target
-                            else new_command(settings.model_name, "rollback", "bench")
+                        # Alternate champions: 1.0.1, back to 1.0.0 (retired -> champion), ...
+                        target = "1.0.1" if len(swaps) % 2 == 0 else "1.0.0"
+                        cmd = new_command(
+                            settings.model_name,
+                            "promote",
+                            "bench",
+                            version=target,
+                            target_stage="champion",
                         )
                         t0 = time.perf_counter()
                         outcome = await command(settings, cmd)
