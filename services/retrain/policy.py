@@ -11,7 +11,10 @@ SEVERITIES = ("info", "warning", "critical")
 class RetrainPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    alert_kinds: tuple[str, ...] = ("performance", "drift")
+    # Decaying performance retrains; input drift alone pages a person (it can be benign, and
+    # a detector's false alarm must not train a model on the old concept). Add "drift" to
+    # retrain on it too.
+    alert_kinds: tuple[str, ...] = ("performance",)
     min_severity: str = "warning"
     signals: tuple[str, ...] = Field(
         default=(), description="if set, only alerts whose subject.signal is one of these count"

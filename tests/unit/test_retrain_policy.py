@@ -205,3 +205,17 @@ def test_after_a_change_wait_for_labels_from_after_it_then_train_on_them() -> No
     rebuilt.fold_request(request)
     assert on_alert(rebuilt, alert(first_seen=change_at), policy, NOW, replay=True) is None
     assert rebuilt.of("credit").pending == {}
+
+
+def test_input_drift_alone_does_not_retrain_by_default() -> None:
+    state = TriggerState()
+    on_stats(state, stats(500))
+    drift = alert(kind="drift", key="credit/1.0.0/stream_drift.hvalue")
+    assert (
+        on_alert(state, drift, RetrainPolicy(train_from_change=False, min_interval_s=0), NOW)
+        is None
+    )
+    opted_in = RetrainPolicy(
+        train_from_change=False, min_interval_s=0, alert_kinds=("performance", "drift")
+    )
+    assert on_alert(state, {**drift, "first_seen": 2}, opted_in, NOW) is not None
