@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 WIDTH, HEIGHT = 960, 420
-LEFT, RIGHT, TOP, BOTTOM = 60, 20, 30, 60
+LEFT, RIGHT, TOP, BOTTOM = 60, 20, 30, 75
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 MARKER_COLORS = {
     "drift injected": "#444",
@@ -71,7 +71,7 @@ def render(picture: Picture) -> str:
             f'<text x="{x:.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{int(idx):,}</text>'
         )
     svg.append(
-        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 22}" text-anchor="middle">'
+        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - BOTTOM + 34}" text-anchor="middle">'
         "event index (stream order)</text>"
     )
     svg.append(
@@ -105,7 +105,7 @@ def render(picture: Picture) -> str:
         )
         if path:
             svg.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        ly = HEIGHT - BOTTOM + 36
+        ly = HEIGHT - 10
         svg.append(f'<rect x="{legend_x}" y="{ly - 9}" width="12" height="3" fill="{color}"/>')
         svg.append(f'<text x="{legend_x + 16}" y="{ly - 4}">{html.escape(name)}</text>')
         legend_x += 20 + 8 * len(name)
