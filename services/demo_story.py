@@ -25,7 +25,7 @@ from services.common.codec import codec
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
 from services.common.settings import Settings
 from services.registry.client import describe
-from services.trainer.datasets import CHANNELS, agrawal_rows
+from services.trainer.datasets import agrawal_rows, envelope
 
 START_MS = 1_767_225_600_000
 STEP_MS = 1_000  # one event per second of event time
@@ -45,17 +45,7 @@ def stream(seed: int, drift_at: int) -> Iterator[tuple[int, dict[str, Any], str]
         agrawal_rows(10**9, seed + 1, CONCEPT_AFTER),
     )
     for i, (features, label) in enumerate(rows):
-        yield (
-            i,
-            {
-                "event_id": f"e{i:08d}",
-                "entity_id": f"cust-{(i * 7919 + seed) % 5000}",
-                "event_time": START_MS + i * STEP_MS,
-                "features": features,
-                "attributes": {"channel": CHANNELS[i % len(CHANNELS)]},
-            },
-            label,
-        )
+        yield i, envelope(i, f"e{i:08d}", features, seed, START_MS, STEP_MS), label
 
 
 @dataclass

@@ -85,13 +85,24 @@ def credit_events(
 ) -> Iterator[tuple[dict[str, Any], str]]:
     """Event envelopes with their true labels."""
     for i, (features, label) in enumerate(agrawal_rows(n, seed, classification_function)):
-        yield (
-            {
-                "event_id": f"{id_prefix}-{seed}-{i}",
-                "entity_id": f"cust-{(i * 7919 + seed) % entities}",
-                "event_time": start_ms + i * step_ms,
-                "features": features,
-                "attributes": {"channel": CHANNELS[i % len(CHANNELS)]},
-            },
-            label,
-        )
+        event = envelope(i, f"{id_prefix}-{seed}-{i}", features, seed, start_ms, step_ms, entities)
+        yield event, label
+
+
+def envelope(
+    i: int,
+    event_id: str,
+    features: dict[str, Any],
+    seed: int,
+    start_ms: int,
+    step_ms: int,
+    entities: int = 5_000,
+) -> dict[str, Any]:
+    """The i-th event of a synthetic stream: a sticky entity, a steady clock, a channel."""
+    return {
+        "event_id": event_id,
+        "entity_id": f"cust-{(i * 7919 + seed) % entities}",
+        "event_time": start_ms + i * step_ms,
+        "features": features,
+        "attributes": {"channel": CHANNELS[i % len(CHANNELS)]},
+    }
