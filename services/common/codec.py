@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -20,7 +21,7 @@ import orjson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from services.common.avro_writer import UnsupportedSchema, compile_encoder
+from services.common.avro_compiled import UnsupportedSchema, compile_decoder, compile_encoder
 from services.common.catalog import schemas_dir, topic_spec
 
 MAGIC = b"\xc3\x01"
@@ -106,6 +107,12 @@ class AvroCodec:
             )
         except UnsupportedSchema:
             self._fast = None
+        try:
+            self._fast_decode: Callable[[bytes, int], dict[str, Any]] | None = compile_decoder(
+                self.current.raw
+            )
+        except UnsupportedSchema:
+            self._fast_decode = None
 
     def encode(self, record: dict[str, Any]) -> bytes:
         try:
@@ -130,6 +137,13 @@ class AvroCodec:
                 f"{self.name}: unknown schema fingerprint {fp.hex()}; "
                 "the producer uses a schema this reader was never given"
             )
+        if writer is self.current.parsed and self._fast_decode is not None:
+            try:
+                return self._fast_decode(data if type(data) is bytes else bytes(data), HEADER_LEN)
+            except (IndexError, struct.error) as exc:
+                raise TruncatedMessage(f"{self.name}: body ends early ({len(data)} bytes)") from exc
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise BadBody(f"{self.name}: body does not match the schema: {exc}") from exc
         reader = None if writer is self.current.parsed else self.current.parsed
         try:
             record = schemaless_reader(io.BytesIO(memoryview(data)[HEADER_LEN:]), writer, reader)

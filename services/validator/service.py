@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from services.common.avro_writer import zigzag
+from services.common.avro_compiled import zigzag
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.codec import HEADER_LEN, MAGIC, CodecError, codec, decode_any
 from services.common.featurespec import CheckedEvent, RuleSet, Violation
