@@ -237,7 +237,7 @@ def _w_value(src: _Source, ind: int, schema: Any, v: str) -> None:
         cache = src.const({}, "keys")
         k, item, kb = src.var("k"), src.var("i"), src.var("kb")
         src.emit(ind, f"if {v}:")
-        src.emit(ind + 1, f"ap(_zz(len({v})))")
+        src.emit(ind + 1, f"ap(_LEN[len({v})] if len({v}) < 16384 else _zz(len({v})))")
         src.emit(ind + 1, f"for {k}, {item} in {v}.items():")
         src.emit(ind + 2, f"{kb} = {cache}.get({k})")
         src.emit(ind + 2, f"if {kb} is None:")
@@ -252,7 +252,7 @@ def _w_value(src: _Source, ind: int, schema: Any, v: str) -> None:
     elif kind == "array":
         item = src.var("i")
         src.emit(ind, f"if {v}:")
-        src.emit(ind + 1, f"ap(_zz(len({v})))")
+        src.emit(ind + 1, f"ap(_LEN[len({v})] if len({v}) < 16384 else _zz(len({v})))")
         src.emit(ind + 1, f"for {item} in {v}:")
         _w_value(src, ind + 2, schema["items"], item)
         src.emit(ind, "ap(b'\\x00')")

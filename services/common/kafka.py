@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
-from aiokafka.partitioner import murmur2
 
 from services.common.catalog import TopicSpec, catalog
+from services.common.partitioner import partitions_for_keys
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -256,19 +256,11 @@ async def send_records(
 
     Order is kept within each partition. Returns the number of records sent.
     """
-    partitions: dict[str, list[int]] = {}
+    batch_records = records if isinstance(records, list) else list(records)
+    placed = await _place(producer, batch_records)
     open_batches: dict[tuple[str, int], Any] = {}
     futures: list[asyncio.Future[Any]] = []
-    count = 0
-    for topic, partition, key, value in records:
-        if partition is None:
-            known = partitions.get(topic)
-            if known is None:
-                known = partitions[topic] = sorted(await producer.partitions_for(topic))
-            if key is None:
-                partition = known[next(_spread) % len(known)]
-            else:
-                partition = known[(murmur2(key) & 0x7FFFFFFF) % len(known)]
+    for (topic, _, key, value), partition in zip(batch_records, placed, strict=True):
         tp = (topic, partition)
         batch = open_batches.get(tp)
         if batch is None:
@@ -278,9 +270,39 @@ async def send_records(
             batch = open_batches[tp] = producer.create_batch()
             if batch.append(key=key, value=value, timestamp=None) is None:
                 raise ValueError(f"{topic}: a record larger than the producer's batch size")
-        count += 1
     for (topic, partition), batch in open_batches.items():
         futures.append(await producer.send_batch(batch, topic, partition=partition))
     if futures:
         await asyncio.gather(*futures)
-    return count
+    return len(batch_records)
+
+
+async def _place(
+    producer: AIOKafkaProducer,
+    records: list[tuple[str, int | None, bytes | None, bytes | None]],
+) -> list[int]:
+    """Each record's partition: as given, murmur2 of the key, or round-robin without a key."""
+    placed: list[int] = [0] * len(records)
+    keyed: dict[str, list[int]] = {}
+    partitions: dict[str, list[int]] = {}
+    for i, (topic, partition, key, _) in enumerate(records):
+        if partition is not None:
+            placed[i] = partition
+        elif key is None:
+            known = partitions.get(topic) or await _partitions(producer, topic, partitions)
+            placed[i] = known[next(_spread) % len(known)]
+        else:
+            keyed.setdefault(topic, []).append(i)
+    for topic, idx in keyed.items():
+        known = partitions.get(topic) or await _partitions(producer, topic, partitions)
+        keys = [records[i][2] or b"" for i in idx]
+        for i, p in zip(idx, partitions_for_keys(keys, len(known)), strict=True):
+            placed[i] = known[p]
+    return placed
+
+
+async def _partitions(
+    producer: AIOKafkaProducer, topic: str, known: dict[str, list[int]]
+) -> list[int]:
+    known[topic] = sorted(await producer.partitions_for(topic))
+    return known[topic]
