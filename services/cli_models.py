@@ -234,7 +234,8 @@ def _print_readiness(report: dict[str, Any], failures: list[str]) -> list[str]:
     lines = [f"artifact: {report.get('artifact_bytes', 0)} bytes"]
     for size, figures in report.get("latency", {}).items():
         lines.append(
-            f"latency batch {size:>5}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms, "
+            f"latency batch {size:>5}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms"
+            f" (model compute p99 {figures.get('cpu_p99_ms', float('nan')):.3f} ms), "
             f"{figures['per_row_us']:.2f} µs/row"
         )
     if report.get("metrics"):

@@ -46,25 +46,41 @@ def load_candidate(onnx: bytes, spec: FeatureSpec) -> LoadedModel:
     return LoadedModel(version, session)
 
 
+def _time_calls(model: LoadedModel, matrix: np.ndarray, runs: int) -> dict[str, float]:
+    """Wall-clock and thread-CPU percentiles of ``runs`` calls on one batch.
+
+    The session runs on the calling thread (one intra-op thread), so its CPU time is the
+    model's own cost; wall-clock adds whatever else the machine was doing. Gates compare
+    the CPU figure, so that a busy neighbour cannot refuse a model (both are reported).
+    """
+    model.predict_matrix(matrix)  # warm
+    wall, cpu = [], []
+    for _ in range(runs):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        model.predict_matrix(matrix)
+        cpu.append((time.thread_time() - c0) * 1000)
+        wall.append((time.perf_counter() - t0) * 1000)
+    return {
+        "p50_ms": round(float(np.percentile(wall, 50)), 4),
+        "p99_ms": round(float(np.percentile(wall, 99)), 4),
+        "cpu_p50_ms": round(float(np.percentile(cpu, 50)), 4),
+        "cpu_p99_ms": round(float(np.percentile(cpu, 99)), 4),
+        "per_row_us": round(float(np.median(wall)) * 1000 / len(matrix), 3),
+    }
+
+
 def _latency(
     model: LoadedModel, spec: FeatureSpec, rows: list[dict[str, Any]], runs: int
 ) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
     base = Vectoriser(spec).transform(rows[: max(LATENCY_BATCHES)] or [{}])
-    for size in LATENCY_BATCHES:
-        matrix = np.resize(base, (size, base.shape[1])).astype(np.float32)
-        model.predict_matrix(matrix)  # warm
-        samples = []
-        for _ in range(max(5, runs // max(1, size // 64))):
-            t0 = time.perf_counter()
-            model.predict_matrix(matrix)
-            samples.append((time.perf_counter() - t0) * 1000)
-        out[str(size)] = {
-            "p50_ms": round(float(np.percentile(samples, 50)), 4),
-            "p99_ms": round(float(np.percentile(samples, 99)), 4),
-            "per_row_us": round(float(np.median(samples)) * 1000 / size, 3),
-        }
-    return out
+    return {
+        str(size): _time_calls(
+            model,
+            np.resize(base, (size, base.shape[1])).astype(np.float32),
+            max(5, runs // max(1, size // 64)),
+        )
+        for size in LATENCY_BATCHES
+    }
 
 
 def _edge_cases(
@@ -127,15 +143,11 @@ def validate_model(
         measured = report["latency"].get(str(gate.batch_size))
         if measured is None:
             matrix = np.zeros((gate.batch_size, len(spec.features)), dtype=np.float32)
-            samples = []
-            for _ in range(50):
-                t0 = time.perf_counter()
-                model.predict_matrix(matrix)
-                samples.append((time.perf_counter() - t0) * 1000)
-            measured = {"p99_ms": float(np.percentile(samples, 99))}
-        if measured["p99_ms"] > gate.p99_ms:
+            measured = report["latency"][str(gate.batch_size)] = _time_calls(model, matrix, 50)
+        if measured["cpu_p99_ms"] > gate.p99_ms:
             failures.append(
-                f"p99 latency at batch {gate.batch_size} is {measured['p99_ms']:.2f} ms, "
+                f"p99 latency at batch {gate.batch_size} is {measured['cpu_p99_ms']:.2f} ms of "
+                f"model compute (wall-clock {measured['p99_ms']:.2f} ms), "
                 f"the gate allows {gate.p99_ms} ms"
             )
     report["edge_cases"] = _edge_cases(model, spec, rows)

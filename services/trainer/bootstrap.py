@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.errors import UserError
 from services.common.model_version import DataWindow
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
@@ -74,10 +75,10 @@ async def bootstrap(settings: Settings, actor: str = "bootstrap") -> BootstrapRe
     )
     key = f"{settings.model_name}@{BOOTSTRAP_VERSION}"
     if result.outcome["outcome"] != "applied":
-        raise RuntimeError(f"registry refused {key}: {result.outcome['detail']}")
+        raise UserError(f"registry refused {key}: {result.outcome['detail']}")
     if result.promotion is None or result.promotion["outcome"] != "applied":
         detail = result.promotion["detail"] if result.promotion else "not attempted"
-        raise RuntimeError(f"registry refused to promote {key}: {detail}")
+        raise UserError(f"registry refused to promote {key}: {detail}")
     return BootstrapResult(
         True,
         BOOTSTRAP_VERSION,
