@@ -256,6 +256,18 @@ async def send_records(
 
     Order is kept within each partition. Returns the number of records sent.
     """
+    futures, count = await enqueue_records(producer, records)
+    if futures:
+        await asyncio.gather(*futures)
+    return count
+
+
+async def enqueue_records(
+    producer: AIOKafkaProducer,
+    records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
+) -> tuple[list[asyncio.Future[Any]], int]:
+    """Hand the records to the producer in per-partition batches; returns the batches'
+    acknowledgement futures (not awaited) and the number of records."""
     batch_records = records if isinstance(records, list) else list(records)
     placed = await _place(producer, batch_records)
     open_batches: dict[tuple[str, int], Any] = {}
@@ -272,9 +284,7 @@ async def send_records(
                 raise ValueError(f"{topic}: a record larger than the producer's batch size")
     for (topic, partition), batch in open_batches.items():
         futures.append(await producer.send_batch(batch, topic, partition=partition))
-    if futures:
-        await asyncio.gather(*futures)
-    return len(batch_records)
+    return futures, len(batch_records)
 
 
 async def _place(

@@ -56,6 +56,7 @@ class ScorerService:
             [settings.topic(SOURCE)],
             self.producer,
             self._process,
+            pipelined=True,
         )
         self._event_codec = codec("Event")
         self._prediction_codec = codec("Prediction")

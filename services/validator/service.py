@@ -194,6 +194,7 @@ class ValidatorService:
             [settings.topic(SOURCE)],
             self.producer,
             self._process,
+            pipelined=True,
         )
         self.has_rules = asyncio.Event()
 

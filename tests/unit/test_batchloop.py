@@ -1,0 +1,106 @@
+"""The batch loop commits a batch's offsets only after its records are acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+
+from services.common.batchloop import BatchLoop, Out
+from services.common.settings import Settings
+
+TP = TopicPartition("in", 0)
+
+
+class Record:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.value = b"v"
+
+
+class Batch:
+    def append(self, **_: Any) -> object:
+        return object()
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.acks: list[asyncio.Future[None]] = []
+
+    def create_batch(self) -> Batch:
+        return Batch()
+
+    async def send_batch(self, batch: Batch, topic: str, partition: int) -> asyncio.Future[None]:
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        return ack
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1}
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(offsets)
+
+
+async def echo(records: list[Any]) -> list[Out]:
+    return [Out("out", str(r.offset).encode(), b"x") for r in records]
+
+
+def make_loop(pipelined: bool) -> tuple[BatchLoop, Producer, Consumer]:
+    producer = Producer()
+    loop = BatchLoop(Settings(), "t", "g", ["in"], producer, echo, pipelined=pipelined)  # type: ignore[arg-type]
+    return loop, producer, Consumer()
+
+
+async def settle_tasks() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_without_pipelining_the_batch_waits_for_its_acknowledgements() -> None:
+    loop, producer, consumer = make_loop(pipelined=False)
+    handle = asyncio.create_task(loop._handle(consumer, {TP: [Record(0), Record(1)]}))  # type: ignore[arg-type]
+    await settle_tasks()
+    assert not handle.done() and consumer.commits == []
+    for ack in producer.acks:
+        ack.set_result(None)
+    await handle
+    assert consumer.commits == [{TP: 2}]
+
+
+async def test_pipelined_commits_follow_acknowledgements_in_order() -> None:
+    loop, producer, consumer = make_loop(pipelined=True)
+    await loop._handle(consumer, {TP: [Record(0), Record(1)]})  # type: ignore[arg-type]
+    await settle_tasks()
+    assert consumer.commits == [], "committed before the outputs were acknowledged"
+    first_acks = list(producer.acks)
+    # the next batch is processed meanwhile, but cannot overtake the unacknowledged one
+    second = asyncio.create_task(loop._handle(consumer, {TP: [Record(2)]}))  # type: ignore[arg-type]
+    await settle_tasks()
+    assert not second.done() and len(producer.acks) > len(first_acks), "second batch not sent"
+    for ack in first_acks:
+        ack.set_result(None)
+    await second
+    assert consumer.commits == [{TP: 2}]
+    for ack in producer.acks[len(first_acks) :]:
+        ack.set_result(None)
+    await loop.settle()
+    assert consumer.commits == [{TP: 2}, {TP: 3}]
+
+
+async def test_a_batch_never_acknowledged_is_not_committed_and_stops_the_loop() -> None:
+    loop, producer, consumer = make_loop(pipelined=True)
+    await loop._handle(consumer, {TP: [Record(0)]})  # type: ignore[arg-type]
+    producer.acks[0].set_exception(KafkaTimeoutError())
+    await loop.settle()  # what a revoke or a stop does
+    assert consumer.commits == []
+    with pytest.raises(KafkaTimeoutError):
+        await loop._handle(consumer, {TP: [Record(1)]})  # type: ignore[arg-type]
