@@ -139,7 +139,7 @@ class BatchLoop:
         futures: list[asyncio.Future[object]] = []
         if outs:
             futures, _ = await enqueue_records(
-                self.producer, [(o.topic, None, o.key, o.value) for o in outs]
+                self.producer, [(o.topic, None, o.key, o.value) for o in outs], close_batches=True
             )
         per_topic: dict[str, int] = {}
         for o in outs:

@@ -265,9 +265,16 @@ async def send_records(
 async def enqueue_records(
     producer: AIOKafkaProducer,
     records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
+    *,
+    close_batches: bool = False,
 ) -> tuple[list[asyncio.Future[Any]], int]:
     """Hand the records to the producer in per-partition batches; returns the batches'
-    acknowledgement futures (not awaited) and the number of records."""
+    acknowledgement futures (not awaited) and the number of records.
+
+    Order is kept within each partition, and across calls. ``close_batches``: the records
+    are a complete unit (a processed batch), so the producer sends them at once instead of
+    lingering ``linger_ms`` for more records that will not come.
+    """
     batch_records = records if isinstance(records, list) else list(records)
     placed = await _place(producer, batch_records)
     open_batches: dict[tuple[str, int], Any] = {}
@@ -283,6 +290,8 @@ async def enqueue_records(
             if batch.append(key=key, value=value, timestamp=None) is None:
                 raise ValueError(f"{topic}: a record larger than the producer's batch size")
     for (topic, partition), batch in open_batches.items():
+        if close_batches:
+            batch.close()
         futures.append(await producer.send_batch(batch, topic, partition=partition))
     return futures, len(batch_records)
 

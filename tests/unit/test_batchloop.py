@@ -22,8 +22,14 @@ class Record:
 
 
 class Batch:
+    closed = False
+
     def append(self, **_: Any) -> object:
+        assert not self.closed
         return object()
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class Producer:
@@ -34,6 +40,7 @@ class Producer:
         return Batch()
 
     async def send_batch(self, batch: Batch, topic: str, partition: int) -> asyncio.Future[None]:
+        assert batch.closed, "a processed batch is complete: it must not linger"
         ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.acks.append(ack)
         return ack
