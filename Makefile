@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format typecheck lock bench clean dev-up dev-down
+.PHONY: install demo test lint format typecheck lock bench clean dev-up dev-down audit
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ lock:
 	.lockenv/bin/python -m pip install --quiet -e '.[dev]'
 	.lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 	rm -rf .lockenv
+
+## known vulnerabilities in the locked dependencies (pip-audit if installed, PyPI, OSV);
+## fails only on a finding, says so plainly when no database is reachable
+audit: install
+	$(BIN)/python scripts/audit_deps.py
 
 bench: install
 	$(BIN)/python scripts/bench_pipeline.py

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from services.common.artifacts import upload_artifact
 from services.common.codec import decode_any
+from services.common.devstack import broker_binary, port_open
 from services.common.featurespec import FeatureSpec
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
 from services.common.model_version import VersionProposal
@@ -157,3 +164,146 @@ async def wait_for_log(service: ServiceProcess, text: str, timeout_s: float = 60
         if time.monotonic() > deadline or service.proc.poll() is not None:
             raise AssertionError(f"{service.name} never logged {text!r}:\n{service.log()[-2000:]}")
         await asyncio.sleep(0.2)
+
+
+def start_broker(
+    port: int, log: Path, advertised_port: int | None = None
+) -> subprocess.Popen[bytes]:
+    """A private tansu broker; ``advertised_port`` sends every client to another port."""
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            broker_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{advertised_port or port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while not port_open("127.0.0.1", port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
+def health(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    """GET a service's /healthz or /readyz: (status, JSON body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """Sum of a metric's samples on a service's /metrics whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def produce_steadily(
+    settings: Settings,
+    topic: str,
+    values: list[tuple[bytes | None, bytes]],
+    rate: float,
+    sent: list[int] | None = None,
+    **opts: Any,
+) -> None:
+    """Send at about ``rate`` records/s, waiting for acknowledgements every 200 records.
+
+    ``sent`` (if given) holds the number acknowledged so far, for tests that act mid-stream.
+    """
+    producer = make_producer(settings, **opts)
+    await start_with_retry(producer.start, "steady-producer", settings)
+    started = time.monotonic()
+    futures = []
+    try:
+        for i, (key, value) in enumerate(values):
+            futures.append(await producer.send(settings.topic(topic), value, key=key))
+            if i % 200 == 199:
+                await asyncio.gather(*futures)
+                futures.clear()
+                if sent is not None:
+                    sent[:] = [i + 1]
+                delay = started + (i + 1) / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        await asyncio.gather(*futures)
+        if sent is not None:
+            sent[:] = [len(values)]
+    finally:
+        await producer.stop()
+
+
+class TcpProxy:
+    """A TCP relay between Kafka clients and the broker, so a test can cut the network.
+
+    ``cut()`` aborts every open connection and closes the listening socket (new connections
+    are refused); ``restore()`` listens again on the same port.
+    """
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self.port = port
+        self.target_port = target_port
+        self.server: asyncio.Server | None = None
+        self.connections: set[asyncio.StreamWriter] = set()
+        self.accepted = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(
+            self._relay, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self.connections):
+            writer.transport.abort()
+        self.connections.clear()
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+            self.server = None
+
+    async def restore(self) -> None:
+        await self.start()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self.accepted += 1
+        self.connections |= {client_w, broker_w}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(client_r, broker_w), pipe(broker_r, client_w))
+        self.connections -= {client_w, broker_w}

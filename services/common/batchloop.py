@@ -23,7 +23,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from services.common.kafka import enqueue_records, make_consumer, start_with_retry
+from services.common.health import HealthServer
+from services.common.kafka import BrokerWatch, enqueue_records, make_consumer, start_with_retry
 from services.common.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_IN, EVENTS_OUT, KAFKA_UP
 from services.common.settings import Settings
 
@@ -87,6 +88,15 @@ class BatchLoop:
         self.consuming = False
         self.last_batch_at = 0.0
         self.batches = 0
+        self.watch: BrokerWatch | None = None
+
+    def add_checks(self, health: HealthServer) -> None:
+        """Readiness: in the consumer group, and the broker answering."""
+        health.add_check("consuming", lambda: (self.consuming, "joined the consumer group"))
+        health.add_check(
+            "kafka",
+            lambda: self.watch.readiness() if self.watch else (False, "not connected yet"),
+        )
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         self.consumer = make_consumer(self.settings, group_id=self.group_id)
@@ -99,6 +109,8 @@ class BatchLoop:
         assert self.consumer is not None, "start() first"
         consumer = self.consumer
         stop_wait = asyncio.ensure_future(stop.wait())
+        self.watch = BrokerWatch(self.service, consumer._client)
+        watching = asyncio.create_task(self.watch.run(), name=f"{self.service}-broker-watch")
         try:
             while not stop.is_set():
                 fetch = asyncio.ensure_future(
@@ -117,11 +129,11 @@ class BatchLoop:
                     log.warning("fetch failed, retrying", extra={"error": str(exc)})
                     await asyncio.sleep(1)
                     continue
-                KAFKA_UP.labels(self.service).set(1)
                 if batches:
                     await self._handle(consumer, batches)
         finally:
             stop_wait.cancel()
+            watching.cancel()
         await self.settle()
         if self._failure is not None:
             raise self._failure

@@ -149,6 +149,7 @@ class CheckedEvent:
 
 
 MAX_ID_LEN = 256
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 
 
 def event_time_ms(value: Any) -> int | None:
@@ -316,6 +317,13 @@ class RuleSet:
                 value = int(value)
             elif type(value) is not int:
                 rejections.append(_wrong_type(name, dtype, value))
+                return
+            if not LONG_MIN <= value <= LONG_MAX:
+                # Not a long at all, whatever the range action: Avro cannot carry it, so a
+                # flag would pass an event that can never be written to events.valid.
+                rejections.append(
+                    _v("wrong_type", name, f"feature {name!r} does not fit a 64-bit long")
+                )
                 return
         elif dtype == "boolean":
             if type(value) is not bool:

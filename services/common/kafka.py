@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from aiokafka.helpers import create_ssl_context
 
 from services.common.catalog import TopicSpec, catalog
+from services.common.metrics import KAFKA_UP
 from services.common.partitioner import partitions_for_keys
 from services.common.settings import Settings
 
@@ -117,6 +118,83 @@ async def start_with_retry(
             )
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
+
+
+class BrokerWatch:
+    """Is the broker reachable now? A metadata request every few seconds says.
+
+    aiokafka retries a lost connection on its own and quietly (its logger is muted, see
+    ``services.common.logs``), so without this a running service cannot tell "no traffic"
+    from "no broker". Down: log once at error, then one warning per retry with capped
+    exponential backoff; ``scoremesh_kafka_connected`` 0; readiness fails. Up again: log
+    how long the outage lasted.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        client: Any,
+        interval_s: float = 2.0,
+        timeout_s: float = 5.0,
+        max_backoff_s: float = 4.0,
+    ) -> None:
+        self.service = service
+        self.client = client
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.reachable = True
+        self.down_since: float | None = None
+        self.last_error = ""
+        self.outages = 0
+
+    async def probe(self) -> bool:
+        try:
+            await asyncio.wait_for(self.client.fetch_all_metadata(), self.timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self.last_error = str(exc) or type(exc).__name__
+            return False
+        return True
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.reachable:
+            return True, "broker reachable"
+        down_for = time.monotonic() - (self.down_since or time.monotonic())
+        return False, f"broker unreachable for {down_for:.0f}s ({self.last_error})"
+
+    async def run(self) -> None:
+        delay = 0.5
+        while True:
+            ok = await self.probe()
+            now = time.monotonic()
+            if ok:
+                if not self.reachable:
+                    log.info(
+                        "Kafka reachable again",
+                        extra={"outage_s": round(now - (self.down_since or now), 1)},
+                    )
+                self.reachable, self.down_since, delay = True, None, 0.5
+                KAFKA_UP.labels(self.service).set(1)
+                await asyncio.sleep(self.interval_s)
+                continue
+            KAFKA_UP.labels(self.service).set(0)
+            if self.reachable:
+                self.reachable, self.down_since = False, now
+                self.outages += 1
+                log.error(
+                    "Kafka unreachable; consuming and producing paused until it answers",
+                    extra={"error": self.last_error},
+                )
+            log.warning(
+                "Kafka not reachable, retrying",
+                extra={
+                    "error": self.last_error,
+                    "down_for_s": round(now - (self.down_since or now), 1),
+                    "retry_in_s": delay,
+                },
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff_s)
 
 
 async def ensure_topics(settings: Settings, specs: Iterable[TopicSpec] | None = None) -> list[str]:

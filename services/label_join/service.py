@@ -294,7 +294,7 @@ class LabelJoinService:
 
     def register_checks(self, health: HealthServer) -> None:
         health.add_check("registry", lambda: (self.view.ready.is_set(), "models.registry folded"))
-        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        self.loop.add_checks(health)
         health.add_check(
             "state",
             lambda: (

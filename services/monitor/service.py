@@ -121,7 +121,7 @@ class MonitorService:
                 f"alerts folded: {len(self.core.manager.book.open_alerts())} open",
             ),
         )
-        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        self.loop.add_checks(health)
         if self.store is not None:
             store = self.store
             health.add_check("redis", lambda: (store.healthy, "alert store writable"))

@@ -86,7 +86,7 @@ class RegistryService:
 
     def register_checks(self, health: HealthServer) -> None:
         health.add_check("state", lambda: (self.folded, "registry and deployment log folded"))
-        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        self.loop.add_checks(health)
 
     async def start(self) -> None:
         await start_with_retry(self.producer.start, "registry-producer", self.settings)

@@ -74,7 +74,7 @@ class RetrainTriggerService:
         health.add_check(
             "state", lambda: (self.folded, "retrain.requests and monitoring.stats folded")
         )
-        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        self.loop.add_checks(health)
 
     async def start(self) -> None:
         await start_with_retry(self.producer.start, "retrain-producer", self.settings)

@@ -76,7 +76,7 @@ class ScorerService:
                 or f"no champion of {self.settings.model_name!r} loaded",
             ),
         )
-        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        self.loop.add_checks(health)
         if self.store is not None:
             store = self.store
             health.add_check("redis", lambda: (store.healthy, "query store writable"))

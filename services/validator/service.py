@@ -221,7 +221,7 @@ class ValidatorService:
                 else f"no champion for model {self.settings.model_name!r} yet",
             ),
         )
-        health.add_check("consuming", lambda: (self.loop.consuming, "joined the consumer group"))
+        self.loop.add_checks(health)
 
     async def start(self) -> None:
         await start_with_retry(self.producer.start, "validator-producer", self.settings)

@@ -3,54 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.common.devstack import DEV_KAFKA_SETTINGS, broker_binary, free_port, port_open
+from services.common.devstack import DEV_KAFKA_SETTINGS, free_port
 from services.common.kafka import ensure_topics
 from services.common.settings import Settings
 from services.registry.service import RegistryService
 from services.trainer.datasets import credit_events
 from tests.conftest import Running
-from tests.helpers import ServiceProcess, consume_until, produce, register_model
+from tests.helpers import (
+    ServiceProcess,
+    consume_until,
+    health,
+    produce,
+    register_model,
+    start_broker,
+)
 
 pytestmark = pytest.mark.fault
-
-
-def start_broker(port: int, log: Path) -> subprocess.Popen[bytes]:
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            broker_binary(),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 20
-    while not port_open("127.0.0.1", port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return proc
-
-
-def health(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 async def test_scorer_waits_for_a_late_broker_and_then_serves(

@@ -11,12 +11,11 @@ import orjson
 import pytest
 
 from services.common.codec import codec
-from services.common.kafka import make_producer, start_with_retry
 from services.common.settings import Settings
 from services.registry.service import RegistryService
 from services.trainer.datasets import credit_events
 from tests.conftest import Running
-from tests.helpers import ServiceProcess, consume_until, register_model
+from tests.helpers import ServiceProcess, consume_until, produce_steadily, register_model
 
 pytestmark = pytest.mark.fault
 
@@ -26,33 +25,18 @@ RATE = 1_500.0
 
 async def produce_raw(settings: Settings, n: int, rate: float) -> dict[str, bool]:
     """Steady traffic to events.raw, 2% deliberately invalid; returns event_id -> valid?"""
-    producer = make_producer(settings)
-    await start_with_retry(producer.start, "fault-producer", settings)
     expected: dict[str, bool] = {}
     encode = codec("Event").encode
-    started = time.monotonic()
-    try:
-        futures = []
-        for i, (event, _) in enumerate(credit_events(n, seed=44)):
-            valid = i % 50 != 7
-            if not valid:
-                event = {**event, "features": {**event["features"], "age": "old"}}
-            value = encode(event) if valid and i % 2 else orjson.dumps(event)
-            futures.append(
-                await producer.send(
-                    settings.topic("events.raw"), value, key=event["entity_id"].encode()
-                )
-            )
-            expected[event["event_id"]] = valid
-            if i % 200 == 199:
-                await asyncio.gather(*futures)
-                futures.clear()
-                delay = started + (i + 1) / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+    values: list[tuple[bytes | None, bytes]] = []
+    for i, (event, _) in enumerate(credit_events(n, seed=44)):
+        valid = i % 50 != 7
+        if not valid:
+            event = {**event, "features": {**event["features"], "age": "old"}}
+        values.append(
+            (event["entity_id"].encode(), encode(event) if valid and i % 2 else orjson.dumps(event))
+        )
+        expected[event["event_id"]] = valid
+    await produce_steadily(settings, "events.raw", values, rate)
     return expected
 
 

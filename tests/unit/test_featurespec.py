@@ -69,6 +69,17 @@ def test_nullable_feature_passes_and_flag_rules_do_not_reject(rules: RuleSet) ->
     assert result.event is not None and result.event["flags"] == ["out_of_range", "unknown_feature"]
 
 
+@pytest.mark.parametrize("car", [2**63, -(2**63) - 1, 10**30, 1e19])
+def test_a_long_beyond_64_bits_is_rejected_even_where_range_only_flags(
+    rules: RuleSet, car: Any
+) -> None:
+    # found by tests/faults/test_fuzz_http.py: it passed with a flag, the API answered 200
+    # and the prediction could never be encoded for the predictions topic
+    result = rules.check(event(car=car))
+    assert codes(result) == ["wrong_type"] and "64-bit" in result.rejections[0].message
+    assert rules.check(event(car=2**63 - 1)).ok
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
