@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.query.problems import problem_response
@@ -181,6 +182,12 @@ class PayloadTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request body is larger than the {limit}-byte limit")
         self.limit = limit
+
+
+def too_large_response(scope: Scope, exc: PayloadTooLarge) -> Response:
+    return problem_response(
+        scope, 413, "payload-too-large", f"{exc}; split the events over several requests"
+    )
 
 
 class BodyLimitMiddleware:
