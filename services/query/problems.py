@@ -35,6 +35,7 @@ TITLES: dict[str, str] = {
     "not-ready": "The service is not ready",
     "store-unavailable": "The query store is unavailable",
     "kafka-unavailable": "Kafka is unavailable",
+    "publish-backlog": "Too many predictions are waiting for Kafka",
     "registry-timeout": "The registry did not answer in time",
     "request-timeout": "The request took too long",
     "scoring-error": "The model could not score the events",

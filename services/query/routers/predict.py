@@ -15,7 +15,7 @@ from services.common.featurespec import RuleSet
 from services.query.deps import read_access
 from services.query.middleware import PayloadTooLarge, too_large_response
 from services.query.problems import Problem, internal_error, response_for
-from services.query.runtime import EventPredictions, QueryRuntime
+from services.query.runtime import Backlogged, EventPredictions, QueryRuntime
 from services.query.schemas import (
     EventBatchIn,
     EventIn,
@@ -217,6 +217,13 @@ async def predict_body(runtime: QueryRuntime | None, body: bytes) -> bytes:
         results = await runtime.predict(events)
     except ScoringError as exc:
         raise Problem(500, "scoring-error", f"the model could not score the events: {exc}") from exc
+    except Backlogged as exc:
+        raise Problem(
+            503,
+            "publish-backlog",
+            f"{exc}, the most this server holds; nothing was scored. Retry in a moment",
+            headers={"Retry-After": "1"},
+        ) from None
     if batch:
         out: Any = {"predictions": [_out(e, r) for e, r in zip(events, results, strict=True)]}
     else:
