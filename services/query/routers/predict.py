@@ -236,7 +236,7 @@ class PredictEndpoint:
 
     It does for this one route what FastAPI's stack does (read access, the body, problem
     answers for every error), without the router's matching, dependency solving and
-    exception middleware, which measured about a third of the request's CPU. The route
+    exception middleware, which measured ~40 % of a sync prediction's CPU. The route
     above stays registered: it documents the operation and answers when the app is
     called without the dispatch.
     """
