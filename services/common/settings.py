@@ -167,11 +167,11 @@ class Settings(BaseSettings):
     api_publish_max_inflight: int = Field(
         20_000,
         ge=1,
-        description="sync predictions awaiting Kafka; beyond it they are dropped (counted)",
+        description="sync predictions awaiting Kafka; beyond it predict answers 503",
     )
     api_publish_wait_ms: float = Field(50.0, ge=0, description="how long a request waits for room")
     api_publish_linger_ms: float = Field(
-        5.0, ge=0, description="gather before one Kafka/Redis round"
+        20.0, ge=0, description="gather before one Kafka/Redis round (lookups lag up to this)"
     )
     api_cors_origins: list[str] = Field(default_factory=list, description="empty = CORS off")
     api_history_cache_s: float = Field(5.0, ge=0)

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from pydantic.json_schema import models_json_schema
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import services
 from services.common.settings import Settings
@@ -23,8 +24,9 @@ from services.query.middleware import (
     ObservabilityMiddleware,
     PayloadTooLarge,
     TimeoutMiddleware,
+    too_large_response,
 )
-from services.query.problems import install_handlers, problem_response
+from services.query.problems import install_handlers
 from services.query.routers import health, lookups, models, monitoring, predict
 from services.query.runtime import QueryRuntime
 from services.query.schemas import ProblemOut
@@ -83,6 +85,43 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+PREDICT_PATH = "/v1/predict"
+
+
+class QueryApp(FastAPI):
+    """FastAPI, with HTTP requests going through ``http`` (the middleware stack) first."""
+
+    http: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.http is not None:
+            scope["app"] = self
+            await self.http(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def fastapi_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
+class _PredictDispatch:
+    """POST /v1/predict straight to its endpoint; everything else through FastAPI."""
+
+    def __init__(self, predict: ASGIApp, other: ASGIApp) -> None:
+        self.predict = predict
+        self.other = other
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["path"] == PREDICT_PATH
+            and scope["method"] == "POST"
+            and not scope.get("root_path")
+        ):
+            await self.predict(scope, receive, send)
+        else:
+            await self.other(scope, receive, send)
+
+
 def create_app(settings: Settings, runtime: QueryRuntime | None = None) -> FastAPI:
     config = runtime.config if runtime is not None else ApiConfig.from_settings(settings)
 
@@ -100,7 +139,7 @@ def create_app(settings: Settings, runtime: QueryRuntime | None = None) -> FastA
             app.state.runtime = None
             await own.stop()
 
-    app = FastAPI(
+    app = QueryApp(
         title="scoremesh query API",
         version=services.__version__,
         description=DESCRIPTION,
@@ -125,25 +164,27 @@ def create_app(settings: Settings, runtime: QueryRuntime | None = None) -> FastA
 
     async def on_too_large(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, PayloadTooLarge)
-        return problem_response(
-            request.scope,
-            413,
-            "payload-too-large",
-            f"{exc}; split the events over several requests",
-        )
+        return too_large_response(request.scope, exc)
 
     app.add_exception_handler(PayloadTooLarge, on_too_large)
-    # Added innermost first: the last one added sees the request first.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
-    app.add_middleware(TimeoutMiddleware, timeout_s=config.request_timeout_s)
+    # The HTTP middleware runs outermost, before the POST /v1/predict dispatch, so the hot
+    # route and every other route get the same request ids, access log, timeout and limit.
+    predict_route = next(
+        (r for r in predict.router.routes if getattr(r, "path", None) == PREDICT_PATH), None
+    )
+    front: ASGIApp = _PredictDispatch(
+        predict.PredictEndpoint(app.state, predict_route), app.fastapi_call
+    )
+    front = BodyLimitMiddleware(front, max_body_bytes=config.max_body_bytes)
+    front = TimeoutMiddleware(front, timeout_s=config.request_timeout_s)
     if config.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
+        front = CORSMiddleware(
+            front,
             allow_origins=list(config.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id"],
             expose_headers=["x-request-id"],
         )
-    app.add_middleware(ObservabilityMiddleware, access_log_enabled=config.access_log)
+    app.http = ObservabilityMiddleware(front, access_log_enabled=config.access_log)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -15,8 +15,10 @@ import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.query.access_log import AccessLog
 from services.query.problems import problem_response
 
 access_log = logging.getLogger("services.query.access")
@@ -47,7 +49,7 @@ class ObservabilityMiddleware:
 
     def __init__(self, app: ASGIApp, access_log_enabled: bool = True) -> None:
         self.app = app
-        self.access_log_enabled = access_log_enabled
+        self.access = AccessLog(access_log) if access_log_enabled else None
         self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,11 +92,10 @@ class ObservabilityMiddleware:
             if child is None:
                 child = self._children[key] = REQUEST_SECONDS.labels(route, method, str(status))
             child.observe(elapsed)
-            if self.access_log_enabled:
+            if self.access is not None:
                 client = scope.get("client")
-                access_log.info(
-                    "request",
-                    extra={
+                self.access.log(
+                    {
                         "request_id": request_id,
                         "method": method,
                         "path": scope["path"],
@@ -102,7 +103,7 @@ class ObservabilityMiddleware:
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 3),
                         "client": client[0] if client else None,
-                    },
+                    }
                 )
 
 
@@ -181,6 +182,12 @@ class PayloadTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request body is larger than the {limit}-byte limit")
         self.limit = limit
+
+
+def too_large_response(scope: Scope, exc: PayloadTooLarge) -> Response:
+    return problem_response(
+        scope, 413, "payload-too-large", f"{exc}; split the events over several requests"
+    )
 
 
 class BodyLimitMiddleware:

@@ -35,6 +35,7 @@ TITLES: dict[str, str] = {
     "not-ready": "The service is not ready",
     "store-unavailable": "The query store is unavailable",
     "kafka-unavailable": "Kafka is unavailable",
+    "publish-backlog": "Too many predictions are waiting for Kafka",
     "registry-timeout": "The registry did not answer in time",
     "request-timeout": "The request took too long",
     "scoring-error": "The model could not score the events",
@@ -118,6 +119,27 @@ def problem_response(
     )
 
 
+def response_for(scope: Scope, exc: Problem) -> Response:
+    return problem_response(
+        scope, exc.status, exc.kind, exc.detail, exc.errors, exc.headers, **exc.extensions
+    )
+
+
+def internal_error(scope: Scope, exc: BaseException) -> Response:
+    """500 for an error nobody handled; the traceback goes to the log with the request id."""
+    log.error(
+        "unhandled error",
+        exc_info=exc,
+        extra={"path": scope.get("path", ""), "request_id": request_id_of(scope)},
+    )
+    return problem_response(
+        scope,
+        500,
+        "internal-error",
+        "an unexpected error happened; the request id in this body is in the server log",
+    )
+
+
 _STATUS_KINDS = {
     400: "bad-request",
     401: "unauthorized",
@@ -130,15 +152,7 @@ _STATUS_KINDS = {
 def install_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Problem)
-        return problem_response(
-            request.scope,
-            exc.status,
-            exc.kind,
-            exc.detail,
-            exc.errors,
-            exc.headers,
-            **exc.extensions,
-        )
+        return response_for(request.scope, exc)
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -168,17 +182,7 @@ def install_handlers(app: FastAPI) -> None:
         )
 
     async def on_error(request: Request, exc: Exception) -> Response:
-        log.error(
-            "unhandled error",
-            exc_info=exc,
-            extra={"path": request.url.path, "request_id": request_id_of(request.scope)},
-        )
-        return problem_response(
-            request.scope,
-            500,
-            "internal-error",
-            "an unexpected error happened; the request id in this body is in the server log",
-        )
+        return internal_error(request.scope, exc)
 
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(StarletteHTTPException, on_http)

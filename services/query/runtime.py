@@ -24,7 +24,7 @@ from services.common.registry_view import RegistryView
 from services.common.settings import Settings
 from services.query.batching import AdaptiveBatcher
 from services.query.config import ApiConfig
-from services.query.sink import PredictionSink
+from services.query.sink import PUBLISH_REFUSED, PredictionSink
 from services.registry.client import read_history
 from services.scorer.models import ModelHolder, ServingSet, serving_rule_set
 from services.scorer.scoring import ScoringError, score_events
@@ -42,6 +42,14 @@ EventPredictions = list[dict[str, Any]]
 class Readiness:
     ready: bool
     checks: dict[str, str] = field(default_factory=dict)
+
+
+class Backlogged(Exception):
+    """The predictions topic's backlog is full: refuse the request rather than drop it."""
+
+    def __init__(self, inflight: int) -> None:
+        super().__init__(f"{inflight} sync predictions are waiting for Kafka")
+        self.inflight = inflight
 
 
 class QueryRuntime:
@@ -150,8 +158,13 @@ class QueryRuntime:
         self._batch_size.observe(items)
 
     async def predict(self, events: list[dict[str, Any]]) -> list[EventPredictions]:
-        if not self.sink.has_room():
-            await self.sink.wait_for_room(self.config.publish_wait_ms / 1000.0)
+        """Every variant's prediction per event; ``Backlogged`` when the predictions topic
+        cannot take more (backpressure: nothing is scored that could not be published)."""
+        if not self.sink.has_room() and not await self.sink.wait_for_room(
+            self.config.publish_wait_ms / 1000.0
+        ):
+            PUBLISH_REFUSED.inc()
+            raise Backlogged(self.sink.inflight)
         return await self.batcher.submit(events)
 
     # --- registry history ------------------------------------------------------------

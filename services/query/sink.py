@@ -1,13 +1,18 @@
 """Where sync predictions go after the response: the predictions topic and the query store.
 
-Fire-and-forget with a bound: a request never waits for Kafka acknowledgements. Two pumps
-run in the background, one for Kafka and one for Redis; each takes everything that
-accumulated while its previous round was in flight and sends it as one round (one batch
-per partition, one EVALSHA), so the per-call overhead shrinks as load grows.
+A request never waits for Kafka acknowledgements. Two pumps run in the background, one for
+Kafka and one for Redis; each takes everything that accumulated while its previous round
+was in flight (after ``linger_s``) and sends it as one round (one batch per partition, one
+EVALSHA), so the per-round cost (socket writes, acknowledgements) is shared by more
+predictions as load grows.
 
-At most ``max_inflight`` predictions wait for Kafka at a time; a request waits a short
-while for room (``wait_for_room``) and past that its predictions are dropped from the
-topic, counted and logged, rather than holding the API hostage to the broker.
+Bounded, with backpressure: at most ``max_inflight`` predictions await Kafka. A request
+that finds no room waits a short while (``wait_for_room``) and is then refused with a 503
+before it is scored (``runtime.predict``), so a served prediction is a published one. The
+admission check and the publish are a micro-batch apart, so the queue may pass
+``max_inflight`` by the requests admitted meanwhile; only past ``2 * max_inflight`` would
+predictions be dropped, and like every failed send they are counted and logged. The
+store's queue has the same hard bound (it is a cache: the oldest are dropped, counted).
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter
 
 from services.common.codec import CodecError, codec
 from services.common.metrics import EVENTS_OUT, KAFKA_UP
+from services.common.partitioner import partitions_for_keys
 from services.common.query_store import QueryStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,15 @@ PUBLISH_DROPPED = Counter(
     "Sync predictions that did not reach the predictions topic",
     ["reason"],
 )
+STORE_DROPPED = Counter(
+    "scoremesh_api_store_dropped_total",
+    "Sync predictions not written to the query store because its queue was full",
+)
+PUBLISH_REFUSED = Counter(
+    "scoremesh_api_publish_backpressure_total",
+    "Predict requests refused (503) because the predictions topic's backlog was full",
+)
+OVERSHOOT = 2  # hard bound on a queue: OVERSHOOT * max_inflight predictions
 
 
 class PredictionSink:
@@ -64,14 +78,12 @@ class PredictionSink:
         self._room = asyncio.Event()
         self._room.set()
         self._encode = codec("Prediction").encode
-        # The producer's own choice for a keyed record, so sync predictions land on the
-        # same partition as the stream's for an event_id (and as its labels).
-        self._partitioner = DefaultPartitioner()
         self._partitions: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._store_busy = False
         self._settled = asyncio.Event()  # set after every round, for drain()
-        self._last_drop_log = 0.0
+        self._last_log: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
 
     def start(self) -> None:
         self._tasks = [
@@ -95,15 +107,19 @@ class PredictionSink:
         if not predictions:
             return
         n = len(predictions)
-        if self.inflight + n <= self.max_inflight:
+        hard_limit = OVERSHOOT * self.max_inflight
+        if self.inflight + n <= hard_limit:
             self.inflight += n
             self._to_kafka.extend(predictions)
             self._kafka_wake.set()
-        else:
+        else:  # admission control was outrun (see the module doc): say so
             self._dropped("backpressure", n)
         if self.store is not None:
-            if len(self._to_store) + n > self.max_inflight:
-                del self._to_store[:n]  # Redis is a cache: keep the newest
+            excess = len(self._to_store) + n - hard_limit
+            if excess > 0:
+                del self._to_store[:excess]  # Redis is a cache: keep the newest
+                STORE_DROPPED.inc(excess)
+                self._warn("query store queue full; oldest sync predictions not written", excess)
             self._to_store.extend(predictions)
             self._store_wake.set()
 
@@ -134,16 +150,19 @@ class PredictionSink:
         futures = []
         sent = 0
         try:
+            encoded: list[tuple[bytes, bytes]] = []
             for i, p in enumerate(predictions):
                 if i and not i % YIELD_EVERY:
                     await asyncio.sleep(0)  # a big round must not stall requests
                 try:
-                    value = self._encode(p)
+                    encoded.append((p["event_id"].encode(), self._encode(p)))
                 except CodecError as exc:
                     self._dropped("encode_error", 1, str(exc))
-                    continue
-                key = p["event_id"].encode()
-                partition = self._partitioner(key, partitions, partitions)
+            # The producer's own choice for a keyed record, so sync predictions land on the
+            # same partition as the stream's for an event_id (and as its labels).
+            placed = partitions_for_keys([key for key, _ in encoded], len(partitions))
+            for (key, value), index in zip(encoded, placed, strict=True):
+                partition = partitions[index]
                 builder = batches.get(partition)
                 if builder is None:
                     builder = batches[partition] = self.producer.create_batch()
@@ -158,6 +177,7 @@ class PredictionSink:
                 sent += 1
             for partition, builder in batches.items():
                 if builder.record_count():
+                    builder.close()  # a complete round: sent at once, no producer linger
                     futures.append(
                         await self.producer.send_batch(builder, self.topic, partition=partition)
                     )
@@ -196,13 +216,17 @@ class PredictionSink:
         if n <= 0:
             return
         PUBLISH_DROPPED.labels(reason).inc(n)
+        self._warn("sync predictions not published to Kafka", n, reason=reason, error=error)
+
+    def _warn(self, message: str, n: int, **extra: str) -> None:
+        """Log a loss, but not once per request: at most one line per 10 s per message,
+        with how many were lost since the previous line."""
+        self._unlogged[message] = self._unlogged.get(message, 0) + n
         now = time.monotonic()
-        if now - self._last_drop_log > 10:  # say it, but not once per request
-            self._last_drop_log = now
-            log.warning(
-                "sync predictions not published to Kafka",
-                extra={"reason": reason, "predictions": n, "error": error},
-            )
+        if now - self._last_log.get(message, -1e9) > 10:
+            self._last_log[message] = now
+            lost = self._unlogged.pop(message)
+            log.warning(message, extra={"predictions": lost, "since_s": 10, **extra})
 
     @property
     def idle(self) -> bool:

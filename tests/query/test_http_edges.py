@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -15,7 +16,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from services.common.settings import Settings
-from services.query.app import create_app
+from services.query.app import QueryApp, create_app
+from services.query.config import ApiConfig
 from services.query.middleware import (
     BodyLimitMiddleware,
     ObservabilityMiddleware,
@@ -176,3 +178,47 @@ async def test_cors_is_off_by_default_and_on_when_configured() -> None:
     async with client_for(app) as client:
         response = await client.options("/v1/predict", headers=preflight)
         assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+async def test_predict_dispatch_answers_as_the_fastapi_route_does() -> None:
+    """POST /v1/predict skips FastAPI's routing; its answers must not change for that."""
+
+    class Stub:  # enough runtime for the answers given before anything is scored
+        config = ApiConfig.from_settings(settings())
+
+    app = create_app(settings())
+    assert isinstance(app, QueryApp)
+    cases = {
+        b"{not json": (400, "malformed-body"),
+        b'{"events": "x"}': (422, "invalid-request"),
+        orjson.dumps({"events": [{}] * 300}): (422, "too-many-events"),
+    }
+    fast, routed = client_for(app), client_for(app.fastapi_call)  # with / without dispatch
+    async with fast, routed:
+        for runtime, bodies in ((None, {b"{}": (503, "not-ready")}), (Stub(), cases)):
+            app.state.runtime = runtime
+            for body, (status, kind) in bodies.items():
+                answer = assert_problem(await fast.post("/v1/predict", content=body), status, kind)
+                plain = await routed.post("/v1/predict", content=body)
+                assert plain.status_code == status
+                assert {k: v for k, v in answer.items() if k != "request_id"} == plain.json()
+
+
+async def test_predict_dispatch_keeps_read_auth_and_answers_500_as_a_problem() -> None:
+    app = create_app(settings(api_token=SecretStr("right"), api_require_token_for_reads=True))
+    async with client_for(app) as client:
+        assert_problem(await client.post("/v1/predict", content=b"{}"), 401, "unauthorized")
+
+    class Broken:
+        config = app.state.config
+
+        def rules(self) -> Any:
+            raise RuntimeError("boom")
+
+    app = create_app(settings())
+    app.state.runtime = Broken()
+    async with client_for(app) as client:
+        body = assert_problem(
+            await client.post("/v1/predict", json={"event_id": "e-1"}), 500, "internal-error"
+        )
+        assert "request id" in body["detail"]
