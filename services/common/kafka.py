@@ -256,6 +256,25 @@ async def send_records(
 
     Order is kept within each partition. Returns the number of records sent.
     """
+    futures, count = await enqueue_records(producer, records)
+    if futures:
+        await asyncio.gather(*futures)
+    return count
+
+
+async def enqueue_records(
+    producer: AIOKafkaProducer,
+    records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
+    *,
+    close_batches: bool = False,
+) -> tuple[list[asyncio.Future[Any]], int]:
+    """Hand (topic, partition or None, key, value) records to the producer without waiting:
+    (the futures of their acknowledgements, the number of records).
+
+    Order is kept within each partition, and across calls. ``close_batches``: the batches
+    are complete, so the producer sends them at once instead of lingering ``linger_ms`` for
+    more records that will never come.
+    """
     partitions: dict[str, list[int]] = {}
     open_batches: dict[tuple[str, int], Any] = {}
     futures: list[asyncio.Future[Any]] = []
@@ -280,7 +299,7 @@ async def send_records(
                 raise ValueError(f"{topic}: a record larger than the producer's batch size")
         count += 1
     for (topic, partition), batch in open_batches.items():
+        if close_batches:
+            batch.close()
         futures.append(await producer.send_batch(batch, topic, partition=partition))
-    if futures:
-        await asyncio.gather(*futures)
-    return count
+    return futures, count
