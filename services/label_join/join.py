@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from services.common.batchloop import Out, Record
 from services.common.codec import CodecError, codec
 from services.common.registry_view import RegistryState
 from services.label_join import telemetry
+from services.label_join.outputs import OutputEncoder
 from services.label_join.performance import (
     Contribution,
     GroupStats,
@@ -133,15 +133,42 @@ class Binner:
 
     feature: str
     inner_edges: tuple[float, ...] | None  # None: categorical
+    # "feature:bin" keys, made once: numeric bins by index, categories as they come
+    _numeric: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _categories: dict[Any, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        edges = self.inner_edges or ()
+        numeric = tuple(f"{self.feature}:bin{i}" for i in range(len(edges) + 1))
+        object.__setattr__(self, "_numeric", numeric)
+        object.__setattr__(self, "_categories", {})
 
     def bin_of(self, value: Any) -> str:
+        return self.key_of(value)[len(self.feature) + 1 :]
+
+    def key_of(self, value: Any) -> str:
+        """``feature:bin`` of a value (the key of GroupStats.bins)."""
         if value is None:
-            return "null"
+            return f"{self.feature}:null"
+        kind = type(value)
         if self.inner_edges is None:
-            return str(value)
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            return "null"
-        return f"bin{bisect.bisect_right(self.inner_edges, value)}"
+            if kind is not int and kind is not str:  # 1, 1.0 and True are equal dict keys
+                return f"{self.feature}:{value}"
+            held = self._categories.get(value)
+            if held is None:
+                held = f"{self.feature}:{value}"
+                if len(self._categories) < 4096:
+                    self._categories[value] = held
+            return held
+        if (
+            kind is not float
+            and kind is not int
+            and (kind is bool or not isinstance(value, int | float))
+        ):
+            return f"{self.feature}:null"
+        if value != value:  # NaN
+            return f"{self.feature}:null"
+        return self._numeric[bisect.bisect_right(self.inner_edges, value)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,8 +386,7 @@ class JoinCore:
         self._delay_children: dict[tuple[str, str], Any] = {}
         self._prediction_codec = codec("Prediction")
         self._label_codec = codec("Label")
-        self._labeled_codec = codec("LabeledPrediction")
-        self._example_codec = codec("TrainingExample")
+        self._encoder = OutputEncoder()
         self._unmatched_codec = codec("UnmatchedLabel")
 
     # --- partitions -----------------------------------------------------------------------
@@ -511,10 +537,11 @@ class JoinCore:
         self._count("prediction")
         if entry.label is not None:
             self._account(ps, entry, pred, variant, info, +1)
-            outputs.append(self._labeled(entry, pred, variant))
+            out_key, head = self._head(entry)
+            outputs.append(self._labeled(entry, pred, variant, out_key, head))
             self._count("joined")
             if first:
-                outputs.append(self._example(entry))
+                outputs.append(self._example(entry, out_key, head))
 
     def _on_label(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
         value = record.value or b""
@@ -587,13 +614,15 @@ class JoinCore:
         entry.label, entry.label_time = cls, label_time
         ps.dirty_keys.add(event_id)
         self._count("label_correction" if correction else "label_matched")
+        if not entry.preds:
+            return
+        out_key, head = self._head(entry)
         for variant, pred in entry.preds.items():
             info = self.catalog.info(pred.model, pred.version, pred.scores)
             self._account(ps, entry, pred, variant, info, +1)
-            outputs.append(self._labeled(entry, pred, variant))
+            outputs.append(self._labeled(entry, pred, variant, out_key, head))
             self._count("joined")
-        if entry.preds:
-            outputs.append(self._example(entry))
+        outputs.append(self._example(entry, out_key, head))
 
     # --- expiry ---------------------------------------------------------------------------
 
@@ -686,7 +715,7 @@ class JoinCore:
             log_loss=log_loss_term(pred.scores, label),
             brier=brier_term(pred.scores, label, info.classes, info.positive),
             delay_bucket=delay_bucket((entry.label_time or 0) - entry.event_time),
-            bins=tuple(f"{b.feature}:{b.bin_of(features.get(b.feature))}" for b in info.binners),
+            bins=tuple([b.key_of(features.get(b.feature)) for b in info.binners]),
         )
 
     def _account(
@@ -712,7 +741,14 @@ class JoinCore:
 
     # --- output records -------------------------------------------------------------------
 
-    def _labeled(self, entry: Entry, pred: Pred, variant: str) -> Out:
+    def _head(self, entry: Entry) -> tuple[bytes, bytes]:
+        """The output key and the encoded fields both outputs begin with, once per event."""
+        assert entry.event_time is not None
+        return entry.event_id.encode(), self._encoder.head(
+            entry.event_id, entry.entity_id, entry.event_time
+        )
+
+    def _labeled(self, entry: Entry, pred: Pred, variant: str, key: bytes, head: bytes) -> Out:
         assert entry.label is not None and entry.event_time is not None
         label_time = entry.label_time or 0
         record = {
@@ -731,9 +767,9 @@ class JoinCore:
             "label_delay_ms": label_time - entry.event_time,
             "attributes": entry.attributes,
         }
-        return Out(self.topics.labeled, entry.event_id.encode(), self._labeled_codec.encode(record))
+        return Out(self.topics.labeled, key, self._encoder.labeled(head, record))
 
-    def _example(self, entry: Entry) -> Out:
+    def _example(self, entry: Entry, key: bytes, head: bytes) -> Out:
         """Once per event (again only when a corrected label replaces the held one)."""
         record = {
             "event_id": entry.event_id,
@@ -745,9 +781,7 @@ class JoinCore:
             "label_time": entry.label_time,
         }
         self._count("training_example")
-        return Out(
-            self.topics.examples, entry.event_id.encode(), self._example_codec.encode(record)
-        )
+        return Out(self.topics.examples, key, self._encoder.example(head, record))
 
     def _unmatched(
         self, record: Record | None, label: dict[str, Any] | None, reason: str, detail: str
