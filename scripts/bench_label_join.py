@@ -40,6 +40,7 @@ import logging
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ KeyValue = tuple[bytes | None, bytes]
 CONFIG = JoinConfig(window_ms=7 * DAY_MS, grace_ms=HOUR_MS, tumbling_ms=HOUR_MS, sliding_ms=DAY_MS)
 ROOT = Path(__file__).resolve().parent.parent
 SETTLE_S = 15.0  # > 2 x the dev session timeout: a consumer group with both members
+BROKER_PID: int | None = None  # the embedded broker, when this run started it: its CPU is shown
 
 
 def say(text: str) -> None:
@@ -245,8 +247,32 @@ async def scorer_phase(
     service = ScorerService(settings)
     probe = Probe(service.loop)
     async with running(service) as task:
+        await wait_first_batch(probe, task, timeout_s)
+        cpu, broker = time.process_time(), broker_cpu_s()
         elapsed = await drain_time(probe, n, task, timeout_s)
-    return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed, 1)}
+        cpu, broker = time.process_time() - cpu, broker_cpu_s() - broker
+    return {
+        "events": n,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(n / elapsed, 1),
+        # CPU is what a loaded machine cannot distort much: compare it with the join's
+        "process_cpu_us_per_event": round(cpu / n * 1e6, 1),
+        "broker_cpu_us_per_event": round(broker / n * 1e6, 1),
+        "note": "process CPU: the scorer in the benchmark's process (its 2 ms probe included)",
+    }
+
+
+async def wait_first_batch(probe: Probe, task: asyncio.Task[None], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while probe.first is None:
+        check_alive(task)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no batch in {timeout_s:.0f}s")
+        await asyncio.sleep(0.001)
+
+
+def broker_cpu_s() -> float:
+    return process_cpu_s(BROKER_PID) if BROKER_PID is not None else 0.0
 
 
 async def join_phase(
@@ -401,14 +427,23 @@ async def process_phase(
     samples: list[tuple[float, int]] = []
     cpu_s: list[float] = []
     cpu_before = [process_cpu_s(proc.pid) for proc in procs]  # start-up and settling
-
-    async def send_inputs() -> None:
+    broker_s = 0.0
+    # Like the scorer's phase, the join starts on a full backlog: the processes are paused
+    # (SIGSTOP) while the inputs are produced, so producing takes none of their CPU, and
+    # resumed together (well within the session timeout, so the group does not rebalance).
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGSTOP)
+    produce_started = time.perf_counter()
+    try:
         await produce(settings, "predictions", predictions)
         await produce(settings, "labels", labels)
-
+    finally:
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+    paused_s = time.perf_counter() - produce_started
+    broker_before = broker_cpu_s()
     try:
         async with CommitWatcher(settings, tps) as watcher:
-            sender = asyncio.create_task(send_inputs())
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 committed = await watcher.total()
@@ -419,8 +454,8 @@ async def process_phase(
                     if proc.poll() is not None:
                         raise RuntimeError(f"a label-join process died: {logs.read_text()[-2000:]}")
                 await asyncio.sleep(0.02)
-            await sender
         cpu_s = [process_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True)]
+        broker_s = broker_cpu_s() - broker_before
     finally:
         for proc in procs:
             proc.terminate()
@@ -447,8 +482,12 @@ async def process_phase(
         "samples": len(samples),
         "process_cpu_s": [round(c, 2) for c in cpu_s],
         "process_cpu_us_per_input": round(sum(cpu_s) / total * 1e6, 1),
-        "note": "processes joined before the inputs were produced (production runs alongside, "
-        "~90k/s); rate = committed offsets from 10 % to 90 % of the inputs over that time",
+        "process_cpu_us_per_prediction": round(sum(cpu_s) / len(predictions) * 1e6, 1),
+        "broker_cpu_us_per_prediction": round(broker_s / len(predictions) * 1e6, 1),
+        "paused_while_producing_s": round(paused_s, 2),
+        "note": "processes joined the group, were paused while the inputs were produced and "
+        "resumed on the full backlog (as the scorer phase starts on one); rate = committed "
+        "offsets from 10 % to 90 % of the inputs over that time",
     }
 
 
@@ -702,6 +741,15 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "rule": "predictions joined per second >= scorer events (= predictions) per second",
         },
         "label_to_metric_ms": latency["label_to_metric_ms"],
+        "cpu_us_per_prediction": {
+            "scorer_process": scorer["process_cpu_us_per_event"],
+            "scorer_broker": scorer["broker_cpu_us_per_event"],
+            "join_one_process": single["process_cpu_us_per_prediction"],
+            "join_one_process_broker": single["broker_cpu_us_per_prediction"],
+            "join_two_processes": None if two is None else two["process_cpu_us_per_prediction"],
+            "note": "load-robust: a join process keeps up with a scorer process on equal CPU "
+            "when its CPU per prediction (the prediction and its label) is not higher",
+        },
         "core_cpu_us": cost,
         "option_c_redis_state_upper_bound_eps": redis_state["input_events_per_s"],
         "state": state,
@@ -764,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         say("starting the embedded stack ...")
         state, _ = stack.up()
+        global BROKER_PID
+        BROKER_PID = state.started.get("broker")
         settings = stack.settings.model_copy(
             update=state.settings_overrides()
             | {"redis_key_prefix": redis_prefix, "artifact_dir": BENCH_HOME / "artifacts"}
