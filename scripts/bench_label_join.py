@@ -10,8 +10,11 @@ One run, on one broker, in phases (each phase its own topic prefix unless it reu
    store, changelog on the broker). Timed from its first batch to every input committed
    (the service commits only after outputs and changelog are acknowledged); outputs counted.
 3. join, one and two processes - the same inputs on a fresh prefix, one label-join process
-   (6 partitions), then two in one consumer group (3 partitions each), as subprocesses started
-   before the inputs exist, timed by their committed offsets.
+   (6 partitions), then two in one consumer group (3 partitions each), as subprocesses that
+   join the group, are paused (SIGSTOP) while the inputs are produced and resumed on the full
+   backlog, as the scorer starts on one; timed by their committed offsets. Process and broker
+   CPU per prediction are reported for the scorer and the join: on a loaded machine rates
+   move with the load, CPU per event much less.
 4. label-to-metric latency - predictions already joined; labels sent at a fixed rate; each
    label's latency is from its send to the first monitoring.stats record whose labelled count
    includes it (publish interval shown in the result).
