@@ -10,8 +10,11 @@ One run, on one broker, in phases (each phase its own topic prefix unless it reu
    store, changelog on the broker). Timed from its first batch to every input committed
    (the service commits only after outputs and changelog are acknowledged); outputs counted.
 3. join, one and two processes - the same inputs on a fresh prefix, one label-join process
-   (6 partitions), then two in one consumer group (3 partitions each), as subprocesses started
-   before the inputs exist, timed by their committed offsets.
+   (6 partitions), then two in one consumer group (3 partitions each), as subprocesses that
+   join the group, are paused (SIGSTOP) while the inputs are produced and resumed on the full
+   backlog, as the scorer starts on one; timed by their committed offsets. Process and broker
+   CPU per prediction are reported for the scorer and the join: on a loaded machine rates
+   move with the load, CPU per event much less.
 4. label-to-metric latency - predictions already joined; labels sent at a fixed rate; each
    label's latency is from its send to the first monitoring.stats record whose labelled count
    includes it (publish interval shown in the result).
@@ -40,6 +43,7 @@ import logging
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +54,7 @@ from typing import Any
 import numpy as np
 import redis
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.common.batchloop import BatchLoop, Out, ProcessFn, Record
 from services.common.catalog import catalog
@@ -58,10 +63,12 @@ from services.common.devstack import DevStack
 from services.common.featurespec import RuleSet
 from services.common.kafka import (
     assign_all,
+    client_options,
     ensure_topics,
     make_consumer,
     make_producer,
     read_to_end,
+    send_records,
     start_with_retry,
 )
 from services.common.lifecycle import Service
@@ -79,6 +86,7 @@ KeyValue = tuple[bytes | None, bytes]
 CONFIG = JoinConfig(window_ms=7 * DAY_MS, grace_ms=HOUR_MS, tumbling_ms=HOUR_MS, sliding_ms=DAY_MS)
 ROOT = Path(__file__).resolve().parent.parent
 SETTLE_S = 15.0  # > 2 x the dev session timeout: a consumer group with both members
+BROKER_PID: int | None = None  # the embedded broker, when this run started it: its CPU is shown
 
 
 def say(text: str) -> None:
@@ -91,16 +99,14 @@ def say(text: str) -> None:
 async def produce(settings: Settings, topic: str, items: Iterable[KeyValue]) -> int:
     producer = make_producer(settings, max_request_size=8 * 1024 * 1024)
     await start_with_retry(producer.start, "bench-producer", settings)
-    futures: list[asyncio.Future[Any]] = []
+    name = settings.topic(topic)
+    rows = list(items)
     count = 0
-    try:
-        for key, value in items:
-            futures.append(await producer.send(settings.topic(topic), value, key=key))
-            count += 1
-            if len(futures) >= 5000:
-                await asyncio.gather(*futures)
-                futures.clear()
-        await asyncio.gather(*futures)
+    try:  # whole batches (murmur2 by key, as send() would place them): little CPU
+        for i in range(0, len(rows), 5000):
+            count += await send_records(
+                producer, ((name, None, k, v) for k, v in rows[i : i + 5000])
+            )
     finally:
         await producer.stop()
     return count
@@ -245,8 +251,32 @@ async def scorer_phase(
     service = ScorerService(settings)
     probe = Probe(service.loop)
     async with running(service) as task:
+        await wait_first_batch(probe, task, timeout_s)
+        cpu, broker = time.process_time(), broker_cpu_s()
         elapsed = await drain_time(probe, n, task, timeout_s)
-    return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed, 1)}
+        cpu, broker = time.process_time() - cpu, broker_cpu_s() - broker
+    return {
+        "events": n,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(n / elapsed, 1),
+        # CPU is what a loaded machine cannot distort much: compare it with the join's
+        "process_cpu_us_per_event": round(cpu / n * 1e6, 1),
+        "broker_cpu_us_per_event": round(broker / n * 1e6, 1),
+        "note": "process CPU: the scorer in the benchmark's process (its 2 ms probe included)",
+    }
+
+
+async def wait_first_batch(probe: Probe, task: asyncio.Task[None], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while probe.first is None:
+        check_alive(task)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no batch in {timeout_s:.0f}s")
+        await asyncio.sleep(0.001)
+
+
+def broker_cpu_s() -> float:
+    return process_cpu_s(BROKER_PID) if BROKER_PID is not None else 0.0
 
 
 async def join_phase(
@@ -322,24 +352,25 @@ sys.exit(run_service("label-join", lambda: LabelJoinService(settings, config), s
 
 
 class CommitWatcher:
-    """Polls a consumer group's committed offsets (one consumer, started once)."""
+    """Polls a consumer group's committed offsets: one admin request for every partition
+    (a consumer's ``committed()`` is a request per partition, broker CPU the join is charged)."""
 
     def __init__(self, settings: Settings, tps: list[TopicPartition]) -> None:
         self.settings = settings
         self.tps = tps
-        self.consumer = make_consumer(
-            settings, group_id=f"{settings.topic_prefix}scoremesh-label-join"
-        )
+        self.group = f"{settings.topic_prefix}scoremesh-label-join"
+        self.admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=30_000)
 
     async def __aenter__(self) -> CommitWatcher:
-        await start_with_retry(self.consumer.start, "bench-offsets", self.settings)
+        await start_with_retry(self.admin.start, "bench-offsets", self.settings)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.consumer.stop()
+        await self.admin.close()
 
     async def total(self) -> int:
-        return sum([(await self.consumer.committed(tp)) or 0 for tp in self.tps])
+        offsets = await self.admin.list_consumer_group_offsets(self.group, partitions=self.tps)
+        return sum(max(0, meta.offset) for meta in offsets.values())
 
 
 def process_cpu_s(pid: int) -> float:
@@ -401,14 +432,23 @@ async def process_phase(
     samples: list[tuple[float, int]] = []
     cpu_s: list[float] = []
     cpu_before = [process_cpu_s(proc.pid) for proc in procs]  # start-up and settling
-
-    async def send_inputs() -> None:
+    broker_s = 0.0
+    # Like the scorer's phase, the join starts on a full backlog: the processes are paused
+    # (SIGSTOP) while the inputs are produced, so producing takes none of their CPU, and
+    # resumed together (well within the session timeout, so the group does not rebalance).
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGSTOP)
+    produce_started = time.perf_counter()
+    try:
         await produce(settings, "predictions", predictions)
         await produce(settings, "labels", labels)
-
+    finally:
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+    paused_s = time.perf_counter() - produce_started
+    broker_before = broker_cpu_s()
     try:
         async with CommitWatcher(settings, tps) as watcher:
-            sender = asyncio.create_task(send_inputs())
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 committed = await watcher.total()
@@ -418,9 +458,9 @@ async def process_phase(
                 for proc in procs:
                     if proc.poll() is not None:
                         raise RuntimeError(f"a label-join process died: {logs.read_text()[-2000:]}")
-                await asyncio.sleep(0.02)
-            await sender
+                await asyncio.sleep(0.05)
         cpu_s = [process_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True)]
+        broker_s = broker_cpu_s() - broker_before
     finally:
         for proc in procs:
             proc.terminate()
@@ -447,8 +487,12 @@ async def process_phase(
         "samples": len(samples),
         "process_cpu_s": [round(c, 2) for c in cpu_s],
         "process_cpu_us_per_input": round(sum(cpu_s) / total * 1e6, 1),
-        "note": "processes joined before the inputs were produced (production runs alongside, "
-        "~90k/s); rate = committed offsets from 10 % to 90 % of the inputs over that time",
+        "process_cpu_us_per_prediction": round(sum(cpu_s) / len(predictions) * 1e6, 1),
+        "broker_cpu_us_per_prediction": round(broker_s / len(predictions) * 1e6, 1),
+        "paused_while_producing_s": round(paused_s, 2),
+        "note": "processes joined the group, were paused while the inputs were produced and "
+        "resumed on the full backlog (as the scorer phase starts on one); rate = committed "
+        "offsets from 10 % to 90 % of the inputs over that time",
     }
 
 
@@ -702,6 +746,15 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "rule": "predictions joined per second >= scorer events (= predictions) per second",
         },
         "label_to_metric_ms": latency["label_to_metric_ms"],
+        "cpu_us_per_prediction": {
+            "scorer_process": scorer["process_cpu_us_per_event"],
+            "scorer_broker": scorer["broker_cpu_us_per_event"],
+            "join_one_process": single["process_cpu_us_per_prediction"],
+            "join_one_process_broker": single["broker_cpu_us_per_prediction"],
+            "join_two_processes": None if two is None else two["process_cpu_us_per_prediction"],
+            "note": "load-robust: a join process keeps up with a scorer process on equal CPU "
+            "when its CPU per prediction (the prediction and its label) is not higher",
+        },
         "core_cpu_us": cost,
         "option_c_redis_state_upper_bound_eps": redis_state["input_events_per_s"],
         "state": state,
@@ -764,6 +817,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         say("starting the embedded stack ...")
         state, _ = stack.up()
+        global BROKER_PID
+        BROKER_PID = state.started.get("broker")
         settings = stack.settings.model_copy(
             update=state.settings_overrides()
             | {"redis_key_prefix": redis_prefix, "artifact_dir": BENCH_HOME / "artifacts"}

@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -133,15 +132,42 @@ class Binner:
 
     feature: str
     inner_edges: tuple[float, ...] | None  # None: categorical
+    # "feature:bin" keys, made once: numeric bins by index, categories as they come
+    _numeric: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _categories: dict[Any, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        edges = self.inner_edges or ()
+        numeric = tuple(f"{self.feature}:bin{i}" for i in range(len(edges) + 1))
+        object.__setattr__(self, "_numeric", numeric)
+        object.__setattr__(self, "_categories", {})
 
     def bin_of(self, value: Any) -> str:
+        return self.key_of(value)[len(self.feature) + 1 :]
+
+    def key_of(self, value: Any) -> str:
+        """``feature:bin`` of a value (the key of GroupStats.bins)."""
         if value is None:
-            return "null"
+            return f"{self.feature}:null"
+        kind = type(value)
         if self.inner_edges is None:
-            return str(value)
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            return "null"
-        return f"bin{bisect.bisect_right(self.inner_edges, value)}"
+            if kind is not int and kind is not str:  # 1, 1.0 and True are equal dict keys
+                return f"{self.feature}:{value}"
+            held = self._categories.get(value)
+            if held is None:
+                held = f"{self.feature}:{value}"
+                if len(self._categories) < 4096:
+                    self._categories[value] = held
+            return held
+        if (
+            kind is not float
+            and kind is not int
+            and (kind is bool or not isinstance(value, int | float))
+        ):
+            return f"{self.feature}:null"
+        if value != value:  # NaN
+            return f"{self.feature}:null"
+        return self._numeric[bisect.bisect_right(self.inner_edges, value)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,10 +537,11 @@ class JoinCore:
         self._count("prediction")
         if entry.label is not None:
             self._account(ps, entry, pred, variant, info, +1)
-            outputs.append(self._labeled(entry, pred, variant))
+            out_key = self._head(entry)
+            outputs.append(self._labeled(entry, pred, variant, out_key))
             self._count("joined")
             if first:
-                outputs.append(self._example(entry))
+                outputs.append(self._example(entry, out_key))
 
     def _on_label(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
         value = record.value or b""
@@ -587,13 +614,15 @@ class JoinCore:
         entry.label, entry.label_time = cls, label_time
         ps.dirty_keys.add(event_id)
         self._count("label_correction" if correction else "label_matched")
+        if not entry.preds:
+            return
+        out_key = self._head(entry)
         for variant, pred in entry.preds.items():
             info = self.catalog.info(pred.model, pred.version, pred.scores)
             self._account(ps, entry, pred, variant, info, +1)
-            outputs.append(self._labeled(entry, pred, variant))
+            outputs.append(self._labeled(entry, pred, variant, out_key))
             self._count("joined")
-        if entry.preds:
-            outputs.append(self._example(entry))
+        outputs.append(self._example(entry, out_key))
 
     # --- expiry ---------------------------------------------------------------------------
 
@@ -686,7 +715,7 @@ class JoinCore:
             log_loss=log_loss_term(pred.scores, label),
             brier=brier_term(pred.scores, label, info.classes, info.positive),
             delay_bucket=delay_bucket((entry.label_time or 0) - entry.event_time),
-            bins=tuple(f"{b.feature}:{b.bin_of(features.get(b.feature))}" for b in info.binners),
+            bins=tuple([b.key_of(features.get(b.feature)) for b in info.binners]),
         )
 
     def _account(
@@ -712,7 +741,11 @@ class JoinCore:
 
     # --- output records -------------------------------------------------------------------
 
-    def _labeled(self, entry: Entry, pred: Pred, variant: str) -> Out:
+    def _head(self, entry: Entry) -> bytes:
+        """The outputs' key (the event_id), encoded once per event."""
+        return entry.event_id.encode()
+
+    def _labeled(self, entry: Entry, pred: Pred, variant: str, key: bytes) -> Out:
         assert entry.label is not None and entry.event_time is not None
         label_time = entry.label_time or 0
         record = {
@@ -731,9 +764,9 @@ class JoinCore:
             "label_delay_ms": label_time - entry.event_time,
             "attributes": entry.attributes,
         }
-        return Out(self.topics.labeled, entry.event_id.encode(), self._labeled_codec.encode(record))
+        return Out(self.topics.labeled, key, self._labeled_codec.encode(record))
 
-    def _example(self, entry: Entry) -> Out:
+    def _example(self, entry: Entry, key: bytes) -> Out:
         """Once per event (again only when a corrected label replaces the held one)."""
         record = {
             "event_id": entry.event_id,
@@ -745,9 +778,7 @@ class JoinCore:
             "label_time": entry.label_time,
         }
         self._count("training_example")
-        return Out(
-            self.topics.examples, entry.event_id.encode(), self._example_codec.encode(record)
-        )
+        return Out(self.topics.examples, key, self._example_codec.encode(record))
 
     def _unmatched(
         self, record: Record | None, label: dict[str, Any] | None, reason: str, detail: str

@@ -17,10 +17,11 @@ deduplicated downstream by (event_id, variant) and for examples by event_id.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, KafkaError
 from redis.exceptions import RedisError
 
 from services.common.batchloop import BatchLoop, Out, Record
@@ -35,13 +37,13 @@ from services.common.catalog import TopicSpec, catalog
 from services.common.codec import codec
 from services.common.health import HealthServer
 from services.common.kafka import (
+    enqueue_records,
     make_consumer,
     make_producer,
     read_to_end,
-    send_records,
     start_with_retry,
 )
-from services.common.metrics import EVENTS_OUT, KAFKA_UP
+from services.common.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_IN, EVENTS_OUT, KAFKA_UP
 from services.common.redis_client import connect
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.settings import ConfigError, Settings
@@ -120,11 +122,24 @@ class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class JoinLoop(BatchLoop):
-    """The shared loop, subscribed with range assignment and a state-restoring listener."""
+    """The shared loop, subscribed with range assignment and a state-restoring listener, and
+    pipelined: while one batch's outputs, changelog and commit wait for the broker, the next
+    batch is already being joined.
+
+    Per batch the order of ADR 0006 holds: outputs acknowledged -> changelog acknowledged ->
+    offsets committed; and batches finish in the order they were fetched (each waits for
+    the one before it), so changelog records of one key never overtake each other and a
+    commit never covers a batch that is not complete. At most ``depth`` batches are in
+    flight; a failure fails every later batch too, and the loop stops with the error.
+    """
+
+    depth = 4
 
     def __init__(self, service: LabelJoinService, *args: Any) -> None:
         super().__init__(*args)
         self._listener = _StateListener(service)
+        self._service = service
+        self._inflight: collections.deque[asyncio.Task[None]] = collections.deque()
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         self.consumer = make_consumer(
@@ -136,6 +151,68 @@ class JoinLoop(BatchLoop):
         await start_with_retry(self.consumer.start, f"{self.service}-consumer", self.settings, stop)
         self.consuming = True
         KAFKA_UP.labels(self.service).set(1)
+
+    async def _handle(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]
+    ) -> None:
+        started = time.perf_counter()
+        records = [r for part in batches.values() for r in part]
+        for tp, part in batches.items():
+            EVENTS_IN.labels(self.service, tp.topic).inc(len(part))
+        await self.process(records)  # the join; its sends are queued in the service
+        durable = self._service.take_durable()
+        offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
+        previous = self._inflight[-1] if self._inflight else None
+        self._inflight.append(
+            asyncio.ensure_future(
+                self._finish_batch(consumer, previous, durable, offsets, len(records), started)
+            )
+        )
+        while self._inflight and (len(self._inflight) > self.depth or self._inflight[0].done()):
+            await self._inflight.popleft()  # raises what failed
+
+    async def _finish_batch(
+        self,
+        consumer: AIOKafkaConsumer,
+        previous: asyncio.Task[None] | None,
+        durable: Awaitable[None],
+        offsets: dict[TopicPartition, int],
+        n_records: int,
+        started: float,
+    ) -> None:
+        if previous is not None:
+            await asyncio.shield(previous)  # in order; its failure is this batch's too
+        await durable
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took these partitions away; the new owner replays from the last
+            # committed offset, and downstream dedupes by key.
+            log.warning(
+                "commit failed after rebalance; batch will be replayed",
+                extra={"error": str(exc), "records": n_records},
+            )
+        BATCH_SIZE.labels(self.service).observe(n_records)
+        BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
+        self.last_batch_at = time.time()
+        self.batches += 1
+
+    async def drain(self) -> None:
+        """Finish (acknowledge and commit) every batch in flight. A failed batch is logged,
+        not raised: nothing after it was committed, so its records are replayed."""
+        while self._inflight:
+            task = self._inflight.popleft()
+            try:
+                await task
+            except Exception as exc:
+                log.warning(
+                    "a batch in flight failed; it will be replayed", extra={"error": repr(exc)}
+                )
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.drain()
+        await super().stop()
 
 
 # --- where partitions' statistics meet ----------------------------------------------------
@@ -287,6 +364,7 @@ class LabelJoinService:
         self._restorer: AIOKafkaConsumer | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._latest_tumbling: dict[tuple[str, str, str, str], int] = {}
+        self._durable: asyncio.Future[None] | None = None  # the last batch's outputs + changelog
         self.restored_partitions: set[int] = set()
         self.published = 0  # MonitoringStats records sent
 
@@ -359,6 +437,7 @@ class LabelJoinService:
     async def on_revoked(self, partitions: set[int]) -> None:
         log.info("partitions revoked: join state dropped", extra={"partitions": sorted(partitions)})
         async with self._lock:
+            await self._settle()
             for p in partitions:
                 self.core.drop(p)
                 self.restored_partitions.discard(p)
@@ -366,6 +445,7 @@ class LabelJoinService:
 
     async def on_assigned(self, partitions: set[int]) -> None:
         async with self._lock:
+            await self._settle()
             for p in set(self.core.partitions) - partitions:
                 self.core.drop(p)
                 self.restored_partitions.discard(p)
@@ -373,6 +453,16 @@ class LabelJoinService:
                 await self._restore(p)
             self.core.mark_all_dirty()
             telemetry.JOIN_STATE_ENTRIES.set(self.core.pending_entries)
+
+    async def _settle(self) -> None:
+        """Every joined batch's changelog on the broker and its offsets committed, so a
+        partition's state is restored from a changelog that holds everything joined."""
+        if self._durable is not None:
+            try:
+                await asyncio.shield(self._durable)
+            except Exception as exc:  # nothing after it commits: it is replayed
+                log.warning("a batch's sends failed", extra={"error": repr(exc)})
+        await self.loop.drain()
 
     async def _restore(self, partition: int) -> None:
         assert self._restorer is not None, "start() first"
@@ -405,31 +495,56 @@ class LabelJoinService:
     # --- one batch ------------------------------------------------------------------------
 
     async def _process(self, records: list[Record]) -> list[Out]:
+        """Join a batch and queue its sends; ``take_durable()`` then says when they are on
+        the broker in the order ADR 0006 needs (outputs, then the changelog)."""
         async with self._lock:
             predictions = [r for r in records if r.topic == self._predictions]
             labels = [r for r in records if r.topic != self._predictions]
             result = self.core.process(predictions, labels)
-            # 1. the outputs, acknowledged ...
-            await send_records(
-                self.producer, ((o.topic, None, o.key, o.value) for o in result.outputs)
+            acks, _ = await enqueue_records(
+                self.producer,
+                ((o.topic, None, o.key, o.value) for o in result.outputs),
+                close_batches=True,
             )
             per_topic: dict[str, int] = {}
             for o in result.outputs:
                 per_topic[o.topic] = per_topic.get(o.topic, 0) + 1
             for topic, n in per_topic.items():
                 EVENTS_OUT.labels(self.name, topic).inc(n)
-            # 2. ... before the state that says they were sent; the loop commits after this.
-            await send_records(
-                self.producer,
-                (
-                    (self._changelog, partition, key, value)
-                    for partition, key, value in result.changelog
-                ),
+            self._durable = asyncio.ensure_future(
+                self._write_changelog(self._durable, acks, result.changelog)
             )
-            if result.changelog:
-                EVENTS_OUT.labels(self.name, self._changelog).inc(len(result.changelog))
             telemetry.JOIN_STATE_ENTRIES.set(self.core.pending_entries)
         return []
+
+    def take_durable(self) -> asyncio.Future[None]:
+        """The last processed batch's outputs and changelog, acknowledged (a future)."""
+        if self._durable is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self._durable
+
+    async def _write_changelog(
+        self,
+        previous: asyncio.Future[None] | None,
+        acks: list[asyncio.Future[Any]],
+        changelog: list[tuple[int, bytes, bytes | None]],
+    ) -> None:
+        # 1. this batch's outputs acknowledged, and the batches before it complete, ...
+        if acks:
+            await asyncio.gather(*acks)
+        if previous is not None:
+            await asyncio.shield(previous)
+        # 2. ... before the state that says they were sent; the loop commits after this.
+        if changelog:
+            futures, n = await enqueue_records(
+                self.producer,
+                ((self._changelog, partition, key, value) for partition, key, value in changelog),
+                close_batches=True,
+            )
+            await asyncio.gather(*futures)
+            EVENTS_OUT.labels(self.name, self._changelog).inc(n)
 
     # --- statistics -----------------------------------------------------------------------
 
