@@ -210,15 +210,16 @@ class QueryRuntime:
 
     async def readiness(self) -> Readiness:
         checks = self.quick_checks()
-        if self.producer_started and not self.sink.kafka_ok:
-            # The last send failed; with no traffic (a not-ready pod gets none) it would never
-            # be retried, so ask the broker directly whether it answers again.
+        if self.producer_started:
+            # Ask the broker itself: with no traffic a lost broker shows in no send, and a
+            # not-ready pod gets no traffic to retry a failed one with.
             try:
                 await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 1.0)
-            except (TimeoutError, KafkaError, OSError):
-                pass
+            except (TimeoutError, KafkaError, OSError) as exc:
+                checks["kafka"] = (False, f"broker does not answer ({exc!r})")
             else:
-                checks["kafka"] = (True, "broker answers (the last send had failed)")
+                failed = "" if self.sink.kafka_ok else " (the last send had failed)"
+                checks["kafka"] = (True, "broker answers" + failed)
         if self.store is not None:
             try:
                 ok = await asyncio.wait_for(self.store.ping(), 1.0)
