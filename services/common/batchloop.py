@@ -62,6 +62,21 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         )
 
 
+async def commit_offsets(
+    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], records: int
+) -> None:
+    """Commit a finished batch; a commit lost to a rebalance is logged, not raised."""
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, KafkaError) as exc:
+        # A rebalance took these partitions away; the new owner replays from the last
+        # committed offset, and downstream dedupes by key.
+        log.warning(
+            "commit failed after rebalance; batch will be replayed",
+            extra={"error": str(exc), "records": records},
+        )
+
+
 class BatchLoop:
     def __init__(
         self,
@@ -182,15 +197,7 @@ class BatchLoop:
         """Wait for the batch's acknowledgements, then commit its offsets."""
         if futures:
             await asyncio.gather(*futures)
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # A rebalance took these partitions away; the new owner replays from the last
-            # committed offset, and downstream dedupes by key.
-            log.warning(
-                "commit failed after rebalance; batch will be replayed",
-                extra={"error": str(exc), "records": records},
-            )
+        await commit_offsets(consumer, offsets, records)
 
     async def settle(self) -> None:
         """Wait until the unacknowledged batch, if any, is acknowledged and committed.

@@ -29,10 +29,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, KafkaError
 from redis.exceptions import RedisError
 
-from services.common.batchloop import BatchLoop, Out, Record
+from services.common.batchloop import BatchLoop, Out, Record, commit_offsets
 from services.common.catalog import TopicSpec, catalog
 from services.common.codec import codec
 from services.common.health import HealthServer
@@ -183,15 +182,7 @@ class JoinLoop(BatchLoop):
         if previous is not None:
             await asyncio.shield(previous)  # in order; its failure is this batch's too
         await durable
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # A rebalance took these partitions away; the new owner replays from the last
-            # committed offset, and downstream dedupes by key.
-            log.warning(
-                "commit failed after rebalance; batch will be replayed",
-                extra={"error": str(exc), "records": n_records},
-            )
+        await commit_offsets(consumer, offsets, n_records)
         BATCH_SIZE.labels(self.service).observe(n_records)
         BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         self.last_batch_at = time.time()
