@@ -79,6 +79,8 @@ def _read_long(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint longer than 10 bytes")
+    if z >> 64:
+        raise ValueError("varint does not fit a 64-bit long")
     return (z >> 1) ^ -(z & 1), pos
 
 

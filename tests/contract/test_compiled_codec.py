@@ -145,6 +145,13 @@ def test_corrupted_bodies_decode_or_fail_with_a_typed_error(
     assert repr(decoded) == repr(fastavro_record("Event", bytes(good)))
 
 
+def test_a_varint_beyond_64_bits_is_a_typed_error() -> None:
+    """fastavro reads such a varint as a number no Avro long can hold; we refuse it."""
+    body = b"\x02e" + b"\x02x" + b"\xff" * 9 + b"\x7f"  # event_time: 70 bits of ones
+    with pytest.raises(CodecError):
+        codec("Event").decode(codec("Event").encode(SAMPLES["Event"])[:10] + body)
+
+
 def test_long_varints_and_block_sizes_are_read() -> None:
     """Multi-byte lengths, large longs, and a map written as a sized block (negative count)."""
     event = {
