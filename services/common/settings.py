@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     canary_min_events: int = Field(500, ge=1)
     canary_max_error_rate_delta: float = Field(0.01, ge=0, le=1)
     canary_max_latency_ratio: float = Field(3.0, gt=1)
+    canary_min_batches: int = Field(
+        100,
+        ge=20,
+        description="batches both versions scored before latency p99s are compared "
+        "(fewer make the p99 the single slowest batch)",
+    )
 
     # --- Retraining and promotion (JSON in the environment) -------------------------
     retrain_policy: RetrainPolicy = Field(default_factory=RetrainPolicy)

@@ -43,6 +43,7 @@ class ScorerService:
             settings.canary_min_events,
             settings.canary_max_error_rate_delta,
             settings.canary_max_latency_ratio,
+            settings.canary_min_batches,
         )
         self.view = RegistryView(settings, on_change=self.holder.on_registry)
         self.producer = make_producer(settings)
@@ -160,10 +161,10 @@ class ScorerService:
         if not canaries or serving.champion is None:
             return
         champion = serving.champion.key
-        self.guard.observe(champion, n, False, result.inference_ms.get(champion))
+        self.guard.observe(champion, n, False, result.inference_cpu_ms.get(champion))
         for key in canaries:
             self.guard.observe(
-                key, n, key in result.challenger_errors, result.inference_ms.get(key)
+                key, n, key in result.challenger_errors, result.inference_cpu_ms.get(key)
             )
         for verdict in self.guard.judge(champion, canaries):
             name, _, version = verdict.version_key.partition("@")
