@@ -259,6 +259,9 @@ class Pred:
     scores: dict[str, float]
     decision: str
     scored_at: int
+    # The statistics groups it counts in (fixed once stored: event time, attributes and the
+    # version's segments never change); made on first use, not in the changelog.
+    groups: list[GroupKey] | None = None
 
     def to_list(self) -> list[Any]:
         return [
@@ -382,7 +385,7 @@ class JoinCore:
         self.clock = clock
         self.partitions: dict[int, PartitionState] = {}
         self.counts: collections.Counter[str] = collections.Counter()
-        self._delay_children: dict[tuple[str, str], Any] = {}
+        self._future_ms = 0.0
         self._prediction_codec = codec("Prediction")
         self._label_codec = codec("Label")
         self._labeled_codec = codec("LabeledPrediction")
@@ -444,6 +447,8 @@ class JoinCore:
         """Predictions first (they move the watermark), then labels, then expiry."""
         outputs: list[Out] = []
         touched: set[int] = set()
+        # a clock far ahead never moves time: event times beyond this are not watermarks
+        self._future_ms = self.clock() * 1000 + self.config.grace_ms
         for record in predictions:
             ps = self.partitions.get(record.partition)
             if ps is None:  # revoked while the batch was in flight: the new owner replays it
@@ -485,7 +490,7 @@ class JoinCore:
         try:
             p = self._prediction_codec.decode(record.value or b"")
         except CodecError as exc:
-            self._count("prediction_undecodable")
+            self.counts["prediction_undecodable"] += 1
             log.error(
                 "undecodable prediction skipped",
                 extra={"partition": record.partition, "offset": record.offset, "error": str(exc)},
@@ -493,14 +498,14 @@ class JoinCore:
             return
         event_id: str = p["event_id"]
         t: int = p["event_time"]
-        if t <= self.clock() * 1000 + self.config.grace_ms:  # a clock far ahead never moves time
+        if t <= self._future_ms:
             ps.watermark = t if ps.watermark is None else max(ps.watermark, t)
         entry = ps.entries.get(event_id)
         closed = self._closed_before(ps)
         if (entry is not None and entry.expired) or (
             closed is not None and self.config.bucket(t) < closed
         ):
-            self._count("prediction_too_late")
+            self.counts["prediction_too_late"] += 1
             return
         if entry is None:
             entry = ps.entries[event_id] = Entry(event_id)
@@ -516,7 +521,7 @@ class JoinCore:
             ps.event_buckets.setdefault(self.config.bucket(t), set()).add(event_id)
         variant: str = p["variant"]
         if variant in entry.preds:
-            self._count("prediction_duplicate")
+            self.counts["prediction_duplicate"] += 1
             return
         pred = Pred(
             model=p["model"],
@@ -534,12 +539,12 @@ class JoinCore:
         info = self.catalog.info(pred.model, pred.version, pred.scores)
         for key in self._group_keys(entry, pred, variant, info):
             ps.stat(key, info).predicted += 1
-        self._count("prediction")
+        self.counts["prediction"] += 1
         if entry.label is not None:
             self._account(ps, entry, pred, variant, info, +1)
             out_key = self._head(entry)
             outputs.append(self._labeled(entry, pred, variant, out_key))
-            self._count("joined")
+            self.counts["joined"] += 1
             if first:
                 outputs.append(self._example(entry, out_key))
 
@@ -566,7 +571,7 @@ class JoinCore:
                 )
             )
             return
-        self._count("label")
+        self.counts["label"] += 1
         entry = ps.entries.get(event_id)
         if entry is not None and entry.expired:
             outputs.append(
@@ -593,13 +598,13 @@ class JoinCore:
             entry = ps.entries[event_id] = Entry(event_id, label=cls, label_time=label_time)
             ps.label_buckets.setdefault(cfg.bucket(label_time), set()).add(event_id)
             ps.dirty_keys.add(event_id)
-            self._count("label_pending")
+            self.counts["label_pending"] += 1
             return
         if entry.label == cls:
-            self._count("label_duplicate")
+            self.counts["label_duplicate"] += 1
             return
         if entry.label is not None and label_time < (entry.label_time or 0):
-            self._count("label_superseded")
+            self.counts["label_superseded"] += 1
             return
         correction = entry.label is not None
         if correction and entry.event_time is None:  # still pending: just hold the newer one
@@ -621,7 +626,7 @@ class JoinCore:
             info = self.catalog.info(pred.model, pred.version, pred.scores)
             self._account(ps, entry, pred, variant, info, +1)
             outputs.append(self._labeled(entry, pred, variant, out_key))
-            self._count("joined")
+            self.counts["joined"] += 1
         outputs.append(self._example(entry, out_key))
 
     # --- expiry ---------------------------------------------------------------------------
@@ -639,7 +644,7 @@ class JoinCore:
                     for variant, pred in entry.preds.items():
                         telemetry.EXPIRED_UNLABELED.labels(pred.model, pred.version, variant).inc()
                     self._count("expired_unlabeled", len(entry.preds))
-                self._count("expired")
+                self.counts["expired"] += 1
                 ps.dirty_keys.add(event_id)
                 if cfg.marker_ms > 0:
                     ps.entries[event_id] = Entry(
@@ -697,12 +702,16 @@ class JoinCore:
     def _group_keys(
         self, entry: Entry, pred: Pred, variant: str, info: VersionInfo
     ) -> list[GroupKey]:
+        keys = pred.groups
+        if keys is not None:
+            return keys
         assert entry.event_time is not None
         window = self.config.bucket(entry.event_time)
-        keys: list[GroupKey] = [(pred.model, pred.version, variant, "all", window)]
+        keys = [(pred.model, pred.version, variant, "all", window)]
         for attr in info.segments:
             segment = f"{attr}={entry.attributes.get(attr, MISSING)}"
             keys.append((pred.model, pred.version, variant, segment, window))
+        pred.groups = keys
         return keys
 
     def contribution(self, entry: Entry, pred: Pred, info: VersionInfo) -> Contribution:
@@ -732,12 +741,7 @@ class JoinCore:
             ps.stat(key, info).add(c, sign, bins=key[3] == "all")
         if sign > 0:
             delay_s = ((entry.label_time or 0) - (entry.event_time or 0)) / 1000.0
-            child = self._delay_children.get((pred.model, variant))
-            if child is None:  # .labels() is a locked lookup: once per (model, variant)
-                child = self._delay_children[(pred.model, variant)] = telemetry.LABEL_DELAY.labels(
-                    pred.model, variant
-                )
-            child.observe(max(0.0, delay_s))
+            telemetry.LABEL_DELAY.observe((pred.model, variant), delay_s)
 
     # --- output records -------------------------------------------------------------------
 
@@ -777,7 +781,7 @@ class JoinCore:
             "label": entry.label,
             "label_time": entry.label_time,
         }
-        self._count("training_example")
+        self.counts["training_example"] += 1
         return Out(self.topics.examples, key, self._example_codec.encode(record))
 
     def _unmatched(
