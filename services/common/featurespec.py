@@ -150,6 +150,7 @@ class CheckedEvent:
 
 MAX_ID_LEN = 256
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # models take float32: beyond this is inf
 
 
 def event_time_ms(value: Any) -> int | None:
@@ -158,8 +159,8 @@ def event_time_ms(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value if 0 <= value < 10**14 else None
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) and 0 <= value < 1e14 else None
+    if isinstance(value, float):  # whole milliseconds only: a fraction is not truncated away
+        return int(value) if value.is_integer() and 0 <= value < 1e14 else None
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -229,10 +230,12 @@ class RuleSet:
                 _v(
                     "invalid_envelope",
                     "event_time",
-                    "event_time must be epoch milliseconds or ISO-8601 with a zone",
+                    "event_time must be whole epoch milliseconds or ISO-8601 with a zone",
                 )
             )
-        attributes = raw.get("attributes") or {}
+        attributes = raw.get("attributes")
+        if attributes is None:
+            attributes = {}
         if not isinstance(attributes, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
         ):
@@ -311,6 +314,15 @@ class RuleSet:
                 return
             if not math.isfinite(value):
                 rejections.append(_v("not_finite", name, f"feature {name!r} is {value}"))
+                return
+            if abs(value) > FLOAT32_MAX:  # whatever the range action: the model would see inf
+                rejections.append(
+                    _v(
+                        "not_finite",
+                        name,
+                        f"feature {name!r}={value} is infinite as the model's float32 input",
+                    )
+                )
                 return
         elif dtype == "long":
             if type(value) is float and value.is_integer():

@@ -141,7 +141,7 @@ def check_label(
     else:
         label_time = event_time_ms(stamp)
     if label_time is None:
-        return f"label_time {stamp!r} is neither epoch milliseconds nor ISO-8601 with a zone"
+        return f"label_time {stamp!r} is neither whole epoch milliseconds nor ISO-8601 with a zone"
     return {"event_id": event_id, "value": value, "label_time": label_time}
 
 

@@ -80,6 +80,32 @@ def test_a_long_beyond_64_bits_is_rejected_even_where_range_only_flags(
     assert rules.check(event(car=2**63 - 1)).ok
 
 
+def test_whole_float_event_time_and_null_attributes_are_accepted(rules: RuleSet) -> None:
+    e = event()
+    e["event_time"] = 1_700_000_000_000.0
+    e["attributes"] = None
+    result = rules.check(e)
+    assert result.ok and result.event is not None
+    assert result.event["event_time"] == 1_700_000_000_000 and result.event["attributes"] == {}
+
+
+@pytest.mark.parametrize("value", [1e39, -1e300, 3.5e38])
+def test_a_double_beyond_float32_is_rejected_even_where_range_only_flags(value: float) -> None:
+    spec = CREDIT_SPEC.model_copy(
+        update={
+            "features": [
+                r.model_copy(update={"range_action": "flag"}) if r.name == "salary" else r
+                for r in CREDIT_SPEC.features
+            ]
+        }
+    )
+    rules = RuleSet([spec], "credit@1.0.0#g2")
+    result = rules.check(event(salary=value))
+    assert codes(result) == ["not_finite"] and "float32" in result.rejections[0].message
+    flagged = rules.check(event(salary=3.0e38))
+    assert flagged.ok and [f.code for f in flagged.flags] == ["out_of_range"]
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
@@ -89,6 +115,9 @@ def test_a_long_beyond_64_bits_is_rejected_even_where_range_only_flags(
         (lambda e: e.__setitem__("event_time", "yesterday"), "event_time"),
         (lambda e: e.__setitem__("event_time", "2026-01-01T00:00:00"), "event_time"),  # no zone
         (lambda e: e.__setitem__("attributes", {"a": 1}), "attributes"),
+        (lambda e: e.__setitem__("attributes", ""), "attributes"),  # was read as {}
+        (lambda e: e.__setitem__("attributes", []), "attributes"),
+        (lambda e: e.__setitem__("event_time", 1_700_000_000_000.7), "event_time"),  # truncated
         (lambda e: e.__setitem__("features", [1, 2]), "features"),
     ],
 )
