@@ -3,16 +3,19 @@
 Offsets are committed only after every record the batch produced is acknowledged, so a
 crash replays (at-least-once) and never skips. Consumers downstream deduplicate by key.
 
-``pipelined`` loops (the validator and the scorer) process the next batch while the
-previous one's records are being acknowledged: at most one batch is unacknowledged, its
-offsets are committed only after its acknowledgements (and after the batch before it),
-and revoked partitions, a stop and a failure all wait for it first. Without pipelining the
-loop sat idle for a broker round trip per batch.
+Pipelining (``pipeline_depth`` > 0): the next batch is fetched and processed while up to
+``pipeline_depth`` earlier batches wait for their acknowledgements. Batches finish in the
+order they were fetched (each waits for the one before it), so a commit never covers a
+batch that is not complete; a failure fails every later batch too and stops the loop, and
+revoked partitions and a stop wait for every batch in flight first. Without pipelining the
+loop sat idle for a broker round trip per batch, and with one batch in flight the scorer
+still waited for the acknowledgement of the batch before (10 ms of p50 latency at 1k/s).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,11 +90,14 @@ class BatchLoop:
         producer: AIOKafkaProducer,
         process: ProcessFn,
         *,
-        pipelined: bool = False,
+        pipeline_depth: int = 0,
     ) -> None:
+        if pipeline_depth < 0:
+            raise ValueError("pipeline_depth must be 0 or more")
         self.settings = settings
-        self.pipelined = pipelined
-        self._pending: asyncio.Future[None] | None = None  # the unacknowledged batch
+        self.depth = pipeline_depth
+        # batches processed and sent, finishing in order: acknowledged, then committed
+        self._inflight: collections.deque[asyncio.Task[None]] = collections.deque()
         self._failure: BaseException | None = None
         self.service = service
         self.group_id = group_id
@@ -163,58 +169,86 @@ class BatchLoop:
         for tp, part in batches.items():
             EVENTS_IN.labels(self.service, tp.topic).inc(len(part))
         outs = await self.process(records)
-        futures: list[asyncio.Future[object]] = []
-        if outs:
-            futures, _ = await enqueue_records(
-                self.producer, [(o.topic, None, o.key, o.value) for o in outs], close_batches=True
-            )
+        acknowledged = await self._send(outs)
+        offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
+        await self._track(consumer, acknowledged, offsets, len(records), started)
+
+    async def _send(self, outs: list[Out]) -> Awaitable[object]:
+        """Queue a batch's outputs; the result completes when all are acknowledged."""
+        if not outs:
+            return asyncio.gather()  # done already
+        futures, _ = await enqueue_records(
+            self.producer, [(o.topic, None, o.key, o.value) for o in outs], close_batches=True
+        )
         per_topic: dict[str, int] = {}
         for o in outs:
             per_topic[o.topic] = per_topic.get(o.topic, 0) + 1
         for topic, n in per_topic.items():
             EVENTS_OUT.labels(self.service, topic).inc(n)
-        offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
-        previous, self._pending = self._pending, None
-        if previous is not None:
-            await previous  # at most one batch unacknowledged; commits stay in order
-        finish = self._finish(consumer, futures, offsets, len(records))
-        if self.pipelined:
-            self._pending = asyncio.ensure_future(finish)
-        else:
-            await finish
-        BATCH_SIZE.labels(self.service).observe(len(records))
-        BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
-        self.last_batch_at = time.time()
-        self.batches += 1
+        return asyncio.gather(*futures)
+
+    async def _track(
+        self,
+        consumer: AIOKafkaConsumer,
+        acknowledged: Awaitable[object],
+        offsets: dict[TopicPartition, int],
+        n_records: int,
+        started: float,
+    ) -> None:
+        """Put a sent batch in flight; wait while more than ``depth`` are (raises a failure)."""
+        previous = self._inflight[-1] if self._inflight else None
+        self._inflight.append(
+            asyncio.ensure_future(
+                self._finish(consumer, previous, acknowledged, offsets, n_records, started)
+            )
+        )
+        while self._inflight and (len(self._inflight) > self.depth or self._inflight[0].done()):
+            try:
+                await self._inflight.popleft()
+            except Exception as exc:
+                self._failure = exc
+                raise
 
     async def _finish(
         self,
         consumer: AIOKafkaConsumer,
-        futures: list[asyncio.Future[object]],
+        previous: asyncio.Task[None] | None,
+        acknowledged: Awaitable[object],
         offsets: dict[TopicPartition, int],
-        records: int,
+        n_records: int,
+        started: float,
     ) -> None:
-        """Wait for the batch's acknowledgements, then commit its offsets."""
-        if futures:
-            await asyncio.gather(*futures)
-        await commit_offsets(consumer, offsets, records)
+        """After the batch before it: wait for the batch's acknowledgements, then commit."""
+        waits: list[Awaitable[object]] = [acknowledged]
+        if previous is not None:
+            waits.insert(0, asyncio.shield(previous))  # its failure is this batch's too
+        for outcome in await asyncio.gather(*waits, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        await commit_offsets(consumer, offsets, n_records)
+        BATCH_SIZE.labels(self.service).observe(n_records)
+        BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
+        self.last_batch_at = time.time()
+        self.batches += 1
 
     async def settle(self) -> None:
-        """Wait until the unacknowledged batch, if any, is acknowledged and committed.
+        """Wait until every batch in flight is acknowledged and committed.
 
         A failure (an acknowledgement that never came) is kept and raised by the loop: its
-        offsets were not committed, so the batch is replayed after the restart.
+        offsets and those of every later batch were not committed, so they are replayed
+        after the restart.
         """
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:
-            await pending
-        except Exception as exc:
-            log.error(
-                "a batch was not acknowledged; it will be replayed", extra={"error": str(exc)}
-            )
-            self._failure = exc
+        while self._inflight:
+            task = self._inflight.popleft()
+            try:
+                await task
+            except Exception as exc:
+                if self._failure is None:
+                    log.error(
+                        "a batch was not acknowledged; it will be replayed",
+                        extra={"error": repr(exc)},
+                    )
+                    self._failure = exc
 
     async def stop(self) -> None:
         await self.settle()

@@ -153,6 +153,13 @@ class Settings(BaseSettings):
 
     # --- Hot path --------------------------------------------------------------------
     batch_max_records: int = Field(512, ge=1, le=100_000)
+    batch_pipeline_depth: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="batches of the validator and scorer awaiting acknowledgement while the "
+        "next is processed (0: each batch waits for its own)",
+    )
     batch_timeout_ms: int = Field(20, ge=0, le=10_000)
     max_event_bytes: int = Field(64 * 1024, ge=256, description="validator size limit")
     rejection_keep_bytes: int = Field(4 * 1024, ge=0, description="original bytes kept in DLQ")

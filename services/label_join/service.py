@@ -17,11 +17,10 @@ deduplicated downstream by (event_id, variant) and for examples by event_id.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -31,7 +30,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from redis.exceptions import RedisError
 
-from services.common.batchloop import BatchLoop, Out, Record, commit_offsets
+from services.common.batchloop import BatchLoop, Out, Record
 from services.common.catalog import TopicSpec, catalog
 from services.common.codec import codec
 from services.common.health import HealthServer
@@ -42,7 +41,7 @@ from services.common.kafka import (
     read_to_end,
     start_with_retry,
 )
-from services.common.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_IN, EVENTS_OUT, KAFKA_UP
+from services.common.metrics import EVENTS_IN, EVENTS_OUT, KAFKA_UP
 from services.common.redis_client import connect
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.settings import ConfigError, Settings
@@ -122,23 +121,22 @@ class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 class JoinLoop(BatchLoop):
     """The shared loop, subscribed with range assignment and a state-restoring listener, and
-    pipelined: while one batch's outputs, changelog and commit wait for the broker, the next
+    pipelined: while batches' outputs, changelog and commit wait for the broker, the next
     batch is already being joined.
 
     Per batch the order of ADR 0006 holds: outputs acknowledged -> changelog acknowledged ->
-    offsets committed; and batches finish in the order they were fetched (each waits for
-    the one before it), so changelog records of one key never overtake each other and a
-    commit never covers a batch that is not complete. At most ``depth`` batches are in
-    flight; a failure fails every later batch too, and the loop stops with the error.
+    offsets committed; batches finish in the order they were fetched (BatchLoop), so
+    changelog records of one key never overtake each other and a commit never covers a
+    batch that is not complete. At most ``DEPTH`` batches are in flight; a failure fails
+    every later batch too, and the loop stops with the error.
     """
 
-    depth = 4
+    DEPTH = 4
 
     def __init__(self, service: LabelJoinService, *args: Any) -> None:
-        super().__init__(*args)
+        super().__init__(*args, pipeline_depth=self.DEPTH)
         self._listener = _StateListener(service)
         self._service = service
-        self._inflight: collections.deque[asyncio.Task[None]] = collections.deque()
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         self.consumer = make_consumer(
@@ -154,6 +152,8 @@ class JoinLoop(BatchLoop):
     async def _handle(
         self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]
     ) -> None:
+        if self._failure is not None:
+            raise self._failure
         started = time.perf_counter()
         records = [r for part in batches.values() for r in part]
         for tp, part in batches.items():
@@ -161,49 +161,7 @@ class JoinLoop(BatchLoop):
         await self.process(records)  # the join; its sends are queued in the service
         durable = self._service.take_durable()
         offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
-        previous = self._inflight[-1] if self._inflight else None
-        self._inflight.append(
-            asyncio.ensure_future(
-                self._finish_batch(consumer, previous, durable, offsets, len(records), started)
-            )
-        )
-        while self._inflight and (len(self._inflight) > self.depth or self._inflight[0].done()):
-            await self._inflight.popleft()  # raises what failed
-
-    async def _finish_batch(
-        self,
-        consumer: AIOKafkaConsumer,
-        previous: asyncio.Task[None] | None,
-        durable: Awaitable[None],
-        offsets: dict[TopicPartition, int],
-        n_records: int,
-        started: float,
-    ) -> None:
-        if previous is not None:
-            await asyncio.shield(previous)  # in order; its failure is this batch's too
-        await durable
-        await commit_offsets(consumer, offsets, n_records)
-        BATCH_SIZE.labels(self.service).observe(n_records)
-        BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
-        self.last_batch_at = time.time()
-        self.batches += 1
-
-    async def drain(self) -> None:
-        """Finish (acknowledge and commit) every batch in flight. A failed batch is logged,
-        not raised: nothing after it was committed, so its records are replayed."""
-        while self._inflight:
-            task = self._inflight.popleft()
-            try:
-                await task
-            except Exception as exc:
-                log.warning(
-                    "a batch in flight failed; it will be replayed", extra={"error": repr(exc)}
-                )
-
-    async def stop(self) -> None:
-        if self.consumer is not None:
-            await self.drain()
-        await super().stop()
+        await self._track(consumer, durable, offsets, len(records), started)
 
 
 # --- where partitions' statistics meet ----------------------------------------------------
@@ -453,7 +411,7 @@ class LabelJoinService:
                 await asyncio.shield(self._durable)
             except Exception as exc:  # nothing after it commits: it is replayed
                 log.warning("a batch's sends failed", extra={"error": repr(exc)})
-        await self.loop.drain()
+        await self.loop.settle()
 
     async def _restore(self, partition: int) -> None:
         assert self._restorer is not None, "start() first"

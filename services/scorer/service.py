@@ -57,7 +57,7 @@ class ScorerService:
             [settings.topic(SOURCE)],
             self.producer,
             self._process,
-            pipelined=True,
+            pipeline_depth=settings.batch_pipeline_depth,
         )
         self._event_codec = codec("Event")
         self._prediction_codec = codec("Prediction")

@@ -194,7 +194,7 @@ class ValidatorService:
             [settings.topic(SOURCE)],
             self.producer,
             self._process,
-            pipelined=True,
+            pipeline_depth=settings.batch_pipeline_depth,
         )
         self.has_rules = asyncio.Event()
 

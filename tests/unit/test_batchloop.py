@@ -61,19 +61,19 @@ async def echo(records: list[Any]) -> list[Out]:
     return [Out("out", str(r.offset).encode(), b"x") for r in records]
 
 
-def make_loop(pipelined: bool) -> tuple[BatchLoop, Producer, Consumer]:
+def make_loop(depth: int) -> tuple[BatchLoop, Producer, Consumer]:
     producer = Producer()
-    loop = BatchLoop(Settings(), "t", "g", ["in"], producer, echo, pipelined=pipelined)  # type: ignore[arg-type]
+    loop = BatchLoop(Settings(), "t", "g", ["in"], producer, echo, pipeline_depth=depth)  # type: ignore[arg-type]
     return loop, producer, Consumer()
 
 
 async def settle_tasks() -> None:
-    for _ in range(5):
+    for _ in range(30):  # a chain of batches takes a few loop turns per batch
         await asyncio.sleep(0)
 
 
 async def test_without_pipelining_the_batch_waits_for_its_acknowledgements() -> None:
-    loop, producer, consumer = make_loop(pipelined=False)
+    loop, producer, consumer = make_loop(depth=0)
     handle = asyncio.create_task(loop._handle(consumer, {TP: [Record(0), Record(1)]}))  # type: ignore[arg-type]
     await settle_tasks()
     assert not handle.done() and consumer.commits == []
@@ -84,7 +84,7 @@ async def test_without_pipelining_the_batch_waits_for_its_acknowledgements() -> 
 
 
 async def test_pipelined_commits_follow_acknowledgements_in_order() -> None:
-    loop, producer, consumer = make_loop(pipelined=True)
+    loop, producer, consumer = make_loop(depth=1)
     await loop._handle(consumer, {TP: [Record(0), Record(1)]})  # type: ignore[arg-type]
     await settle_tasks()
     assert consumer.commits == [], "committed before the outputs were acknowledged"
@@ -104,10 +104,49 @@ async def test_pipelined_commits_follow_acknowledgements_in_order() -> None:
 
 
 async def test_a_batch_never_acknowledged_is_not_committed_and_stops_the_loop() -> None:
-    loop, producer, consumer = make_loop(pipelined=True)
+    loop, producer, consumer = make_loop(depth=1)
     await loop._handle(consumer, {TP: [Record(0)]})  # type: ignore[arg-type]
     producer.acks[0].set_exception(KafkaTimeoutError())
     await loop.settle()  # what a revoke or a stop does
     assert consumer.commits == []
     with pytest.raises(KafkaTimeoutError):
         await loop._handle(consumer, {TP: [Record(1)]})  # type: ignore[arg-type]
+
+
+async def test_deeper_pipelines_keep_commits_in_fetch_order() -> None:
+    loop, producer, consumer = make_loop(depth=3)
+    for offset in range(3):
+        await loop._handle(consumer, {TP: [Record(offset)]})  # type: ignore[arg-type]
+    assert len(producer.acks) == 3 and consumer.commits == []
+    # acknowledgements arrive out of order; commits do not
+    producer.acks[2].set_result(None)
+    producer.acks[1].set_result(None)
+    await settle_tasks()
+    assert consumer.commits == [], "a later batch committed before the first was acknowledged"
+    producer.acks[0].set_result(None)
+    await settle_tasks()
+    assert consumer.commits == [{TP: 1}, {TP: 2}, {TP: 3}]
+    # a fourth batch waits only when more than three are unacknowledged
+    for offset in range(3, 7):
+        handle = asyncio.create_task(loop._handle(consumer, {TP: [Record(offset)]}))  # type: ignore[arg-type]
+        await settle_tasks()
+    assert not handle.done(), "a fourth unacknowledged batch did not wait"
+    producer.acks[3].set_result(None)
+    await handle
+    for ack in producer.acks[4:]:
+        ack.set_result(None)
+    await loop.settle()
+    assert [c[TP] for c in consumer.commits] == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_failed_batch_fails_the_ones_after_it() -> None:
+    loop, producer, consumer = make_loop(depth=4)
+    for offset in range(3):
+        await loop._handle(consumer, {TP: [Record(offset)]})  # type: ignore[arg-type]
+    producer.acks[2].set_result(None)
+    producer.acks[0].set_result(None)
+    producer.acks[1].set_exception(KafkaTimeoutError())
+    await loop.settle()
+    assert consumer.commits == [{TP: 1}], "committed past a batch that was never acknowledged"
+    with pytest.raises(KafkaTimeoutError):
+        await loop._handle(consumer, {TP: [Record(3)]})  # type: ignore[arg-type]
