@@ -5,9 +5,11 @@
 3. added latency at 1,000 events/s: events.valid -> predictions, per event_id, with the
    scorer in its own process (`scoremesh run scorer`, as deployed), again in this process
    (sharing one event loop with the sender and the follower, as phase 2 runs it), and with
-   a relay in its place: the same client settings forwarding each event unscored. Added
-   latency = scorer (this process) minus relay, per percentile: what the broker's fetch
-   wait and the clients cost is in the relay's figure too.
+   a relay in its place (its own process): the same client settings forwarding each event
+   unscored. Added latency = scorer (own process) minus relay, per percentile: what the
+   broker's fetch wait and the clients cost is in the relay's figure too. The scorer's own
+   time per event (consumed -> prediction queued, the prediction's latency_ms) is reported
+   as well;
    The measuring clients are kept out of the figure as far as they can be: the sender has
    no linger and the follower fetches with a 5 ms wait (the scorer keeps its own settings);
    the prediction's CreateTime (stamped by the scorer's producer) gives a second figure
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_pipeline as bp
 
-from services.common.codec import codec
+from services.common.codec import CodecError, codec
 from services.common.settings import Settings
 from services.registry.client import command, new_command
 from services.registry.service import RegistryService
@@ -83,8 +85,14 @@ SCORER_ENV = (
 )
 
 
-def spawn_scorer(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    """`scoremesh run scorer` on the benchmark's broker, Redis and topic prefix."""
+RELAY_CODE = (
+    "import asyncio, sys; sys.path.insert(0, 'scripts'); import bench_scorer as b; "
+    "from services.common.settings import Settings; asyncio.run(b.relay(Settings()))"
+)
+
+
+def spawn_scorer(settings: Settings, log_path: Path, relay_only: bool) -> subprocess.Popen[bytes]:
+    """`scoremesh run scorer` (or the relay) on the benchmark's broker, Redis and prefix."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     env |= {
         "SCOREMESH_HOME": str(bp.BENCH_HOME),
@@ -97,7 +105,9 @@ def spawn_scorer(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
         env[f"SCOREMESH_{name.upper()}"] = str(getattr(settings, name))
     with log_path.open("ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "scorer"],
+            [sys.executable, "-c", RELAY_CODE]
+            if relay_only
+            else [sys.executable, "-m", "services.cli", "run", "scorer"],
             cwd=ROOT,
             env=env,
             stdout=fh,
@@ -133,16 +143,8 @@ async def relay(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def scorer_running(settings: Settings, where: str) -> AsyncIterator[Callable[[], None]]:
-    """The scorer (or the relay), running; yields a check that raises when it died."""
-    if where == "relay":
-        task = asyncio.create_task(relay(settings))
-        try:
-            yield lambda: bp.check_alive(task)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        return
+    """The scorer (in its own process or in this one) or the relay (in its own process),
+    running; yields a check that raises when it died."""
     if where == "this process":
         scorer = ScorerService(settings)
         async with bp.running(scorer) as task:
@@ -151,13 +153,13 @@ async def scorer_running(settings: Settings, where: str) -> AsyncIterator[Callab
                 await asyncio.sleep(0.05)
             yield lambda: bp.check_alive(task)
         return
-    log_path = bp.BENCH_HOME / "latency-scorer.log"
-    proc = spawn_scorer(settings, log_path)
+    log_path = bp.BENCH_HOME / f"latency-{where.replace(' ', '-')}.log"
+    proc = spawn_scorer(settings, log_path, relay_only=where == "relay")
 
     def alive() -> None:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the scorer process exited ({proc.returncode}):\n{tail}")
+            raise RuntimeError(f"the {where} process exited ({proc.returncode}):\n{tail}")
 
     try:
         yield alive
@@ -168,6 +170,23 @@ async def scorer_running(settings: Settings, where: str) -> AsyncIterator[Callab
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def follow(consumer: Any, arrivals: bp.Arrivals, scorer_ms: dict[str, float]) -> None:
+    """Like bench_pipeline's follower, also keeping each prediction's own latency_ms."""
+    decode = codec("Prediction").decode
+    while True:
+        batches = await consumer.getmany(timeout_ms=100)
+        now = time.time()
+        for records in batches.values():
+            for record in records:
+                event_id = (record.key or b"").decode()
+                if event_id in arrivals.seen:
+                    arrivals.duplicates += 1
+                    continue
+                arrivals.seen[event_id] = (now, record.timestamp)
+                with contextlib.suppress(CodecError):  # the relay forwards events
+                    scorer_ms[event_id] = decode(record.value or b"")["latency_ms"]
 
 
 async def latency(
@@ -187,6 +206,7 @@ async def latency(
     consumer = bp.make_consumer(settings, group_id=None, max_poll_records=5000, fetch_max_wait_ms=5)
     producer = bp.make_producer(settings, linger_ms=0)
     arrivals = bp.Arrivals()
+    scorer_ms: dict[str, float] = {}
     sent: dict[str, float] = {}
     topic = settings.topic("events.valid")
     await bp.start_with_retry(consumer.start, "lat-consumer", settings)
@@ -194,7 +214,7 @@ async def latency(
     try:
         async with scorer_running(settings, where) as alive:
             await bp.assign_all(consumer, settings.topic("predictions"))
-            follower = asyncio.create_task(bp.follow_predictions(consumer, arrivals))
+            follower = asyncio.create_task(follow(consumer, arrivals, scorer_ms))
             # ready = a probe came back scored (group joined, champion loaded)
             deadline = time.monotonic() + timeout_s
             for _event_id, key, value in probes:
@@ -237,6 +257,9 @@ async def latency(
         "received": len(lat),
         "latency_ms": bp.percentiles(lat),
         "to_prediction_created_ms": bp.percentiles(produced),
+        "scorer_consumed_to_prediction_ms": bp.percentiles(
+            [scorer_ms[e] for e in arrived if e in scorer_ms] or [0.0]
+        ),
     }
 
 
@@ -386,7 +409,7 @@ async def run(args: argparse.Namespace, settings: Settings, state: Any) -> dict[
             where,
         )
     added = {
-        q: round(lat["this process"]["latency_ms"][q] - lat["relay"]["latency_ms"][q], 2)
+        q: round(lat["own process"]["latency_ms"][q] - lat["relay"]["latency_ms"][q], 2)
         for q in ("p50", "p90", "p99")
     }
     bp.say(f"{SWAPS} hot swaps under load ...")
