@@ -537,6 +537,16 @@ async def follow_predictions(consumer: AIOKafkaConsumer, arrivals: Arrivals) -> 
                     arrivals.seen[event_id] = (now, record.timestamp)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within the timeout."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=np.float64)
     return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in (50, 90, 99)} | {

@@ -164,12 +164,7 @@ async def scorer_running(settings: Settings, where: str) -> AsyncIterator[Callab
     try:
         yield alive
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        bp.stop_process(proc)
 
 
 async def follow(consumer: Any, arrivals: bp.Arrivals, scorer_ms: dict[str, float]) -> None:
