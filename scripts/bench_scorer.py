@@ -424,7 +424,12 @@ async def run(args: argparse.Namespace, settings: Settings, state: Any) -> dict[
         "targets": {
             f"scorer_eps>={TARGET_EPS}": eps_512 >= TARGET_EPS,
             f"scorer_ratio>={TARGET_RATIO}": eps_512 / ceiling["events_per_s"] >= TARGET_RATIO,
-            f"p99_added_latency<{TARGET_P99_MS}ms": added["p99"] < TARGET_P99_MS,
+            # a p99 difference is mostly the two runs' noise (it can be negative); never
+            # below the scorer's own consume-to-prediction p99
+            f"p99_added_latency<{TARGET_P99_MS}ms": max(
+                added["p99"], lat["own process"]["scorer_consumed_to_prediction_ms"]["p99"]
+            )
+            < TARGET_P99_MS,
             f"p99_latency_own_process<{TARGET_P99_MS}ms": lat["own process"]["latency_ms"]["p99"]
             < TARGET_P99_MS,
             "swaps_lost_or_failed==0": swaps["lost"] == 0 and swaps["failed"] == 0,
