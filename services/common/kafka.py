@@ -15,6 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
@@ -120,6 +121,25 @@ async def start_with_retry(
             delay = min(delay * 2, 5.0)
 
 
+async def ask_broker(client: Any, topics: Iterable[str] | None = None) -> ClusterMetadata:
+    """Metadata of some topics from any broker that answers (raises KafkaError if none).
+
+    ``topics`` defaults to the ones the client uses. Not the whole cluster's: on a cluster
+    with thousands of topics, a full metadata response every few seconds from every
+    process is real load on the brokers for a question ("are you there?") that one topic
+    answers. With no topics known yet, all are asked for.
+    """
+    wanted = sorted(topics if topics is not None else getattr(client, "_topics", ()) or ())
+    if not wanted:
+        metadata: ClusterMetadata = await client.fetch_all_metadata()
+        return metadata
+    metadata = ClusterMetadata()
+    # aiokafka's own per-topic refresh (fetch_all_metadata is the same call with None)
+    if not await client._metadata_update(metadata, wanted):
+        raise KafkaError("no broker answered a metadata request")
+    return metadata
+
+
 class BrokerWatch:
     """Is the broker reachable now? A metadata request every few seconds says.
 
@@ -150,7 +170,7 @@ class BrokerWatch:
 
     async def probe(self) -> bool:
         try:
-            await asyncio.wait_for(self.client.fetch_all_metadata(), self.timeout_s)
+            await asyncio.wait_for(ask_broker(self.client), self.timeout_s)
         except (KafkaError, OSError, TimeoutError) as exc:
             self.last_error = str(exc) or type(exc).__name__
             return False
@@ -248,8 +268,8 @@ async def assign_all(
     """Assign every partition of a topic (no consumer group) and seek to the beginning."""
     deadline = time.monotonic() + timeout_s
     while True:
-        # All-topic metadata: the consumer's own refresh covers only topics it already has.
-        cluster = await consumer._client.fetch_all_metadata()
+        # Asked for directly: the consumer's own refresh covers only topics it already has.
+        cluster = await ask_broker(consumer._client, [topic])
         parts = cluster.partitions_for_topic(topic)
         if parts:
             break
@@ -345,33 +365,47 @@ async def enqueue_records(
     records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
     *,
     close_batches: bool = False,
+    on_too_large: Callable[[str, bytes | None], None] | None = None,
 ) -> tuple[list[asyncio.Future[Any]], int]:
     """Hand the records to the producer in per-partition batches; returns the batches'
-    acknowledgement futures (not awaited) and the number of records.
+    acknowledgement futures (not awaited) and the number of records enqueued.
 
     Order is kept within each partition, and across calls. ``close_batches``: the records
     are a complete unit (a processed batch), so the producer sends them at once instead of
-    lingering ``linger_ms`` for more records that will not come.
+    lingering ``linger_ms`` for more records that will not come. A record larger than an
+    empty batch raises ValueError, or, with ``on_too_large``, is handed to it and skipped.
     """
     batch_records = records if isinstance(records, list) else list(records)
     placed = await _place(producer, batch_records)
     open_batches: dict[tuple[str, int], Any] = {}
     futures: list[asyncio.Future[Any]] = []
+    empty: set[tuple[str, int]] = set()  # open batches holding no record yet
+    enqueued = 0
     for (topic, _, key, value), partition in zip(batch_records, placed, strict=True):
         tp = (topic, partition)
         batch = open_batches.get(tp)
         if batch is None:
             batch = open_batches[tp] = producer.create_batch()
+            empty.add(tp)
         if batch.append(key=key, value=value, timestamp=None) is None:
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
-            batch = open_batches[tp] = producer.create_batch()
+            if tp not in empty:  # full: send it, and try the record in a fresh one
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = open_batches[tp] = producer.create_batch()
+                empty.add(tp)
             if batch.append(key=key, value=value, timestamp=None) is None:
-                raise ValueError(f"{topic}: a record larger than the producer's batch size")
+                if on_too_large is None:
+                    raise ValueError(f"{topic}: a record larger than the producer's batch size")
+                on_too_large(topic, value)
+                continue
+        empty.discard(tp)
+        enqueued += 1
     for (topic, partition), batch in open_batches.items():
+        if (topic, partition) in empty:
+            continue  # nothing fitted in it
         if close_batches:
             batch.close()
         futures.append(await producer.send_batch(batch, topic, partition=partition))
-    return futures, len(batch_records)
+    return futures, enqueued
 
 
 async def _place(

@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from services.common.featurespec import RuleSet
-from services.common.kafka import make_producer, start_with_retry
+from services.common.kafka import ask_broker, make_producer, start_with_retry
 from services.common.metrics import BATCH_SIZE, PREDICTION_LATENCY, PREDICTIONS, SCORING_ERRORS
 from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
@@ -214,7 +214,7 @@ class QueryRuntime:
             # Ask the broker itself: with no traffic a lost broker shows in no send, and a
             # not-ready pod gets no traffic to retry a failed one with.
             try:
-                await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 1.0)
+                await asyncio.wait_for(ask_broker(self.producer.client), 1.0)
             except (TimeoutError, KafkaError, OSError) as exc:
                 checks["kafka"] = (False, f"broker does not answer ({exc!r})")
             else:

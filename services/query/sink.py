@@ -29,8 +29,8 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
 from services.common.codec import CodecError, codec
+from services.common.kafka import enqueue_records
 from services.common.metrics import EVENTS_OUT, KAFKA_UP
-from services.common.partitioner import partitions_for_keys
 from services.common.query_store import QueryStore
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,6 @@ class PredictionSink:
         self._room = asyncio.Event()
         self._room.set()
         self._encode = codec("Prediction").encode
-        self._partitions: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._store_busy = False
         self._settled = asyncio.Event()  # set after every round, for drain()
@@ -143,50 +142,33 @@ class PredictionSink:
                 self._settled.set()
 
     async def _send(self, predictions: list[dict[str, Any]]) -> None:
-        if not self._partitions:
-            self._partitions = sorted(await self.producer.partitions_for(self.topic))
-        partitions = self._partitions
-        batches: dict[int, Any] = {}
-        futures = []
-        sent = 0
+        encoded: list[tuple[str, int | None, bytes | None, bytes | None]] = []
+        for i, p in enumerate(predictions):
+            if i and not i % YIELD_EVERY:
+                await asyncio.sleep(0)  # a big round must not stall requests
+            try:
+                encoded.append((self.topic, None, p["event_id"].encode(), self._encode(p)))
+            except CodecError as exc:
+                self._dropped("encode_error", 1, str(exc))
+        too_large = 0
+
+        def skip(_topic: str, value: bytes | None) -> None:
+            nonlocal too_large
+            too_large += 1
+            self._dropped("too_large", 1, f"{len(value or b'')} bytes")
+
         try:
-            encoded: list[tuple[bytes, bytes]] = []
-            for i, p in enumerate(predictions):
-                if i and not i % YIELD_EVERY:
-                    await asyncio.sleep(0)  # a big round must not stall requests
-                try:
-                    encoded.append((p["event_id"].encode(), self._encode(p)))
-                except CodecError as exc:
-                    self._dropped("encode_error", 1, str(exc))
-            # The producer's own choice for a keyed record, so sync predictions land on the
-            # same partition as the stream's for an event_id (and as its labels).
-            placed = partitions_for_keys([key for key, _ in encoded], len(partitions))
-            for (key, value), index in zip(encoded, placed, strict=True):
-                partition = partitions[index]
-                builder = batches.get(partition)
-                if builder is None:
-                    builder = batches[partition] = self.producer.create_batch()
-                if builder.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(
-                        await self.producer.send_batch(builder, self.topic, partition=partition)
-                    )
-                    builder = batches[partition] = self.producer.create_batch()
-                    if builder.append(key=key, value=value, timestamp=None) is None:
-                        self._dropped("too_large", 1, f"{len(value)} bytes")
-                        continue
-                sent += 1
-            for partition, builder in batches.items():
-                if builder.record_count():
-                    builder.close()  # a complete round: sent at once, no producer linger
-                    futures.append(
-                        await self.producer.send_batch(builder, self.topic, partition=partition)
-                    )
+            # Placed by murmur2 of the event_id, the producer's own choice for a keyed record,
+            # so sync predictions land on the same partition as the stream's for an event_id
+            # (and as its labels); a complete round is sent at once, without linger.
+            futures, sent = await enqueue_records(
+                self.producer, encoded, close_batches=True, on_too_large=skip
+            )
             await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout_s)
         except (KafkaError, TimeoutError, OSError) as exc:
             self.kafka_ok = False
-            self._partitions = []  # re-read: the topic may have changed
             KAFKA_UP.labels(SERVICE).set(0)
-            self._dropped("kafka_error", sent, str(exc))
+            self._dropped("kafka_error", len(encoded) - too_large, str(exc))
             return
         if not self.kafka_ok:
             log.info("predictions topic writable again")

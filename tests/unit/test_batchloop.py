@@ -10,6 +10,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from services.common.batchloop import BatchLoop, Out
+from services.common.kafka import enqueue_records
 from services.common.settings import Settings
 
 TP = TopicPartition("in", 0)
@@ -150,3 +151,60 @@ async def test_a_failed_batch_fails_the_ones_after_it() -> None:
     assert consumer.commits == [{TP: 1}], "committed past a batch that was never acknowledged"
     with pytest.raises(KafkaTimeoutError):
         await loop._handle(consumer, {TP: [Record(3)]})  # type: ignore[arg-type]
+
+
+class SizedBatch:
+    """A batch holding at most 100 bytes of values, like aiokafka's max_batch_size."""
+
+    def __init__(self) -> None:
+        self.values: list[bytes] = []
+        self.closed = False
+
+    def append(self, *, key: Any, value: bytes, timestamp: Any) -> object | None:
+        if sum(map(len, self.values)) + len(value) > 100:
+            return None
+        self.values.append(value)
+        return object()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class SizedProducer(Producer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[int, list[bytes]]] = []
+
+    def create_batch(self) -> SizedBatch:  # type: ignore[override]
+        return SizedBatch()
+
+    async def send_batch(  # type: ignore[override]
+        self, batch: SizedBatch, topic: str, partition: int
+    ) -> asyncio.Future[None]:
+        assert batch.values, "an empty batch was sent"
+        self.sent.append((partition, list(batch.values)))
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        return ack
+
+
+async def test_a_record_too_large_for_any_batch_is_handed_back_and_the_rest_sent() -> None:
+    producer = SizedProducer()
+    too_large: list[bytes | None] = []
+    records = [
+        ("out", 0, b"k", b"a" * 60),
+        ("out", 0, b"k", b"b" * 500),  # fits no batch
+        ("out", 0, b"k", b"c" * 60),  # does not fit next to "a": a second batch
+        ("out", 1, b"k", b"d" * 500),  # the first record of its partition, too large
+    ]
+    futures, enqueued = await enqueue_records(
+        producer,  # type: ignore[arg-type]
+        records,
+        close_batches=True,
+        on_too_large=lambda _topic, value: too_large.append(value),
+    )
+    assert enqueued == 2 and too_large == [b"b" * 500, b"d" * 500]
+    assert producer.sent == [(0, [b"a" * 60]), (0, [b"c" * 60])]
+    assert len(futures) == 2
+    with pytest.raises(ValueError, match="larger than the producer's batch size"):
+        await enqueue_records(producer, [("out", 0, None, b"x" * 101)])  # type: ignore[arg-type]
