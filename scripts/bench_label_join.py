@@ -755,6 +755,12 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "note": "load-robust: a join process keeps up with a scorer process on equal CPU "
             "when its CPU per prediction (the prediction and its label) is not higher",
         },
+        # sizing: cores of label join (with its broker share) per core of scorer
+        "join_cores_per_scorer_core": round(
+            (single["process_cpu_us_per_prediction"] + single["broker_cpu_us_per_prediction"])
+            / (scorer["process_cpu_us_per_event"] + scorer["broker_cpu_us_per_event"]),
+            2,
+        ),
         "core_cpu_us": cost,
         "option_c_redis_state_upper_bound_eps": redis_state["input_events_per_s"],
         "state": state,
