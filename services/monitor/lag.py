@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from services.common.catalog import catalog
-from services.common.kafka import client_options, make_consumer, start_with_retry
+from services.common.kafka import ask_broker, client_options, make_consumer, start_with_retry
 from services.common.settings import Settings
 from services.monitor import metrics as m
 
@@ -75,7 +75,7 @@ class LagCollector:
 
     async def partitions(self) -> list[TopicPartition]:
         assert self._consumer is not None
-        cluster = await self._consumer._client.fetch_all_metadata()
+        cluster = await ask_broker(self._consumer._client, self.topics)
         out: list[TopicPartition] = []
         for topic in self.topics:
             for p in sorted(cluster.partitions_for_topic(topic) or ()):
