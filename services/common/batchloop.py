@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -119,9 +119,19 @@ class BatchLoop:
             lambda: self.watch.readiness() if self.watch else (False, "not connected yet"),
         )
 
+    def consumer_options(self) -> dict[str, Any]:
+        """Extra options of the group consumer (a subclass may choose its assignor)."""
+        return {}
+
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        """Told of revoked and assigned partitions; the default settles batches in flight."""
+        return _Rebalance(self)
+
     async def start(self, stop: asyncio.Event | None = None) -> None:
-        self.consumer = make_consumer(self.settings, group_id=self.group_id)
-        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        self.consumer = make_consumer(
+            self.settings, group_id=self.group_id, **self.consumer_options()
+        )
+        self.consumer.subscribe(self.topics, listener=self.rebalance_listener())
         await start_with_retry(self.consumer.start, f"{self.service}-consumer", self.settings, stop)
         self.consuming = True
         KAFKA_UP.labels(self.service).set(1)

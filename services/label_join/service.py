@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -41,7 +41,7 @@ from services.common.kafka import (
     read_to_end,
     start_with_retry,
 )
-from services.common.metrics import EVENTS_IN, EVENTS_OUT, KAFKA_UP
+from services.common.metrics import EVENTS_OUT
 from services.common.redis_client import connect
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.settings import ConfigError, Settings
@@ -138,30 +138,17 @@ class JoinLoop(BatchLoop):
         self._listener = _StateListener(service)
         self._service = service
 
-    async def start(self, stop: asyncio.Event | None = None) -> None:
-        self.consumer = make_consumer(
-            self.settings,
-            group_id=self.group_id,
-            partition_assignment_strategy=(RangePartitionAssignor,),
-        )
-        self.consumer.subscribe(self.topics, listener=self._listener)
-        await start_with_retry(self.consumer.start, f"{self.service}-consumer", self.settings, stop)
-        self.consuming = True
-        KAFKA_UP.labels(self.service).set(1)
+    def consumer_options(self) -> dict[str, Any]:
+        return {"partition_assignment_strategy": (RangePartitionAssignor,)}  # co-partitioning
 
-    async def _handle(
-        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]
-    ) -> None:
-        if self._failure is not None:
-            raise self._failure
-        started = time.perf_counter()
-        records = [r for part in batches.values() for r in part]
-        for tp, part in batches.items():
-            EVENTS_IN.labels(self.service, tp.topic).inc(len(part))
-        await self.process(records)  # the join; its sends are queued in the service
-        durable = self._service.take_durable()
-        offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
-        await self._track(consumer, durable, offsets, len(records), started)
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        return self._listener
+
+    async def _send(self, outs: list[Out]) -> Awaitable[object]:
+        """The join queued its outputs and then its changelog itself (the order ADR 0006
+        needs); the batch is complete when both are acknowledged."""
+        assert not outs, "the join sends its own outputs"
+        return self._service.take_durable()
 
 
 # --- where partitions' statistics meet ----------------------------------------------------
