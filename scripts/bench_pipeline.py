@@ -524,7 +524,12 @@ class Arrivals:
     duplicates: int = 0
 
 
-async def follow_predictions(consumer: AIOKafkaConsumer, arrivals: Arrivals) -> None:
+async def follow_predictions(
+    consumer: AIOKafkaConsumer,
+    arrivals: Arrivals,
+    on_first: Callable[[str, bytes], None] | None = None,
+) -> None:
+    """Record each event_id's first prediction; ``on_first`` also gets its value."""
     while True:
         batches = await consumer.getmany(timeout_ms=100)
         now = time.time()
@@ -535,6 +540,8 @@ async def follow_predictions(consumer: AIOKafkaConsumer, arrivals: Arrivals) -> 
                     arrivals.duplicates += 1
                 else:
                     arrivals.seen[event_id] = (now, record.timestamp)
+                    if on_first is not None:
+                        on_first(event_id, record.value or b"")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:

@@ -167,21 +167,15 @@ async def scorer_running(settings: Settings, where: str) -> AsyncIterator[Callab
         bp.stop_process(proc)
 
 
-async def follow(consumer: Any, arrivals: bp.Arrivals, scorer_ms: dict[str, float]) -> None:
-    """Like bench_pipeline's follower, also keeping each prediction's own latency_ms."""
+def keep_latency(scorer_ms: dict[str, float]) -> Callable[[str, bytes], None]:
+    """For the follower: each prediction's own latency_ms (the relay forwards events)."""
     decode = codec("Prediction").decode
-    while True:
-        batches = await consumer.getmany(timeout_ms=100)
-        now = time.time()
-        for records in batches.values():
-            for record in records:
-                event_id = (record.key or b"").decode()
-                if event_id in arrivals.seen:
-                    arrivals.duplicates += 1
-                    continue
-                arrivals.seen[event_id] = (now, record.timestamp)
-                with contextlib.suppress(CodecError):  # the relay forwards events
-                    scorer_ms[event_id] = decode(record.value or b"")["latency_ms"]
+
+    def keep(event_id: str, value: bytes) -> None:
+        with contextlib.suppress(CodecError):
+            scorer_ms[event_id] = decode(value)["latency_ms"]
+
+    return keep
 
 
 async def latency(
@@ -209,7 +203,9 @@ async def latency(
     try:
         async with scorer_running(settings, where) as alive:
             await bp.assign_all(consumer, settings.topic("predictions"))
-            follower = asyncio.create_task(follow(consumer, arrivals, scorer_ms))
+            follower = asyncio.create_task(
+                bp.follow_predictions(consumer, arrivals, keep_latency(scorer_ms))
+            )
             # ready = a probe came back scored (group joined, champion loaded)
             deadline = time.monotonic() + timeout_s
             for _event_id, key, value in probes:

@@ -49,10 +49,6 @@ class LabelHistogram(Collector):
         cells[bisect.bisect_left(self.bounds, value)] += 1
         cells[-1] += value
 
-    def count(self, labels: tuple[str, ...]) -> int:
-        cells = self._cells.get(labels)
-        return int(sum(cells[:-1])) if cells else 0
-
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
