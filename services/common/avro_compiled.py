@@ -357,7 +357,9 @@ def _r_block_count(src: _Source, ind: int, count: str) -> None:
     _r_long(src, ind + 1, src.var("skip"))
 
 
-def _r_value(src: _Source, ind: int, schema: Any, target: str) -> None:
+def _r_value(
+    src: _Source, ind: int, schema: Any, target: str, marks: dict[str, str] | None = None
+) -> None:
     kind = _kind(schema)
     if kind == "record":
         values = []
@@ -365,6 +367,8 @@ def _r_value(src: _Source, ind: int, schema: Any, target: str) -> None:
             fv = src.var("f")
             _r_value(src, ind, field["type"], fv)
             values.append(f"{field['name']!r}: {fv}")
+            if marks is not None and field["name"] in marks:
+                src.emit(ind, f"{marks[field['name']]} = pos")
         src.emit(ind, f"{target} = {{{', '.join(values)}}}")
     elif kind in ("map", "array"):
         count, item = src.var("cnt"), src.var("i")
@@ -418,6 +422,33 @@ def compile_decoder(schema: Any) -> Callable[[bytes, int], dict[str, Any]]:
     src.emit(2, "raise IndexError('body ends early')")
     src.emit(1, "return record")
     decode: Callable[[bytes, int], dict[str, Any]] = _build(src, "decode", {}, schema)
+    return decode
+
+
+def compile_marking_decoder(
+    schema: Any, after: tuple[str, ...]
+) -> Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]]:
+    """``(data, offset) -> (record, positions)``: as ``compile_decoder``, plus the offset in
+    ``data`` just after each named top-level field, in the order of ``after``. Lets a reader
+    reuse a run of fields as bytes (the label join copies an event's fields into its outputs).
+    """
+    if _kind(schema) != "record":
+        raise UnsupportedSchema("only records are compiled")
+    names = [field["name"] for field in schema["fields"]]
+    missing = [name for name in after if name not in names]
+    if missing:
+        raise UnsupportedSchema(f"no top-level field {missing[0]!r} to mark")
+    marks = {name: f"_at{i}" for i, name in enumerate(after)}
+    src = _Source()
+    src.emit(0, "def decode(data, pos):")
+    src.emit(1, "size = len(data)")
+    _r_value(src, 1, schema, "record", marks)
+    src.emit(1, "if pos > size:")
+    src.emit(2, "raise IndexError('body ends early')")
+    src.emit(1, f"return record, ({''.join(f'{marks[n]}, ' for n in after)})")
+    decode: Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]] = _build(
+        src, "decode", {}, schema
+    )
     return decode
 
 

@@ -15,17 +15,23 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from services.common.avro_compiled import UnsupportedSchema, compile_decoder, compile_encoder
+from services.common.avro_compiled import (
+    UnsupportedSchema,
+    compile_decoder,
+    compile_encoder,
+    compile_marking_decoder,
+)
 from services.common.catalog import schemas_dir, topic_spec
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
+_T = TypeVar("_T")
 _FILE_RE = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
 
 
@@ -113,6 +119,10 @@ class AvroCodec:
             )
         except UnsupportedSchema:
             self._fast_decode = None
+        self._marking: dict[
+            tuple[str, ...],
+            Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]] | None,
+        ] = {}
 
     def encode(self, record: dict[str, Any]) -> bytes:
         try:
@@ -125,7 +135,37 @@ class AvroCodec:
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise EncodeError(f"{self.name}: cannot encode record: {exc!r}") from exc
 
+    @property
+    def header(self) -> bytes:
+        """``C3 01`` + the current schema's fingerprint: what every encoded record starts with."""
+        return self._header
+
     def decode(self, data: bytes) -> dict[str, Any]:
+        writer = self._writer(data)
+        if writer is self.current.parsed and self._fast_decode is not None:
+            return self._compiled(self._fast_decode, data)
+        return self._resolve(writer, data)
+
+    def decode_marking(
+        self, data: bytes, after: tuple[str, ...]
+    ) -> tuple[dict[str, Any], tuple[int, ...] | None]:
+        """``decode``, plus the offset in ``data`` just after each named top-level field, when
+        the data was written with the current schema (None for an older writer, whose fields
+        lie elsewhere). The compiled reader of each ``after`` is made once."""
+        writer = self._writer(data)
+        if writer is self.current.parsed:
+            marking = self._marking.get(after)
+            if marking is None:
+                try:
+                    marking = compile_marking_decoder(self.current.raw, after)
+                except UnsupportedSchema:
+                    marking = None
+                self._marking[after] = marking
+            if marking is not None:
+                return self._compiled(marking, data)
+        return self._resolve(writer, data), None
+
+    def _writer(self, data: bytes) -> dict[str, Any]:
         if data[:2] != MAGIC:
             raise NotSingleObject(f"{self.name}: not Avro single-object encoded (no C3 01 header)")
         if len(data) < HEADER_LEN:
@@ -137,13 +177,17 @@ class AvroCodec:
                 f"{self.name}: unknown schema fingerprint {fp.hex()}; "
                 "the producer uses a schema this reader was never given"
             )
-        if writer is self.current.parsed and self._fast_decode is not None:
-            try:
-                return self._fast_decode(data if type(data) is bytes else bytes(data), HEADER_LEN)
-            except (IndexError, struct.error) as exc:
-                raise TruncatedMessage(f"{self.name}: body ends early ({len(data)} bytes)") from exc
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise BadBody(f"{self.name}: body does not match the schema: {exc}") from exc
+        return writer
+
+    def _compiled(self, reader: Callable[[bytes, int], _T], data: bytes) -> _T:
+        try:
+            return reader(data if type(data) is bytes else bytes(data), HEADER_LEN)
+        except (IndexError, struct.error) as exc:
+            raise TruncatedMessage(f"{self.name}: body ends early ({len(data)} bytes)") from exc
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise BadBody(f"{self.name}: body does not match the schema: {exc}") from exc
+
+    def _resolve(self, writer: dict[str, Any], data: bytes) -> dict[str, Any]:
         reader = None if writer is self.current.parsed else self.current.parsed
         try:
             record = schemaless_reader(io.BytesIO(memoryview(data)[HEADER_LEN:]), writer, reader)

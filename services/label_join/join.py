@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from services.label_join.performance import (
     delay_bucket,
     log_loss_term,
 )
+from services.label_join.rows import EventRows
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +261,9 @@ class Pred:
     scores: dict[str, float]
     decision: str
     scored_at: int
+    # "feature:bin" keys of the event's features for this version's binners (shared strings);
+    # made when the prediction arrives, not kept in the changelog: restore makes them again
+    bins: tuple[str, ...] = ()
 
     def to_list(self) -> list[Any]:
         return [
@@ -279,12 +284,19 @@ class Pred:
 
 @dataclass(slots=True)
 class Entry:
-    """Everything known about one event in this partition."""
+    """Everything known about one event in this partition.
+
+    The event's own fields are kept as ``head``: the bytes of the Prediction's first five
+    fields (event_id, entity_id, event_time, features, attributes) as they arrived, which
+    the outputs copy (services/label_join/rows.py). ``attributes`` is the decoded map the
+    segments need, shared between events with the same attributes.
+    """
 
     event_id: str
     event_time: int | None = None  # None: only a label is known so far
-    entity_id: str = ""
-    features: dict[str, Any] | None = None
+    head: bytes = b""
+    time_end: int = 0  # head[:time_end]: event_id, entity_id, event_time
+    attrs_at: int = 0  # head[attrs_at:]: attributes
     attributes: dict[str, str] = field(default_factory=dict)
     preds: dict[str, Pred] = field(default_factory=dict)  # variant -> prediction
     label: str | None = None
@@ -292,38 +304,53 @@ class Entry:
     expired: bool = False  # a marker: the window closed; remembered for `too_late`
 
     def encode(self) -> bytes:
+        """The changelog value. Version 2: a JSON line (time, label, predictions, the head's
+        offsets), then the head's bytes. Version 1 (JSON with the decoded features) is still
+        read; markers are unchanged."""
         if self.expired:
             return orjson.dumps({"v": 1, "t": self.event_time, "x": 1})
-        return orjson.dumps(
+        meta = orjson.dumps(
             {
-                "v": 1,
+                "v": 2,
                 "t": self.event_time,
-                "e": self.entity_id,
-                "f": self.features,
-                "a": self.attributes,
+                "h": [self.time_end, self.attrs_at],
                 "p": {variant: p.to_list() for variant, p in self.preds.items()},
                 "l": None if self.label is None else [self.label, self.label_time],
             }
         )
+        return meta + b"\n" + self.head
 
     @classmethod
-    def decode(cls, event_id: str, data: bytes) -> Entry:
-        raw = orjson.loads(data)
-        if raw.get("v") != 1:
-            raise ValueError(f"unknown label-join state version {raw.get('v')!r}")
+    def decode(cls, event_id: str, data: bytes, rows: EventRows) -> Entry:
+        meta, newline, head = data.partition(b"\n")  # compact JSON has no raw newline
+        raw = orjson.loads(meta)
+        version = raw.get("v")
+        if version not in (1, 2) or (version == 2) != bool(newline):
+            raise ValueError(f"unknown label-join state version {version!r}")
         if raw.get("x"):
             return cls(event_id, event_time=raw["t"], expired=True)
         label = raw.get("l")
-        return cls(
+        entry = cls(
             event_id,
             event_time=raw.get("t"),
-            entity_id=raw.get("e", ""),
-            features=raw.get("f"),
-            attributes=raw.get("a") or {},
             preds={variant: Pred.from_list(p) for variant, p in (raw.get("p") or {}).items()},
             label=label[0] if label else None,
             label_time=label[1] if label else None,
         )
+        if version == 2:
+            entry.head = head
+            entry.time_end, entry.attrs_at = raw["h"]
+        elif entry.event_time is not None:  # version 1: the head is written from its fields
+            entry.head, entry.time_end, entry.attrs_at = rows.head_of(
+                {
+                    "event_id": event_id,
+                    "entity_id": raw.get("e", ""),
+                    "event_time": entry.event_time,
+                    "features": raw.get("f") or {},
+                    "attributes": raw.get("a") or {},
+                }
+            )
+        return entry
 
 
 @dataclass
@@ -383,11 +410,10 @@ class JoinCore:
         self.partitions: dict[int, PartitionState] = {}
         self.counts: collections.Counter[str] = collections.Counter()
         self._future_ms = 0.0
-        self._prediction_codec = codec("Prediction")
+        self.rows = EventRows()
         self._label_codec = codec("Label")
-        self._labeled_codec = codec("LabeledPrediction")
-        self._example_codec = codec("TrainingExample")
         self._unmatched_codec = codec("UnmatchedLabel")
+        self._attributes: dict[bytes, dict[str, str]] = {}  # by their bytes: shared, read-only
 
     # --- partitions -----------------------------------------------------------------------
 
@@ -407,13 +433,20 @@ class JoinCore:
                 ps.final_windows[group] = GroupStats.from_json(raw_value)
                 continue
             event_id = raw_key.decode()
-            entry = Entry.decode(event_id, raw_value)
+            entry = Entry.decode(event_id, raw_value, self.rows)
             ps.entries[event_id] = entry
             self._index(ps, entry)
             if entry.event_time is not None and not entry.expired:
                 ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
+            features: dict[str, Any] = {}
+            if entry.head:
+                fields = self.rows.decode_head(entry.head)
+                features = fields["features"]
+                entry.attributes = self._shared(entry.head[entry.attrs_at :], fields["attributes"])
             for variant, pred in entry.preds.items():
+                pred.model, pred.version = sys.intern(pred.model), sys.intern(pred.version)
                 info = self.catalog.info(pred.model, pred.version, pred.scores)
+                pred.bins = tuple([b.key_of(features.get(b.feature)) for b in info.binners])
                 for group in self._group_keys(entry, pred, variant, info):
                     ps.stat(group, info).predicted += 1
                 if entry.label is not None:
@@ -483,9 +516,18 @@ class JoinCore:
         cfg = self.config
         return cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms)
 
+    def _shared(self, raw: bytes, attributes: dict[str, str]) -> dict[str, str]:
+        """One dict per distinct attributes map (they repeat: segments are categories)."""
+        held = self._attributes.get(raw)
+        if held is None:
+            held = attributes
+            if len(self._attributes) < 4096:
+                self._attributes[raw] = held
+        return held
+
     def _on_prediction(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
         try:
-            p = self._prediction_codec.decode(record.value or b"")
+            p, head, time_end, attrs_at = self.rows.read_prediction(record.value or b"")
         except CodecError as exc:
             self.counts["prediction_undecodable"] += 1
             log.error(
@@ -512,28 +554,30 @@ class JoinCore:
                 if pending is not None:
                     pending.discard(event_id)
             entry.event_time = t
-            entry.entity_id = p["entity_id"]
-            entry.features = p["features"]
-            entry.attributes = p.get("attributes") or {}
+            entry.head, entry.time_end, entry.attrs_at = head, time_end, attrs_at
+            entry.attributes = self._shared(head[attrs_at:], p["attributes"])
             ps.event_buckets.setdefault(self.config.bucket(t), set()).add(event_id)
-        variant: str = p["variant"]
+        variant: str = sys.intern(p["variant"])
         if variant in entry.preds:
             self.counts["prediction_duplicate"] += 1
             return
         pred = Pred(
-            model=p["model"],
-            version=p["model_version"],
+            model=sys.intern(p["model"]),
+            version=sys.intern(p["model_version"]),
             served=p["served"],
-            source=p["source"],
+            source=sys.intern(p["source"]),
             score=p["score"],
             scores=p["scores"],
-            decision=p["decision"],
+            decision=sys.intern(p["decision"]),
             scored_at=p["scored_at"],
         )
         first = not entry.preds
         entry.preds[variant] = pred
         ps.dirty_keys.add(event_id)
         info = self.catalog.info(pred.model, pred.version, pred.scores)
+        if info.binners:
+            features = p["features"]
+            pred.bins = tuple([b.key_of(features.get(b.feature)) for b in info.binners])
         for key in self._group_keys(entry, pred, variant, info):
             ps.stat(key, info).predicted += 1
         self.counts["prediction"] += 1
@@ -712,14 +756,13 @@ class JoinCore:
     def contribution(self, entry: Entry, pred: Pred, info: VersionInfo) -> Contribution:
         assert entry.label is not None and entry.event_time is not None
         label = entry.label
-        features = entry.features or {}
         return Contribution(
             label=label,
             decision=pred.decision,
             log_loss=log_loss_term(pred.scores, label),
             brier=brier_term(pred.scores, label, info.classes, info.positive),
             delay_bucket=delay_bucket((entry.label_time or 0) - entry.event_time),
-            bins=tuple([b.key_of(features.get(b.feature)) for b in info.binners]),
+            bins=pred.bins,
         )
 
     def _account(
@@ -746,38 +789,23 @@ class JoinCore:
 
     def _labeled(self, entry: Entry, pred: Pred, variant: str, key: bytes) -> Out:
         assert entry.label is not None and entry.event_time is not None
-        label_time = entry.label_time or 0
-        record = {
-            "event_id": entry.event_id,
-            "entity_id": entry.entity_id,
-            "event_time": entry.event_time,
-            "model": pred.model,
-            "model_version": pred.version,
-            "variant": variant,
-            "source": pred.source,
-            "score": pred.score,
-            "decision": pred.decision,
-            "label": entry.label,
-            "correct": pred.decision == entry.label,
-            "label_time": label_time,
-            "label_delay_ms": label_time - entry.event_time,
-            "attributes": entry.attributes,
-        }
-        return Out(self.topics.labeled, key, self._labeled_codec.encode(record))
+        value = self.rows.labeled(
+            entry.head,
+            entry.time_end,
+            entry.attrs_at,
+            (pred.model, pred.version, variant, pred.source, pred.score, pred.decision),
+            entry.label,
+            entry.label_time or 0,
+            entry.event_time,
+        )
+        return Out(self.topics.labeled, key, value)
 
     def _example(self, entry: Entry, key: bytes) -> Out:
         """Once per event (again only when a corrected label replaces the held one)."""
-        record = {
-            "event_id": entry.event_id,
-            "entity_id": entry.entity_id,
-            "event_time": entry.event_time,
-            "features": entry.features or {},
-            "attributes": entry.attributes,
-            "label": entry.label,
-            "label_time": entry.label_time,
-        }
+        assert entry.label is not None
         self.counts["training_example"] += 1
-        return Out(self.topics.examples, key, self._example_codec.encode(record))
+        value = self.rows.example(entry.head, entry.label, entry.label_time or 0)
+        return Out(self.topics.examples, key, value)
 
     def _unmatched(
         self, record: Record | None, label: dict[str, Any] | None, reason: str, detail: str
