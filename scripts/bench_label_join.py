@@ -3,8 +3,10 @@
 One run, on one broker, in phases (each phase its own topic prefix unless it reuses data):
 
 1. scorer - N checked events are pre-produced into events.valid; the scorer (in-process, with
-   the Redis query store, a bootstrapped champion) drains them into predictions: the rate
-   the label join has to keep up with.
+   the Redis query store, a bootstrapped champion) drains them into predictions, which the
+   join phases consume. Then the scorer as deployed, in its own process on a fresh prefix,
+   timed exactly like the join processes below (paused while the events are produced, rate
+   from its committed offsets): the rate the label join has to keep up with.
 2. join, one process - the scorer's N predictions plus labels for ~90 % of them (5 % sent
    twice, 3 % corrected, shuffled) are consumed by LabelJoinService in-process (Redis stats
    store, changelog on the broker). Timed from its first batch to every input committed
@@ -338,6 +340,15 @@ async def core_cost(predictions: list[KeyValue], labels: list[KeyValue]) -> dict
     return {"prediction_us": round(p_cost, 2), "label_us": round(l_cost, 2)}
 
 
+SCORER_CODE = """
+import sys
+from services.common.lifecycle import run_service
+from services.common.settings import Settings
+from services.scorer.service import ScorerService
+
+settings = Settings()
+sys.exit(run_service("scorer", lambda: ScorerService(settings), settings))
+"""
 TWO_PROCESS_CODE = """
 import sys
 from services.common.lifecycle import run_service
@@ -355,10 +366,10 @@ class CommitWatcher:
     """Polls a consumer group's committed offsets: one admin request for every partition
     (a consumer's ``committed()`` is a request per partition, broker CPU the join is charged)."""
 
-    def __init__(self, settings: Settings, tps: list[TopicPartition]) -> None:
+    def __init__(self, settings: Settings, group: str, tps: list[TopicPartition]) -> None:
         self.settings = settings
         self.tps = tps
-        self.group = f"{settings.topic_prefix}scoremesh-label-join"
+        self.group = f"{settings.topic_prefix}{group}"
         self.admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=30_000)
 
     async def __aenter__(self) -> CommitWatcher:
@@ -379,10 +390,10 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def spawn_label_join(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(code: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-c", TWO_PROCESS_CODE],
+            [sys.executable, "-c", code],
             cwd=ROOT,
             env=env,
             stdout=fh,
@@ -397,11 +408,50 @@ async def process_phase(
     labels: list[KeyValue],
     timeout_s: float,
 ) -> dict[str, Any]:
+    """Label-join processes on the scorer's predictions and the labels."""
     await create_topics(settings)
-    total = len(predictions) + len(labels)
+    return await timed_processes(
+        settings,
+        TWO_PROCESS_CODE,
+        "scoremesh-label-join",
+        processes,
+        [("predictions", predictions), ("labels", labels)],
+        len(predictions),
+        timeout_s,
+    )
+
+
+async def scorer_process_phase(
+    settings: Settings, events: list[KeyValue], timeout_s: float
+) -> dict[str, Any]:
+    """The scorer as deployed (its own process), timed exactly like the join processes: the
+    rate the join has to keep up with, measured the same way."""
+    await create_topics(settings)
+    await bootstrap_champion(settings)
+    return await timed_processes(
+        settings,
+        SCORER_CODE,
+        "scoremesh-scorer",
+        1,
+        [("events.valid", events)],
+        len(events),
+        timeout_s,
+    )
+
+
+async def timed_processes(
+    settings: Settings,
+    code: str,
+    group: str,
+    processes: int,
+    inputs: list[tuple[str, list[KeyValue]]],
+    n_predictions: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    total = sum(len(items) for _, items in inputs)
     tps = [
         TopicPartition(settings.topic(t), p)
-        for t in ("predictions", "labels")
+        for t, _ in inputs
         for p in range(catalog()[t].partitions)
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
@@ -424,8 +474,8 @@ async def process_phase(
         "kafka_rebalance_timeout_ms",
     ):
         env[f"SCOREMESH_{name.upper()}"] = str(getattr(settings, name))
-    logs = BENCH_HOME / f"{processes}-process.log"
-    procs = [spawn_label_join(env, logs) for _ in range(processes)]
+    logs = BENCH_HOME / f"{group}-{processes}-process.log"
+    procs = [spawn(code, env, logs) for _ in range(processes)]
     # let the group settle (both members, 3 partitions each, state restored) before any
     # input exists, so the timing holds no join or rebalance pause
     await asyncio.sleep(SETTLE_S)
@@ -440,15 +490,15 @@ async def process_phase(
         os.kill(proc.pid, signal.SIGSTOP)
     produce_started = time.perf_counter()
     try:
-        await produce(settings, "predictions", predictions)
-        await produce(settings, "labels", labels)
+        for topic, items in inputs:
+            await produce(settings, topic, items)
     finally:
         for proc in procs:
             os.kill(proc.pid, signal.SIGCONT)
     paused_s = time.perf_counter() - produce_started
     broker_before = broker_cpu_s()
     try:
-        async with CommitWatcher(settings, tps) as watcher:
+        async with CommitWatcher(settings, group, tps) as watcher:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 committed = await watcher.total()
@@ -457,7 +507,7 @@ async def process_phase(
                     break
                 for proc in procs:
                     if proc.poll() is not None:
-                        raise RuntimeError(f"a label-join process died: {logs.read_text()[-2000:]}")
+                        raise RuntimeError(f"a {group} process died: {logs.read_text()[-2000:]}")
                 await asyncio.sleep(0.05)
         cpu_s = [process_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True)]
         broker_s = broker_cpu_s() - broker_before
@@ -470,7 +520,7 @@ async def process_phase(
             except subprocess.TimeoutExpired:
                 proc.kill()
     if not samples or samples[-1][1] < total:
-        raise TimeoutError(f"{processes} label-join process(es) did not commit every input in time")
+        raise TimeoutError(f"{processes} {group} process(es) did not commit every input in time")
     # steady state: from 10 % to 90 % of the inputs committed (no start-up or tail effects)
     t10, c10 = next((t, c) for t, c in samples if c >= 0.1 * total)
     t90, c90 = next((t, c) for t, c in samples if c >= 0.9 * total)
@@ -482,13 +532,13 @@ async def process_phase(
         "inputs": total,
         "seconds": round(elapsed, 3),
         "input_events_per_s": round(rate, 1),
-        "prediction_events_per_s": round(rate * len(predictions) / total, 1),
+        "prediction_events_per_s": round(rate * n_predictions / total, 1),
         "first_to_last_commit_input_events_per_s": round(total / elapsed, 1),
         "samples": len(samples),
         "process_cpu_s": [round(c, 2) for c in cpu_s],
         "process_cpu_us_per_input": round(sum(cpu_s) / total * 1e6, 1),
-        "process_cpu_us_per_prediction": round(sum(cpu_s) / len(predictions) * 1e6, 1),
-        "broker_cpu_us_per_prediction": round(broker_s / len(predictions) * 1e6, 1),
+        "process_cpu_us_per_prediction": round(sum(cpu_s) / n_predictions * 1e6, 1),
+        "broker_cpu_us_per_prediction": round(broker_s / n_predictions * 1e6, 1),
         "paused_while_producing_s": round(paused_s, 2),
         "note": "processes joined the group, were paused while the inputs were produced and "
         "resumed on the full backlog (as the scorer phase starts on one); rate = committed "
@@ -686,6 +736,12 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     scorer = await scorer_phase(base, events, args.timeout)
     say(f"  scorer {scorer['events_per_s']:.0f} events/s")
     predictions = await read_all(base, "predictions")
+    say("scorer, own process (timed like the join processes) ...")
+    scorer_proc = await scorer_process_phase(
+        phase_settings(settings, run_id, "scorer"), events, args.timeout
+    )
+    scorer_eps = scorer_proc["prediction_events_per_s"]
+    say(f"  scorer {scorer_eps:.0f} events/s")
 
     say(f"join, one process: {len(predictions)} predictions + {len(labels)} labels ...")
     one = await join_phase(base, labels, len(predictions), args.timeout)
@@ -706,7 +762,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     )
     say(f"  {single['input_events_per_s']:.0f} inputs/s")
     two: dict[str, Any] | None = None
-    keeps_up = single["prediction_events_per_s"] >= scorer["events_per_s"]
+    keeps_up = single["prediction_events_per_s"] >= scorer_eps
     if args.two_process == "always" or (args.two_process == "auto" and not keeps_up):
         say("join, two processes on 3 partitions each ...")
         two = await process_phase(
@@ -726,8 +782,12 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     )
     say(f"  p50 {latency['label_to_metric_ms']['p50']} ms")
     best_two = two["prediction_events_per_s"] if two else None
+    scorer_cpu = (
+        scorer_proc["process_cpu_us_per_prediction"] + scorer_proc["broker_cpu_us_per_prediction"]
+    )
     return {
-        "scorer_eps": scorer["events_per_s"],
+        "scorer_eps": scorer_eps,
+        "scorer_in_process_eps": scorer["events_per_s"],
         "join_one_process": {
             "input_eps": single["input_events_per_s"],
             "prediction_eps": single["prediction_events_per_s"],
@@ -742,13 +802,15 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         else {"input_eps": two["input_events_per_s"], "prediction_eps": best_two},
         "keeps_up_with_scorer": {
             "one_process": keeps_up,
-            "two_processes": None if best_two is None else best_two >= scorer["events_per_s"],
-            "rule": "predictions joined per second >= scorer events (= predictions) per second",
+            "two_processes": None if best_two is None else best_two >= scorer_eps,
+            "rule": "predictions joined per second >= scorer events (= predictions) per second, "
+            "both measured as processes of their own on a backlog, from their commits",
         },
         "label_to_metric_ms": latency["label_to_metric_ms"],
         "cpu_us_per_prediction": {
-            "scorer_process": scorer["process_cpu_us_per_event"],
-            "scorer_broker": scorer["broker_cpu_us_per_event"],
+            "scorer_process": scorer_proc["process_cpu_us_per_prediction"],
+            "scorer_broker": scorer_proc["broker_cpu_us_per_prediction"],
+            "scorer_in_process": scorer["process_cpu_us_per_event"],
             "join_one_process": single["process_cpu_us_per_prediction"],
             "join_one_process_broker": single["broker_cpu_us_per_prediction"],
             "join_two_processes": None if two is None else two["process_cpu_us_per_prediction"],
@@ -758,7 +820,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         # sizing: cores of label join (with its broker share) per core of scorer
         "join_cores_per_scorer_core": round(
             (single["process_cpu_us_per_prediction"] + single["broker_cpu_us_per_prediction"])
-            / (scorer["process_cpu_us_per_event"] + scorer["broker_cpu_us_per_event"]),
+            / scorer_cpu,
             2,
         ),
         "core_cpu_us": cost,
@@ -766,6 +828,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         "state": state,
         "phases": {
             "scorer": scorer,
+            "scorer_process": scorer_proc,
             "join": one,
             "one_process": single,
             "two_processes": two,

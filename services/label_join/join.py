@@ -438,15 +438,24 @@ class JoinCore:
             self._index(ps, entry)
             if entry.event_time is not None and not entry.expired:
                 ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
-            features: dict[str, Any] = {}
             if entry.head:
-                fields = self.rows.decode_head(entry.head)
-                features = fields["features"]
-                entry.attributes = self._shared(entry.head[entry.attrs_at :], fields["attributes"])
+                raw = entry.head[entry.attrs_at :]
+                held = self._attributes.get(raw)
+                entry.attributes = (
+                    held
+                    if held is not None
+                    else self._shared(raw, self.rows.decode_attributes(raw))
+                )
+            features: dict[str, Any] | None = None  # decoded only for versions with bins
             for variant, pred in entry.preds.items():
                 pred.model, pred.version = sys.intern(pred.model), sys.intern(pred.version)
                 info = self.catalog.info(pred.model, pred.version, pred.scores)
-                pred.bins = tuple([b.key_of(features.get(b.feature)) for b in info.binners])
+                if info.binners:
+                    if features is None:
+                        features = (
+                            self.rows.decode_head(entry.head)["features"] if entry.head else {}
+                        )
+                    pred.bins = tuple([b.key_of(features.get(b.feature)) for b in info.binners])
                 for group in self._group_keys(entry, pred, variant, info):
                     ps.stat(group, info).predicted += 1
                 if entry.label is not None:

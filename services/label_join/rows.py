@@ -62,6 +62,8 @@ class EventRows:
         head_schema = {"type": "record", "name": "EventHead", "fields": fields[: len(HEAD_FIELDS)]}
         self._head_encode = compile_encoder(head_schema, b"")
         self._head_decode = compile_marking_decoder(head_schema, ("event_time", "features"))
+        attributes = {"type": "record", "name": "EventAttributes", "fields": fields[4:5]}
+        self._attributes_decode = compile_marking_decoder(attributes, ())
         example = _layout(self._example.current.raw["fields"])
         labeled = _layout(self._labeled.current.raw["fields"])
         self.splice = (
@@ -96,6 +98,12 @@ class EventRows:
         """The head's fields as a record (what restore and the encode path need)."""
         record, _ = self._head_decode(head, 0)
         return record
+
+    def decode_attributes(self, raw: bytes) -> dict[str, str]:
+        """The attributes map from its bytes (``head[attrs_at:]``)."""
+        record, _ = self._attributes_decode(raw, 0)
+        attributes: dict[str, str] = record["attributes"]
+        return attributes
 
     # --- writing --------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ def test_outputs_are_the_codecs_bytes(
         assert record == codec("Prediction").decode(data)
         assert (head, time_end, attrs_at) == rows.head_of(p)
         assert rows.decode_head(head) == {k: p[k] for k in HEAD_FIELDS}
+        assert rows.decode_attributes(head[attrs_at:]) == p["attributes"]
 
         example = {**{k: p[k] for k in HEAD_FIELDS}, "label": label, "label_time": label_time}
         assert rows.example(head, label, label_time) == fastavro_bytes("TrainingExample", example)
