@@ -17,6 +17,9 @@ One run, on one broker, in phases (each phase its own topic prefix unless it reu
    backlog, as the scorer starts on one; timed by their committed offsets. Process and broker
    CPU per prediction are reported for the scorer and the join: on a loaded machine rates
    move with the load, CPU per event much less.
+   Then the Kafka I/O floor: one process with the join's group, batch loop, inputs and as
+   many output records and bytes per input, but no decoding, state or statistics; what a
+   join process would cost if its own logic were free.
 4. label-to-metric latency - predictions already joined; labels sent at a fixed rate; each
    label's latency is from its send to the first monitoring.stats record whose labelled count
    includes it (publish interval shown in the result).
@@ -349,6 +352,10 @@ from services.scorer.service import ScorerService
 settings = Settings()
 sys.exit(run_service("scorer", lambda: ScorerService(settings), settings))
 """
+FLOOR_CODE = (
+    "import asyncio, sys; sys.path.insert(0, 'scripts'); import bench_label_join as b; "
+    "from services.common.settings import Settings; asyncio.run(b.io_floor(Settings()))"
+)
 TWO_PROCESS_CODE = """
 import sys
 from services.common.lifecycle import run_service
@@ -382,6 +389,64 @@ class CommitWatcher:
     async def total(self) -> int:
         offsets = await self.admin.list_consumer_group_offsets(self.group, partitions=self.tps)
         return sum(max(0, meta.offset) for meta in offsets.values())
+
+
+# Bytes a join writes per input, from a run of this benchmark: a prediction gives a labeled
+# row, a training example and a changelog entry; a label gives a changelog entry.
+FLOOR_SIZES = {"predictions": (130, 250, 360), "labels": (360,)}
+
+
+async def io_floor(settings: Settings) -> None:
+    """The Kafka work of a label join and nothing else: the same inputs, group, batch loop
+    (pipelined, commits after acks) and as many records and bytes out per input, with no
+    decoding, state or statistics. What the join's logic is measured against."""
+    producer = make_producer(settings)
+    await start_with_retry(producer.start, "floor-producer", settings)
+    outputs = [settings.topic(t) for t in ("predictions.labeled", "training.examples")]
+    outputs.append(settings.topic(CHANGELOG))
+    predictions = settings.topic("predictions")
+
+    async def copy(records: list[Record]) -> list[Out]:
+        outs: list[Out] = []
+        for record in records:
+            value = record.value or b""
+            if record.topic == predictions:
+                for topic, size in zip(outputs, FLOOR_SIZES["predictions"], strict=True):
+                    outs.append(Out(topic, record.key, (value * 2)[:size]))
+            else:
+                outs.append(Out(outputs[2], record.key, (value * 8)[: FLOOR_SIZES["labels"][0]]))
+        return outs
+
+    loop = BatchLoop(
+        settings,
+        "io-floor",
+        f"{settings.topic_prefix}scoremesh-io-floor",
+        [predictions, settings.topic("labels")],
+        producer,
+        copy,
+        pipeline_depth=settings.batch_pipeline_depth,
+    )
+    await loop.start()
+    try:
+        await loop.run(asyncio.Event())
+    finally:
+        await loop.stop()
+        await producer.stop()
+
+
+async def floor_phase(
+    settings: Settings, predictions: list[KeyValue], labels: list[KeyValue], timeout_s: float
+) -> dict[str, Any]:
+    await create_topics(settings)
+    return await timed_processes(
+        settings,
+        FLOOR_CODE,
+        "scoremesh-io-floor",
+        1,
+        [("predictions", predictions), ("labels", labels)],
+        len(predictions),
+        timeout_s,
+    )
 
 
 def process_cpu_s(pid: int) -> float:
@@ -770,6 +835,12 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         )
         say(f"  {two['input_events_per_s']:.0f} inputs/s")
 
+    say("Kafka I/O floor of a join process (same inputs and outputs, no join) ...")
+    floor = await floor_phase(
+        phase_settings(settings, run_id, "floor"), predictions, labels, args.timeout
+    )
+    say(f"  {floor['input_events_per_s']:.0f} inputs/s")
+
     say(f"label-to-metric latency: {args.rate:g} labels/s for {args.latency_seconds:g}s ...")
     latency = await latency_phase(
         phase_settings(settings, run_id, "latency"),
@@ -814,6 +885,8 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "join_one_process": single["process_cpu_us_per_prediction"],
             "join_one_process_broker": single["broker_cpu_us_per_prediction"],
             "join_two_processes": None if two is None else two["process_cpu_us_per_prediction"],
+            "join_io_floor": floor["process_cpu_us_per_prediction"],
+            "join_io_floor_broker": floor["broker_cpu_us_per_prediction"],
             "note": "load-robust: a join process keeps up with a scorer process on equal CPU "
             "when its CPU per prediction (the prediction and its label) is not higher",
         },
@@ -832,6 +905,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "join": one,
             "one_process": single,
             "two_processes": two,
+            "io_floor": floor,
             "latency": latency,
             "redis_state": redis_state,
         },
