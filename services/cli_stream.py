@@ -9,6 +9,7 @@ import csv
 import io
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,8 @@ from services.common.kafka import (
     true_end_offsets,
 )
 from services.common.settings import Settings
+from services.label_join.join import state_record
+from services.label_join.service import CHANGELOG as LABEL_JOIN_CHANGELOG
 
 REPLAY_HEADER = "scoremesh-replay-of"
 
@@ -328,6 +331,14 @@ def _matches(record: dict[str, Any], filters: list[tuple[str, str]]) -> bool:
     return True
 
 
+def _decoder(name: str) -> Callable[[str, bytes], dict[str, Any]]:
+    """How a topic's values are shown: the catalog's format, or a service's own for its
+    internal topics (the label join's state is a JSON line and the event's Avro fields)."""
+    if name == LABEL_JOIN_CHANGELOG:
+        return lambda _, data: state_record(data)
+    return decode_any
+
+
 async def tail_topic(
     settings: Settings,
     name: str,
@@ -337,6 +348,7 @@ async def tail_topic(
     idle_timeout: float | None,
     out: Any,
 ) -> int:
+    decode = _decoder(name)
     consumer = make_consumer(settings, group_id=None)
     await start_with_retry(consumer.start, "tail", settings)
     written = 0
@@ -355,7 +367,7 @@ async def tail_topic(
             for records in batches.values():
                 for record in records:
                     try:
-                        value = decode_any(name, record.value or b"")
+                        value = decode(name, record.value or b"")
                     except CodecError as exc:
                         value = {"$undecodable": str(exc), "$raw": record.value}
                     if not _matches(value, filters):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import logging
 import sys
 import time
@@ -877,6 +878,26 @@ class JoinCore:
     @property
     def pending_entries(self) -> int:
         return sum(len(ps.entries) for ps in self.partitions.values())
+
+
+@functools.cache
+def _rows() -> EventRows:
+    return EventRows()
+
+
+def state_record(data: bytes) -> dict[str, Any]:
+    """A changelog value as one readable record (``scoremesh tail label-join.changelog``):
+    its JSON line, with a version-2 entry's head decoded into ``head``."""
+    meta, newline, head = data.partition(b"\n")
+    try:
+        value = orjson.loads(meta)
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON {type(value).__name__}, not an object")
+        if newline:
+            value["head"] = _rows().decode_head(head) if head else None
+    except (ValueError, IndexError) as exc:  # orjson.JSONDecodeError is a ValueError
+        raise CodecError(f"not a label-join state record: {exc}") from None
+    return value
 
 
 def _label_problem(event_id: Any, value: Any, label_time: Any) -> str | None:

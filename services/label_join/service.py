@@ -99,7 +99,7 @@ def changelog_spec() -> TopicSpec:
             max_message_bytes=1048576,
             replication_factor=3,
             min_insync_replicas=2,
-            doc="label-join state: one record per event (JSON), compacted; null = forgotten",
+            doc="label-join state: one record per event (JSON line + Avro fields), compacted",
             value_formats=("json",),
         )
 

@@ -19,7 +19,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from services.common.codec import codec
+from services.common.codec import CodecError, codec
 from services.common.registry_view import RegistryState
 from services.label_join.join import (
     DAY_MS,
@@ -28,6 +28,7 @@ from services.label_join.join import (
     JoinCore,
     OutputTopics,
     VersionCatalog,
+    state_record,
 )
 from services.label_join.performance import GroupStats, merge_all
 from services.label_join.rows import EventRows
@@ -525,3 +526,25 @@ def test_shards_round_trip_and_merge() -> None:
     assert merged is not None and merged.labeled == 4 and merged.bins == {"age:bin1": [4, 2]}
     assert a.labeled == 2  # merge_all copies
     assert math.isclose(merged.metrics()["log_loss"], 0.75)
+
+
+def test_changelog_records_read_back_for_people() -> None:
+    """`scoremesh tail label-join.changelog` shows each record as JSON, the event's own
+    fields decoded; anything else is a clear error."""
+    s = scenario(40, seed=6, window_ms=CONFIG.window_ms)
+    run = Run(make_core())
+    for batch in batches_of(s):
+        run.feed(batch)
+    shown = [state_record(v) for _, v in run.changelog if v is not None]
+    joined = [r for r in shown if r.get("v") == 2 and r["head"] is not None and r["l"]]
+    assert joined and set(joined[0]["head"]) == {
+        "event_id",
+        "entity_id",
+        "event_time",
+        "features",
+        "attributes",
+    }
+    assert any("cm" in r and "pred" in r for r in shown)  # closed windows
+    for bad in (b"", b"\xc3\x01abc", b"[1, 2]", b'{"v": 2}\n\x07'):
+        with pytest.raises(CodecError):
+            state_record(bad)
