@@ -29,8 +29,6 @@ from services.common.kafka import (
     true_end_offsets,
 )
 from services.common.settings import Settings
-from services.label_join.join import state_record
-from services.label_join.service import CHANGELOG as LABEL_JOIN_CHANGELOG
 
 REPLAY_HEADER = "scoremesh-replay-of"
 
@@ -334,7 +332,10 @@ def _matches(record: dict[str, Any], filters: list[tuple[str, str]]) -> bool:
 def _decoder(name: str) -> Callable[[str, bytes], dict[str, Any]]:
     """How a topic's values are shown: the catalog's format, or a service's own for its
     internal topics (the label join's state is a JSON line and the event's Avro fields)."""
-    if name == LABEL_JOIN_CHANGELOG:
+    from services.label_join.join import state_record  # only tail needs the join's modules
+    from services.label_join.service import CHANGELOG
+
+    if name == CHANGELOG:
         return lambda _, data: state_record(data)
     return decode_any
 

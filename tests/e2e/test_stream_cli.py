@@ -12,7 +12,11 @@ from typing import Any
 import orjson
 import pytest
 
+from services.common.kafka import make_producer, send_records
 from services.common.settings import Settings
+from services.label_join.join import Entry
+from services.label_join.rows import EventRows
+from services.label_join.service import CHANGELOG
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.datasets import CREDIT_SPEC, credit_events
@@ -164,3 +168,29 @@ async def test_cli_input_errors(settings: Settings) -> None:
     assert code == 1 and "ISO-8601" in err
     code, _, err = await sm(settings, "events", "send", "-", stdin=b"")
     assert code == 1 and "no events" in err
+
+
+async def test_tail_reads_the_label_join_state(settings: Settings) -> None:
+    """The join's changelog holds a JSON line and then the event's own Avro fields: tail
+    shows both as one JSON record."""
+    head_fields = {
+        "event_id": "evt-tail-1",
+        "entity_id": "cust-9",
+        "event_time": 1_700_000_000_000,
+        "features": {"age": 41, "salary": 52_000.5, "car": "c3"},
+        "attributes": {"channel": "web"},
+    }
+    entry = Entry("evt-tail-1", event_time=head_fields["event_time"], label="1", label_time=5)
+    entry.head, entry.time_end, entry.attrs_at = EventRows().head_of(head_fields)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        topic = settings.topic(CHANGELOG)
+        await send_records(producer, [(topic, 0, b"evt-tail-1", entry.encode())])
+    finally:
+        await producer.stop()
+    code, out, err = await sm(settings, "tail", CHANGELOG, "--from-beginning", "--max", "1")
+    assert code == 0, err
+    shown = orjson.loads(out.splitlines()[0])
+    assert shown["v"] == 2 and shown["l"] == ["1", 5]
+    assert shown["head"] == head_fields
