@@ -434,21 +434,6 @@ async def io_floor(settings: Settings) -> None:
         await producer.stop()
 
 
-async def floor_phase(
-    settings: Settings, predictions: list[KeyValue], labels: list[KeyValue], timeout_s: float
-) -> dict[str, Any]:
-    await create_topics(settings)
-    return await timed_processes(
-        settings,
-        FLOOR_CODE,
-        "scoremesh-io-floor",
-        1,
-        [("predictions", predictions), ("labels", labels)],
-        len(predictions),
-        timeout_s,
-    )
-
-
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -472,13 +457,16 @@ async def process_phase(
     predictions: list[KeyValue],
     labels: list[KeyValue],
     timeout_s: float,
+    *,
+    floor: bool = False,
 ) -> dict[str, Any]:
-    """Label-join processes on the scorer's predictions and the labels."""
+    """Label-join processes on the scorer's predictions and the labels (``floor``: the I/O
+    floor's process in their place)."""
     await create_topics(settings)
     return await timed_processes(
         settings,
-        TWO_PROCESS_CODE,
-        "scoremesh-label-join",
+        FLOOR_CODE if floor else TWO_PROCESS_CODE,
+        "scoremesh-io-floor" if floor else "scoremesh-label-join",
         processes,
         [("predictions", predictions), ("labels", labels)],
         len(predictions),
@@ -836,8 +824,8 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         say(f"  {two['input_events_per_s']:.0f} inputs/s")
 
     say("Kafka I/O floor of a join process (same inputs and outputs, no join) ...")
-    floor = await floor_phase(
-        phase_settings(settings, run_id, "floor"), predictions, labels, args.timeout
+    floor = await process_phase(
+        phase_settings(settings, run_id, "floor"), 1, predictions, labels, args.timeout, floor=True
     )
     say(f"  {floor['input_events_per_s']:.0f} inputs/s")
 

@@ -412,16 +412,7 @@ def _r_value(
 
 def compile_decoder(schema: Any) -> Callable[[bytes, int], dict[str, Any]]:
     """``(data, offset) -> record``, reading the body that starts at ``offset``."""
-    if _kind(schema) != "record":
-        raise UnsupportedSchema("only records are compiled")
-    src = _Source()
-    src.emit(0, "def decode(data, pos):")
-    src.emit(1, "size = len(data)")
-    _r_value(src, 1, schema, "record")
-    src.emit(1, "if pos > size:")
-    src.emit(2, "raise IndexError('body ends early')")
-    src.emit(1, "return record")
-    decode: Callable[[bytes, int], dict[str, Any]] = _build(src, "decode", {}, schema)
+    decode: Callable[[bytes, int], dict[str, Any]] = _compile_reader(schema, None)
     return decode
 
 
@@ -432,24 +423,33 @@ def compile_marking_decoder(
     ``data`` just after each named top-level field, in the order of ``after``. Lets a reader
     reuse a run of fields as bytes (the label join copies an event's fields into its outputs).
     """
+    decode: Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]] = _compile_reader(
+        schema, after
+    )
+    return decode
+
+
+def _compile_reader(schema: Any, after: tuple[str, ...] | None) -> Any:
     if _kind(schema) != "record":
         raise UnsupportedSchema("only records are compiled")
-    names = [field["name"] for field in schema["fields"]]
-    missing = [name for name in after if name not in names]
-    if missing:
-        raise UnsupportedSchema(f"no top-level field {missing[0]!r} to mark")
-    marks = {name: f"_at{i}" for i, name in enumerate(after)}
+    marks: dict[str, str] | None = None
+    if after is not None:
+        names = [field["name"] for field in schema["fields"]]
+        missing = [name for name in after if name not in names]
+        if missing:
+            raise UnsupportedSchema(f"no top-level field {missing[0]!r} to mark")
+        marks = {name: f"_at{i}" for i, name in enumerate(after)}
     src = _Source()
     src.emit(0, "def decode(data, pos):")
     src.emit(1, "size = len(data)")
     _r_value(src, 1, schema, "record", marks)
     src.emit(1, "if pos > size:")
     src.emit(2, "raise IndexError('body ends early')")
-    src.emit(1, f"return record, ({''.join(f'{marks[n]}, ' for n in after)})")
-    decode: Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]] = _build(
-        src, "decode", {}, schema
-    )
-    return decode
+    if marks is None:
+        src.emit(1, "return record")
+    else:
+        src.emit(1, f"return record, ({''.join(f'{marks[n]}, ' for n in marks)})")
+    return _build(src, "decode", {}, schema)
 
 
 def _build(src: _Source, name: str, extra: dict[str, Any], schema: Any) -> Any:

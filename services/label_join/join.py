@@ -181,6 +181,10 @@ class VersionInfo:
     binners: tuple[Binner, ...]
     known: bool  # False: the registry did not know the version; classes came from its scores
 
+    def bins_of(self, features: dict[str, Any]) -> tuple[str, ...]:
+        """The ``feature:bin`` key of each binned feature of an event."""
+        return tuple([b.key_of(features.get(b.feature)) for b in self.binners])
+
 
 def binners_from_reference(reference: dict[str, Any]) -> tuple[Binner, ...]:
     out: list[Binner] = []
@@ -440,13 +444,7 @@ class JoinCore:
             if entry.event_time is not None and not entry.expired:
                 ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
             if entry.head:
-                raw = entry.head[entry.attrs_at :]
-                held = self._attributes.get(raw)
-                entry.attributes = (
-                    held
-                    if held is not None
-                    else self._shared(raw, self.rows.decode_attributes(raw))
-                )
+                entry.attributes = self._shared(entry.head[entry.attrs_at :])
             features: dict[str, Any] | None = None  # decoded only for versions with bins
             for variant, pred in entry.preds.items():
                 pred.model, pred.version = sys.intern(pred.model), sys.intern(pred.version)
@@ -456,7 +454,7 @@ class JoinCore:
                         features = (
                             self.rows.decode_head(entry.head)["features"] if entry.head else {}
                         )
-                    pred.bins = tuple([b.key_of(features.get(b.feature)) for b in info.binners])
+                    pred.bins = info.bins_of(features)
                 for group in self._group_keys(entry, pred, variant, info):
                     ps.stat(group, info).predicted += 1
                 if entry.label is not None:
@@ -526,11 +524,12 @@ class JoinCore:
         cfg = self.config
         return cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms)
 
-    def _shared(self, raw: bytes, attributes: dict[str, str]) -> dict[str, str]:
-        """One dict per distinct attributes map (they repeat: segments are categories)."""
+    def _shared(self, raw: bytes, decoded: dict[str, str] | None = None) -> dict[str, str]:
+        """One dict per distinct attributes map (they repeat: segments are categories), from
+        its bytes; ``decoded`` when the caller has it already, else decoded here if new."""
         held = self._attributes.get(raw)
         if held is None:
-            held = attributes
+            held = decoded if decoded is not None else self.rows.decode_attributes(raw)
             if len(self._attributes) < 4096:
                 self._attributes[raw] = held
         return held
@@ -586,8 +585,7 @@ class JoinCore:
         ps.dirty_keys.add(event_id)
         info = self.catalog.info(pred.model, pred.version, pred.scores)
         if info.binners:
-            features = p["features"]
-            pred.bins = tuple([b.key_of(features.get(b.feature)) for b in info.binners])
+            pred.bins = info.bins_of(p["features"])
         for key in self._group_keys(entry, pred, variant, info):
             ps.stat(key, info).predicted += 1
         self.counts["prediction"] += 1

@@ -20,7 +20,12 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from services.common.avro_compiled import compile_encoder, compile_marking_decoder, zigzag
+from services.common.avro_compiled import (
+    compile_decoder,
+    compile_encoder,
+    compile_marking_decoder,
+    zigzag,
+)
 from services.common.codec import HEADER_LEN, codec
 
 HEAD_FIELDS = ("event_id", "entity_id", "event_time", "features", "attributes")
@@ -63,7 +68,7 @@ class EventRows:
         self._head_encode = compile_encoder(head_schema, b"")
         self._head_decode = compile_marking_decoder(head_schema, ("event_time", "features"))
         attributes = {"type": "record", "name": "EventAttributes", "fields": fields[4:5]}
-        self._attributes_decode = compile_marking_decoder(attributes, ())
+        self._attributes_decode = compile_decoder(attributes)
         example = _layout(self._example.current.raw["fields"])
         labeled = _layout(self._labeled.current.raw["fields"])
         self.splice = (
@@ -101,8 +106,7 @@ class EventRows:
 
     def decode_attributes(self, raw: bytes) -> dict[str, str]:
         """The attributes map from its bytes (``head[attrs_at:]``)."""
-        record, _ = self._attributes_decode(raw, 0)
-        attributes: dict[str, str] = record["attributes"]
+        attributes: dict[str, str] = self._attributes_decode(raw, 0)["attributes"]
         return attributes
 
     # --- writing --------------------------------------------------------------------------
