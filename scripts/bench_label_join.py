@@ -316,10 +316,15 @@ async def join_phase(
     }
 
 
-async def core_cost(predictions: list[KeyValue], labels: list[KeyValue]) -> dict[str, float]:
-    """CPU µs per input of JoinCore.process alone, batches of 512, fresh state."""
+async def core_cost(
+    predictions: list[KeyValue], labels: list[KeyValue], registry: list[KeyValue]
+) -> dict[str, float]:
+    """CPU µs per input of JoinCore.process alone, batches of 512, fresh state, knowing the
+    model versions (segments, feature bins) as the service does."""
     from aiokafka import ConsumerRecord
 
+    from services.common.model_version import ModelVersion
+    from services.common.registry_view import RegistryState
     from services.label_join.join import JoinCore, OutputTopics, VersionCatalog
 
     def records(topic: str, items: list[KeyValue]) -> list[Record]:
@@ -328,7 +333,12 @@ async def core_cost(predictions: list[KeyValue], labels: list[KeyValue]) -> dict
             for i, (k, v) in enumerate(items)
         ]
 
-    core = JoinCore(CONFIG, VersionCatalog("credit"), OutputTopics("l", "t", "u"))
+    versions = VersionCatalog("credit")
+    state = RegistryState()
+    for _, value in registry:
+        state.apply(ModelVersion.from_record(codec("ModelVersion").decode(value)))
+    versions.update(state)
+    core = JoinCore(CONFIG, versions, OutputTopics("l", "t", "u"))
     core.restore(0, [])
     preds, labs = records("predictions", predictions), records("labels", labels)
     started = time.process_time()
@@ -458,11 +468,15 @@ async def process_phase(
     labels: list[KeyValue],
     timeout_s: float,
     *,
+    registry: list[KeyValue],
     floor: bool = False,
 ) -> dict[str, Any]:
     """Label-join processes on the scorer's predictions and the labels (``floor``: the I/O
-    floor's process in their place)."""
+    floor's process in their place). ``registry``: the scorer's model versions, copied so
+    that the join knows the version's segments and feature bins and does all of its work,
+    as deployed."""
     await create_topics(settings)
+    await produce(settings, "models.registry", registry)
     return await timed_processes(
         settings,
         FLOOR_CODE if floor else TWO_PROCESS_CODE,
@@ -789,6 +803,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     scorer = await scorer_phase(base, events, args.timeout)
     say(f"  scorer {scorer['events_per_s']:.0f} events/s")
     predictions = await read_all(base, "predictions")
+    registry = await read_all(base, "models.registry")
     say("scorer, own process (timed like the join processes) ...")
     scorer_proc = await scorer_process_phase(
         phase_settings(settings, run_id, "scorer"), events, args.timeout
@@ -802,7 +817,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         f"  {one['input_events_per_s']:.0f} inputs/s, "
         f"{one['prediction_events_per_s']:.0f} predictions/s"
     )
-    cost = await core_cost(predictions[: min(len(predictions), 20_000)], labels[:20_000])
+    cost = await core_cost(predictions[: min(len(predictions), 20_000)], labels[:20_000], registry)
     state = await state_phase(base)
 
     say("option (c): Redis as the join state, Redis side alone ...")
@@ -811,7 +826,12 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
 
     say("join, one process (subprocess, timed like the two below) ...")
     single = await process_phase(
-        phase_settings(settings, run_id, "one"), 1, predictions, labels, args.timeout
+        phase_settings(settings, run_id, "one"),
+        1,
+        predictions,
+        labels,
+        args.timeout,
+        registry=registry,
     )
     say(f"  {single['input_events_per_s']:.0f} inputs/s")
     two: dict[str, Any] | None = None
@@ -819,13 +839,24 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     if args.two_process == "always" or (args.two_process == "auto" and not keeps_up):
         say("join, two processes on 3 partitions each ...")
         two = await process_phase(
-            phase_settings(settings, run_id, "two"), 2, predictions, labels, args.timeout
+            phase_settings(settings, run_id, "two"),
+            2,
+            predictions,
+            labels,
+            args.timeout,
+            registry=registry,
         )
         say(f"  {two['input_events_per_s']:.0f} inputs/s")
 
     say("Kafka I/O floor of a join process (same inputs and outputs, no join) ...")
     floor = await process_phase(
-        phase_settings(settings, run_id, "floor"), 1, predictions, labels, args.timeout, floor=True
+        phase_settings(settings, run_id, "floor"),
+        1,
+        predictions,
+        labels,
+        args.timeout,
+        registry=registry,
+        floor=True,
     )
     say(f"  {floor['input_events_per_s']:.0f} inputs/s")
 
