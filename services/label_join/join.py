@@ -182,8 +182,25 @@ class VersionInfo:
     known: bool  # False: the registry did not know the version; classes came from its scores
 
     def bins_of(self, features: dict[str, Any]) -> tuple[str, ...]:
-        """The ``feature:bin`` key of each binned feature of an event."""
-        return tuple([b.key_of(features.get(b.feature)) for b in self.binners])
+        """The ``feature:bin`` key of each binned feature of an event: ``Binner.key_of``,
+        with its common cases (a number in a numeric bin, a known category) inline."""
+        out: list[str] = []
+        get = features.get
+        for b in self.binners:
+            value: Any = get(b.feature)
+            kind = type(value)
+            edges = b.inner_edges
+            if edges is not None:
+                if (kind is float or kind is int) and value == value:
+                    out.append(b._numeric[bisect.bisect_right(edges, value)])
+                    continue
+            elif kind is str or kind is int:
+                held = b._categories.get(value)
+                if held is not None:
+                    out.append(held)
+                    continue
+            out.append(b.key_of(value))
+        return tuple(out)
 
 
 def binners_from_reference(reference: dict[str, Any]) -> tuple[Binner, ...]:
