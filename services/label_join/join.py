@@ -394,11 +394,10 @@ class PartitionState:
     dirty_windows: set[GroupKey] = field(default_factory=set)
     dead_windows: set[GroupKey] = field(default_factory=set)
     # (model, version, variant, window, segment values) -> the groups a row of that kind
-    # counts in, "all" first: one lookup per row instead of a key and a lookup per group.
-    # Cleared whenever a window's statistics leave ``stats``.
-    groups: dict[tuple[Any, ...], tuple[tuple[GroupKey, ...], tuple[GroupStats, ...]]] = field(
-        default_factory=dict
-    )
+    # counts in: one lookup per row instead of a key and a lookup per group. Cleared
+    # whenever a window's statistics leave ``stats``.
+    groups: dict[tuple[Any, ...], Groups] = field(default_factory=dict)
+    dirty_groups: list[Groups] = field(default_factory=list)  # into dirty_stats when taken
 
     def stat(self, key: GroupKey, info: VersionInfo) -> GroupStats:
         held = self.stats.get(key)
@@ -406,6 +405,23 @@ class PartitionState:
             held = self.stats[key] = GroupStats(info.classes, info.positive)
         self.dirty_stats.add(key)
         return held
+
+    def flush_dirty(self) -> set[GroupKey]:
+        for groups in self.dirty_groups:
+            groups.dirty = False
+            self.dirty_stats.update(groups.keys)
+        self.dirty_groups.clear()
+        return self.dirty_stats
+
+
+@dataclass(slots=True)
+class Groups:
+    """The statistics one kind of row counts in, "all" first, and whether a row changed
+    them since they were last taken (a flag, not a set of keys per row)."""
+
+    keys: tuple[GroupKey, ...]
+    stats: tuple[GroupStats, ...]
+    dirty: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +502,7 @@ class JoinCore:
             ps.stats.pop(group, None)  # rebuilt from the entries not yet expired: partial
             ps.closed[group] = final  # published again: the crash may have beaten the publisher
         ps.groups.clear()
+        ps.dirty_groups.clear()
         ps.dirty_stats.clear()
         self.partitions[partition] = ps
         return ps
@@ -789,9 +806,12 @@ class JoinCore:
             keys: list[GroupKey] = [(pred.model, pred.version, variant, "all", window)]
             for attr, value in zip(info.segments, values, strict=True):
                 keys.append((pred.model, pred.version, variant, f"{attr}={value}", window))
-            held = ps.groups[kind] = (tuple(keys), tuple(ps.stat(key, info) for key in keys))
-        ps.dirty_stats.update(held[0])
-        return held[1]
+            held = ps.groups[kind] = Groups(tuple(keys), tuple(ps.stat(k, info) for k in keys))
+            ps.dirty_groups.append(held)
+        elif not held.dirty:
+            held.dirty = True
+            ps.dirty_groups.append(held)
+        return held.stats
 
     def contribution(self, entry: Entry, pred: Pred, info: VersionInfo) -> Contribution:
         assert entry.label is not None and entry.event_time is not None
@@ -891,7 +911,7 @@ class JoinCore:
         shards: dict[tuple[GroupKey, int], GroupStats] = {}
         newest: int | None = None
         for partition, ps in self.partitions.items():
-            for key in ps.dirty_stats:
+            for key in ps.flush_dirty():
                 held = ps.stats.get(key)
                 if held is not None:
                     shards[(key, partition)] = held.copy()
