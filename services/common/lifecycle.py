@@ -45,6 +45,11 @@ async def serve(make: Callable[[], Service], settings: Settings) -> int:
         # out of the collector's way so full collections stop adding 10-20 ms to the tail.
         gc.collect()
         gc.freeze()
+        # A service whose heap grows with its state (the label join) may ask for rarer
+        # collections: optional attribute ``gc_thresholds``, as for gc.set_threshold.
+        thresholds = getattr(service, "gc_thresholds", None)
+        if thresholds:
+            gc.set_threshold(*thresholds)
         log.info("service started", extra={"topic_prefix": settings.topic_prefix})
         await service.run(stop)
     except Exception:
