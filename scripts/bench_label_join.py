@@ -435,6 +435,7 @@ async def io_floor(settings: Settings) -> None:
         producer,
         copy,
         pipeline_depth=settings.batch_pipeline_depth,
+        max_records=settings.label_join_batch_max_records,  # the join's batches
     )
     await loop.start()
     try:

@@ -91,11 +91,14 @@ class BatchLoop:
         process: ProcessFn,
         *,
         pipeline_depth: int = 0,
+        max_records: int | None = None,
     ) -> None:
         if pipeline_depth < 0:
             raise ValueError("pipeline_depth must be 0 or more")
         self.settings = settings
         self.depth = pipeline_depth
+        # records per batch at most (default: the batch_max_records setting)
+        self.max_records = max_records or settings.batch_max_records
         # batches processed and sent, finishing in order: acknowledged, then committed
         self._inflight: collections.deque[asyncio.Task[None]] = collections.deque()
         self._failure: BaseException | None = None
@@ -129,7 +132,9 @@ class BatchLoop:
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         self.consumer = make_consumer(
-            self.settings, group_id=self.group_id, **self.consumer_options()
+            self.settings,
+            group_id=self.group_id,
+            **({"max_poll_records": self.max_records} | self.consumer_options()),
         )
         self.consumer.subscribe(self.topics, listener=self.rebalance_listener())
         await start_with_retry(self.consumer.start, f"{self.service}-consumer", self.settings, stop)
@@ -145,7 +150,7 @@ class BatchLoop:
         try:
             while not stop.is_set():
                 fetch = asyncio.ensure_future(
-                    consumer.getmany(timeout_ms=1000, max_records=self.settings.batch_max_records)
+                    consumer.getmany(timeout_ms=1000, max_records=self.max_records)
                 )
                 done, _ = await asyncio.wait(
                     {fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED

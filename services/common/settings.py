@@ -144,6 +144,13 @@ class Settings(BaseSettings):
         7 * 86400, ge=0, description="remember expired events (too_late)"
     )
     label_join_publish_interval_s: float = Field(2.0, gt=0, description="monitoring.stats cadence")
+    label_join_batch_max_records: int = Field(
+        2048,
+        ge=1,
+        le=100_000,
+        description="records per label-join batch: larger than the scorer's, since labels "
+        "wait minutes anyway and each batch costs broker requests and a commit",
+    )
 
     # --- Monitoring and alerting -----------------------------------------------------
     monitor_policy: MonitorPolicy = Field(default_factory=MonitorPolicy)

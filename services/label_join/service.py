@@ -134,7 +134,11 @@ class JoinLoop(BatchLoop):
     DEPTH = 4
 
     def __init__(self, service: LabelJoinService, *args: Any) -> None:
-        super().__init__(*args, pipeline_depth=self.DEPTH)
+        super().__init__(
+            *args,
+            pipeline_depth=self.DEPTH,
+            max_records=service.settings.label_join_batch_max_records,
+        )
         self._listener = _StateListener(service)
         self._service = service
 
