@@ -587,39 +587,48 @@ class JoinCore:
             return
         event_id: str = p["event_id"]
         t: int = p["event_time"]
-        if t <= self._future_ms:
-            ps.watermark = t if ps.watermark is None else max(ps.watermark, t)
+        watermark = ps.watermark
+        if t <= self._future_ms and (watermark is None or t > watermark):
+            ps.watermark = watermark = t
         entry = ps.entries.get(event_id)
-        closed = self._closed_before(ps)
-        if (entry is not None and entry.expired) or (
-            closed is not None and self.config.bucket(t) < closed
-        ):
+        if entry is not None and entry.expired:
             self.counts["prediction_too_late"] += 1
             return
+        cfg = self.config
+        if watermark is not None:
+            # _closed_before, inline: bucket(t) < closed  <=>  t < closed (a bucket start)
+            horizon = watermark - cfg.window_ms - cfg.grace_ms
+            if t < horizon - horizon % cfg.tumbling_ms:
+                self.counts["prediction_too_late"] += 1
+                return
         if entry is None:
             entry = ps.entries[event_id] = Entry(event_id)
         if entry.event_time is None:
             if entry.label_time is not None:  # a pending label now has its event
-                pending = ps.label_buckets.get(self.config.bucket(entry.label_time))
+                pending = ps.label_buckets.get(cfg.bucket(entry.label_time))
                 if pending is not None:
                     pending.discard(event_id)
             entry.event_time = t
             entry.head, entry.time_end, entry.attrs_at = head, time_end, attrs_at
             entry.attributes = self._shared(head[attrs_at:], p["attributes"])
-            ps.event_buckets.setdefault(self.config.bucket(t), set()).add(event_id)
+            bucket = t - t % cfg.tumbling_ms
+            members = ps.event_buckets.get(bucket)
+            if members is None:
+                members = ps.event_buckets[bucket] = set()
+            members.add(event_id)
         variant: str = sys.intern(p["variant"])
         if variant in entry.preds:
             self.counts["prediction_duplicate"] += 1
             return
         pred = Pred(
-            model=sys.intern(p["model"]),
-            version=sys.intern(p["model_version"]),
-            served=p["served"],
-            source=sys.intern(p["source"]),
-            score=p["score"],
-            scores=p["scores"],
-            decision=sys.intern(p["decision"]),
-            scored_at=p["scored_at"],
+            sys.intern(p["model"]),
+            sys.intern(p["model_version"]),
+            p["served"],
+            sys.intern(p["source"]),
+            p["score"],
+            p["scores"],
+            sys.intern(p["decision"]),
+            p["scored_at"],
         )
         first = not entry.preds
         entry.preds[variant] = pred
