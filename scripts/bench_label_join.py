@@ -317,16 +317,30 @@ async def join_phase(
     }
 
 
-async def core_cost(
-    predictions: list[KeyValue], labels: list[KeyValue], registry: list[KeyValue]
-) -> dict[str, float]:
-    """CPU µs per input of JoinCore.process alone, batches of 512, fresh state, knowing the
-    model versions (segments, feature bins) as the service does."""
-    from aiokafka import ConsumerRecord
-
+def known_versions(registry: list[KeyValue]) -> Any:
+    """A VersionCatalog that knows the registry's versions (segments, feature bins), as the
+    service's is once it has read models.registry."""
     from services.common.model_version import ModelVersion
     from services.common.registry_view import RegistryState
-    from services.label_join.join import JoinCore, OutputTopics, VersionCatalog
+    from services.label_join.join import VersionCatalog
+
+    versions = VersionCatalog("credit")
+    state = RegistryState()
+    for _, value in registry:
+        if value:  # a tombstone (deleted version) reads back as b""
+            state.apply(ModelVersion.from_record(codec("ModelVersion").decode(value)))
+    versions.update(state)
+    return versions
+
+
+async def core_cost(
+    predictions: list[KeyValue], labels: list[KeyValue], registry: list[KeyValue], batch: int
+) -> dict[str, float]:
+    """CPU µs per input of JoinCore.process alone, in the join's batches, fresh state, knowing
+    the model versions (segments, feature bins) as the service does."""
+    from aiokafka import ConsumerRecord
+
+    from services.label_join.join import JoinCore, OutputTopics
 
     def records(topic: str, items: list[KeyValue]) -> list[Record]:
         return [
@@ -334,31 +348,27 @@ async def core_cost(
             for i, (k, v) in enumerate(items)
         ]
 
-    versions = VersionCatalog("credit")
-    state = RegistryState()
-    for _, value in registry:
-        state.apply(ModelVersion.from_record(codec("ModelVersion").decode(value)))
-    versions.update(state)
-    core = JoinCore(CONFIG, versions, OutputTopics("l", "t", "u"))
+    core = JoinCore(CONFIG, known_versions(registry), OutputTopics("l", "t", "u"))
     core.restore(0, [])
+    preds, labs = records("predictions", predictions), records("labels", labels)
     # the collector as in a join process: the benchmark's own heap (every event, prediction
     # and label of the run) out of its way, and the service's thresholds
     thresholds = gc.get_threshold()
     gc.collect()
     gc.freeze()
     gc.set_threshold(*LabelJoinService.gc_thresholds)
-    preds, labs = records("predictions", predictions), records("labels", labels)
-    started = time.process_time()
-    changelog = 0
-    for i in range(0, len(preds), 512):
-        changelog += len(core.process(preds[i : i + 512], []).changelog)
-    p_cost = (time.process_time() - started) / len(preds) * 1e6
-    started = time.process_time()
-    for i in range(0, len(labs), 512):
-        changelog += len(core.process([], labs[i : i + 512]).changelog)
-    l_cost = (time.process_time() - started) / len(labs) * 1e6
-    gc.set_threshold(*thresholds)
-    gc.unfreeze()
+    try:
+        started = time.process_time()
+        for i in range(0, len(preds), batch):
+            core.process(preds[i : i + batch], [])
+        p_cost = (time.process_time() - started) / max(1, len(preds)) * 1e6
+        started = time.process_time()
+        for i in range(0, len(labs), batch):
+            core.process([], labs[i : i + batch])
+        l_cost = (time.process_time() - started) / max(1, len(labs)) * 1e6
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
     return {"prediction_us": round(p_cost, 2), "label_us": round(l_cost, 2)}
 
 
@@ -626,6 +636,7 @@ async def timed_processes(
 async def latency_phase(
     settings: Settings,
     predictions: list[KeyValue],
+    registry: list[KeyValue],
     truth: dict[str, tuple[str, int]],
     rate: float,
     seconds: float,
@@ -633,6 +644,7 @@ async def latency_phase(
     timeout_s: float,
 ) -> dict[str, Any]:
     await create_topics(settings)
+    await produce(settings, "models.registry", registry)  # segments and bins, as deployed
     await produce(settings, "predictions", predictions)
     service = LabelJoinService(settings, CONFIG, publish_interval_s=publish_interval_s)
     probe = Probe(service.loop)
@@ -703,9 +715,10 @@ async def latency_phase(
     }
 
 
-async def state_phase(settings: Settings) -> dict[str, Any]:
-    """Bytes per entry on the changelog and in memory, and the restore rate."""
-    from services.label_join.join import JoinCore, OutputTopics, VersionCatalog
+async def state_phase(settings: Settings, registry: list[KeyValue]) -> dict[str, Any]:
+    """Bytes per entry on the changelog and in memory, and the restore rate (feature bins
+    made again for the versions that have them, as a restoring service does)."""
+    from services.label_join.join import JoinCore, OutputTopics
 
     records = await read_all(settings, CHANGELOG)
     latest: dict[bytes | None, bytes] = {}
@@ -713,7 +726,7 @@ async def state_phase(settings: Settings) -> dict[str, Any]:
         latest[key] = value
     entries = [(k, v) for k, v in latest.items() if k is not None and not k.startswith(b"\x00")]
     changelog_bytes = sum(len(k) + len(v) for k, v in entries) / max(1, len(entries))
-    core = JoinCore(CONFIG, VersionCatalog("credit"), OutputTopics("l", "t", "u"))
+    core = JoinCore(CONFIG, known_versions(registry), OutputTopics("l", "t", "u"))
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     started = time.perf_counter()
@@ -813,7 +826,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     scorer = await scorer_phase(base, events, args.timeout)
     say(f"  scorer {scorer['events_per_s']:.0f} events/s")
     predictions = await read_all(base, "predictions")
-    registry = await read_all(base, "models.registry")
+    registry = [(k, v) for k, v in await read_all(base, "models.registry") if v]  # no tombstones
     say("scorer, own process (timed like the join processes) ...")
     scorer_proc = await scorer_process_phase(
         phase_settings(settings, run_id, "scorer"), events, args.timeout
@@ -827,8 +840,10 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         f"  {one['input_events_per_s']:.0f} inputs/s, "
         f"{one['prediction_events_per_s']:.0f} predictions/s"
     )
-    cost = await core_cost(predictions[: min(len(predictions), 20_000)], labels[:20_000], registry)
-    state = await state_phase(base)
+    cost = await core_cost(
+        predictions[:20_000], labels[:20_000], registry, settings.label_join_batch_max_records
+    )
+    state = await state_phase(base, registry)
 
     say("option (c): Redis as the join state, Redis side alone ...")
     redis_state = await redis_state_phase(base, predictions, labels)
@@ -874,6 +889,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     latency = await latency_phase(
         phase_settings(settings, run_id, "latency"),
         predictions,
+        registry,
         {e: truth[e] for e in truth},
         args.rate,
         args.latency_seconds,
@@ -944,6 +960,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "tumbling_ms": CONFIG.tumbling_ms,
             "sliding_ms": CONFIG.sliding_ms,
             "batch_max_records": settings.batch_max_records,
+            "label_join_batch_max_records": settings.label_join_batch_max_records,
             "kafka_fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
             "kafka_linger_ms": settings.kafka_linger_ms,
             "run_id": run_id,

@@ -259,8 +259,10 @@ class LabelJoinService:
     name = "label-join"
     # Its heap grows with the join state (several container objects per pending event), and
     # CPython's default (700, 10, 10) collects the young generation every ~25 predictions and
-    # the whole heap often: 4-5 us of a prediction's ~40 us of join logic. Young collections
-    # of 50k objects take a few ms; the state has no reference cycles (refcounts free it).
+    # the whole heap often: 4-5 us of a prediction's ~40 us of join logic. Here a young
+    # collection scans up to 50k objects (a few ms) and a middle one up to 1M (tens of ms,
+    # every ~20 young ones): pauses a batch loop whose labels are minutes old can afford. The
+    # state has no reference cycles (refcounts free it); cyclic garbage just waits longer.
     gc_thresholds = (50_000, 20, 100)
 
     def __init__(
