@@ -649,7 +649,9 @@ async def latency_phase(
     service = LabelJoinService(settings, CONFIG, publish_interval_s=publish_interval_s)
     probe = Probe(service.loop)
     label_codec = codec("Label")
-    ids = list(truth)[: int(rate * seconds)]
+    # the newest events: with more than a day of events (1 s apart) the oldest would fall
+    # outside the sliding window and never show in its record
+    ids = list(truth)[-int(rate * seconds) :]
     stats_codec = codec("MonitoringStats")
     consumer = make_consumer(settings, group_id=None, max_poll_records=5000)
     producer = make_producer(settings)
