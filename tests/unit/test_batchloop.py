@@ -208,3 +208,49 @@ async def test_a_record_too_large_for_any_batch_is_handed_back_and_the_rest_sent
     assert len(futures) == 2
     with pytest.raises(ValueError, match="larger than the producer's batch size"):
         await enqueue_records(producer, [("out", 0, None, b"x" * 101)])  # type: ignore[arg-type]
+
+
+async def test_max_records_bounds_both_the_consumer_and_each_fetch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loop's own batch size (the label join's 2048) reaches the consumer's
+    max_poll_records and every getmany; without one, the batch_max_records setting does."""
+    made: list[dict[str, Any]] = []
+    fetched: list[int] = []
+    stop = asyncio.Event()
+
+    class Fetching:
+        _client = None
+
+        def subscribe(self, topics: list[str], listener: Any) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+            fetched.append(max_records)
+            stop.set()
+            return {}
+
+    def make_consumer(settings: Settings, **options: Any) -> Fetching:
+        made.append(options)
+        return Fetching()
+
+    class Watch:
+        def __init__(self, *_: Any) -> None:
+            pass
+
+        async def run(self) -> None:
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr("services.common.batchloop.make_consumer", make_consumer)
+    monkeypatch.setattr("services.common.batchloop.BrokerWatch", Watch)
+    settings = Settings(batch_max_records=64)
+    for max_records, expected in ((None, 64), (2048, 2048)):
+        stop.clear()
+        loop = BatchLoop(settings, "t", "g", ["in"], Producer(), echo, max_records=max_records)  # type: ignore[arg-type]
+        await loop.start()
+        await loop.run(stop)
+        assert made[-1]["max_poll_records"] == expected
+        assert fetched[-1] == expected
