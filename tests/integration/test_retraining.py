@@ -105,9 +105,14 @@ async def test_a_trainer_killed_mid_run_leaves_no_half_registered_version(
                 settings, request["request_id"], timeout_s=60, terminal=False
             )
             assert started["status"] == "started"
-            await asyncio.sleep(1.5)  # reading examples / training
+            # Kill at once: a whole run (read 6000 examples, train, export, upload, register)
+            # takes only ~1.5 s on a fast machine, so a fixed wait here could outlast it.
+            # Seeing "started" already took a consumer's start-up and a poll.
             trainer.kill()
-            assert (await versions(settings)) == {"1.0.0": "champion"}
+            assert (await versions(settings)) == {"1.0.0": "champion"}, (
+                "the run finished before the kill: no mid-run crash was drilled"
+                + trainer.log()[-1000:]
+            )
             trainer.start()
             result = await wait_for_result(settings, request["request_id"], timeout_s=180)
         finally:
