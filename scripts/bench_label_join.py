@@ -326,9 +326,8 @@ def known_versions(registry: list[KeyValue]) -> Any:
 
     versions = VersionCatalog("credit")
     state = RegistryState()
-    for _, value in registry:
-        if value:  # a tombstone (deleted version) reads back as b""
-            state.apply(ModelVersion.from_record(codec("ModelVersion").decode(value)))
+    for _, value in registry:  # run_all dropped the tombstones
+        state.apply(ModelVersion.from_record(codec("ModelVersion").decode(value)))
     versions.update(state)
     return versions
 

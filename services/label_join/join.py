@@ -595,12 +595,10 @@ class JoinCore:
             self.counts["prediction_too_late"] += 1
             return
         cfg = self.config
-        if watermark is not None:
-            # _closed_before, inline: bucket(t) < closed  <=>  t < closed (a bucket start)
-            horizon = watermark - cfg.window_ms - cfg.grace_ms
-            if t < horizon - horizon % cfg.tumbling_ms:
-                self.counts["prediction_too_late"] += 1
-                return
+        closed = self._closed_before(ps)
+        if closed is not None and t < closed:  # bucket(t) < closed, as closed is a bucket start
+            self.counts["prediction_too_late"] += 1
+            return
         if entry is None:
             entry = ps.entries[event_id] = Entry(event_id)
         if entry.event_time is None:
@@ -611,7 +609,7 @@ class JoinCore:
             entry.event_time = t
             entry.head, entry.time_end, entry.attrs_at = head, time_end, attrs_at
             entry.attributes = self._shared(head[attrs_at:], p["attributes"])
-            bucket = t - t % cfg.tumbling_ms
+            bucket = cfg.bucket(t)
             members = ps.event_buckets.get(bucket)
             if members is None:
                 members = ps.event_buckets[bucket] = set()
@@ -806,7 +804,7 @@ class JoinCore:
         changed. Looked up per row, not kept on the Pred: a list per prediction cost 10 % of
         the state's memory (184 of 2,039 bytes an entry)."""
         assert entry.event_time is not None
-        window = entry.event_time - entry.event_time % self.config.tumbling_ms
+        window = self.config.bucket(entry.event_time)
         attributes = entry.attributes
         values = tuple([attributes.get(attr, MISSING) for attr in info.segments])
         kind = (pred.model, pred.version, variant, window, values)
