@@ -319,7 +319,11 @@ def _r_string(src: _Source, ind: int, target: str, *, text: bool = True) -> None
     src.emit(ind, f"{end} = pos + {n}")
     src.emit(ind, f"if {end} > size:")
     src.emit(ind + 1, "raise IndexError('body ends inside a string')")
-    src.emit(ind, f"{target} = data[pos:{end}]{'.decode()' if text else ''}")
+    if text:
+        value = f"data[pos:{end}].decode()"
+        src.emit(ind, f"{target} = {value}" if target else value)  # no target: checked, dropped
+    elif target:
+        src.emit(ind, f"{target} = data[pos:{end}]")
     src.emit(ind, f"pos = {end}")
 
 
@@ -357,16 +361,59 @@ def _r_block_count(src: _Source, ind: int, count: str) -> None:
     _r_long(src, ind + 1, src.var("skip"))
 
 
+def _s_value(src: _Source, ind: int, schema: Any) -> None:
+    """Read past a value without building it, checking it as ``_r_value`` would (lengths,
+    branches, booleans, UTF-8), so a body that one rejects the other rejects too."""
+    kind = _kind(schema)
+    if kind == "record":
+        for field in schema["fields"]:
+            _s_value(src, ind, field["type"])
+    elif kind in ("map", "array"):
+        count = src.var("cnt")
+        _r_block_count(src, ind, count)
+        src.emit(ind, f"while {count}:")
+        src.emit(ind + 1, f"for _ in range({count}):")
+        if kind == "map":
+            _r_string(src, ind + 2, "")
+        _s_value(src, ind + 2, schema["values" if kind == "map" else "items"])
+        _r_block_count(src, ind + 1, count)
+    elif kind == "union":
+        names = [_kind(b) for b in schema]
+        if any(n not in _PRIMITIVES for n in names):
+            raise UnsupportedSchema(f"union of {names}")
+        index = src.var("x")
+        _r_long(src, ind, index)
+        src.emit(ind, f"if not 0 <= {index} < {len(names)}:")
+        src.emit(ind + 1, f"raise ValueError('union branch ' + str({index}) + ' of {len(names)}')")
+        for position, i in enumerate([i for i, n in enumerate(names) if n != "null"]):
+            src.emit(ind, f"{'if' if position == 0 else 'elif'} {index} == {i}:")
+            _s_value(src, ind + 1, names[i])
+    elif kind in ("double", "float"):
+        src.emit(ind, f"pos += {8 if kind == 'double' else 4}")
+    elif kind == "bytes":
+        _r_string(src, ind, "", text=False)
+    elif kind != "null":  # strings are decoded (and dropped) to check them; the rest is read
+        _r_value(src, ind, schema, "" if kind == "string" else src.var("skip"))
+
+
 def _r_value(
-    src: _Source, ind: int, schema: Any, target: str, marks: dict[str, str] | None = None
+    src: _Source,
+    ind: int,
+    schema: Any,
+    target: str,
+    marks: dict[str, str] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> None:
     kind = _kind(schema)
     if kind == "record":
         values = []
         for field in schema["fields"]:
-            fv = src.var("f")
-            _r_value(src, ind, field["type"], fv)
-            values.append(f"{field['name']!r}: {fv}")
+            if field["name"] in skip:
+                _s_value(src, ind, field["type"])
+            else:
+                fv = src.var("f")
+                _r_value(src, ind, field["type"], fv)
+                values.append(f"{field['name']!r}: {fv}")
             if marks is not None and field["name"] in marks:
                 src.emit(ind, f"{marks[field['name']]} = pos")
         src.emit(ind, f"{target} = {{{', '.join(values)}}}")
@@ -417,32 +464,37 @@ def compile_decoder(schema: Any) -> Callable[[bytes, int], dict[str, Any]]:
 
 
 def compile_marking_decoder(
-    schema: Any, after: tuple[str, ...]
+    schema: Any, after: tuple[str, ...], skip: tuple[str, ...] = ()
 ) -> Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]]:
     """``(data, offset) -> (record, positions)``: as ``compile_decoder``, plus the offset in
     ``data`` just after each named top-level field, in the order of ``after``. Lets a reader
     reuse a run of fields as bytes (the label join copies an event's fields into its outputs).
+    Top-level fields named in ``skip`` are read past and checked but left out of the record:
+    a reader that keeps them only as bytes does not pay for building them.
     """
     decode: Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]] = _compile_reader(
-        schema, after
+        schema, after, skip
     )
     return decode
 
 
-def _compile_reader(schema: Any, after: tuple[str, ...] | None) -> Any:
+def _compile_reader(schema: Any, after: tuple[str, ...] | None, skip: tuple[str, ...] = ()) -> Any:
     if _kind(schema) != "record":
         raise UnsupportedSchema("only records are compiled")
+    names = [field["name"] for field in schema["fields"]]
     marks: dict[str, str] | None = None
     if after is not None:
-        names = [field["name"] for field in schema["fields"]]
         missing = [name for name in after if name not in names]
         if missing:
             raise UnsupportedSchema(f"no top-level field {missing[0]!r} to mark")
         marks = {name: f"_at{i}" for i, name in enumerate(after)}
+    unknown = [name for name in skip if name not in names]
+    if unknown:
+        raise UnsupportedSchema(f"no top-level field {unknown[0]!r} to skip")
     src = _Source()
     src.emit(0, "def decode(data, pos):")
     src.emit(1, "size = len(data)")
-    _r_value(src, 1, schema, "record", marks)
+    _r_value(src, 1, schema, "record", marks, frozenset(skip))
     src.emit(1, "if pos > size:")
     src.emit(2, "raise IndexError('body ends early')")
     if marks is None:

@@ -120,7 +120,7 @@ class AvroCodec:
         except UnsupportedSchema:
             self._fast_decode = None
         self._marking: dict[
-            tuple[str, ...],
+            tuple[tuple[str, ...], tuple[str, ...]],
             Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]] | None,
         ] = {}
 
@@ -147,20 +147,22 @@ class AvroCodec:
         return self._resolve(writer, data)
 
     def decode_marking(
-        self, data: bytes, after: tuple[str, ...]
+        self, data: bytes, after: tuple[str, ...], skip: tuple[str, ...] = ()
     ) -> tuple[dict[str, Any], tuple[int, ...] | None]:
         """``decode``, plus the offset in ``data`` just after each named top-level field, when
         the data was written with the current schema (None for an older writer, whose fields
-        lie elsewhere). The compiled reader of each ``after`` is made once."""
+        lie elsewhere). Fields in ``skip`` are checked but left out of the record when the
+        marks are given (an older writer's record has them all). The compiled reader of each
+        (after, skip) is made once."""
         writer = self._writer(data)
         if writer is self.current.parsed:
-            marking = self._marking.get(after)
-            if marking is None:
+            marking = self._marking.get((after, skip))
+            if marking is None and (after, skip) not in self._marking:
                 try:
-                    marking = compile_marking_decoder(self.current.raw, after)
+                    marking = compile_marking_decoder(self.current.raw, after, skip)
                 except UnsupportedSchema:
                     marking = None
-                self._marking[after] = marking
+                self._marking[(after, skip)] = marking
             if marking is not None:
                 return self._compiled(marking, data)
         return self._resolve(writer, data), None

@@ -565,12 +565,12 @@ class JoinCore:
         cfg = self.config
         return cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms)
 
-    def _shared(self, raw: bytes, decoded: dict[str, str] | None = None) -> dict[str, str]:
+    def _shared(self, raw: bytes) -> dict[str, str]:
         """One dict per distinct attributes map (they repeat: segments are categories), from
-        its bytes; ``decoded`` when the caller has it already, else decoded here if new."""
+        its bytes, decoded only when new."""
         held = self._attributes.get(raw)
         if held is None:
-            held = decoded if decoded is not None else self.rows.decode_attributes(raw)
+            held = self.rows.decode_attributes(raw)
             if len(self._attributes) < 4096:
                 self._attributes[raw] = held
         return held
@@ -608,7 +608,7 @@ class JoinCore:
                     pending.discard(event_id)
             entry.event_time = t
             entry.head, entry.time_end, entry.attrs_at = head, time_end, attrs_at
-            entry.attributes = self._shared(head[attrs_at:], p["attributes"])
+            entry.attributes = self._shared(head[attrs_at:])
             bucket = cfg.bucket(t)
             members = ps.event_buckets.get(bucket)
             if members is None:

@@ -45,6 +45,9 @@ LABELED_MIDDLE = (
 EXAMPLE_TAIL = (("label", "string"), ("label_time", "long"))
 _CACHE_MAX = 4096  # distinct strings / prediction prefixes remembered
 _DOUBLE = struct.Struct("<d").pack
+# Fields of a Prediction the join keeps only as the head's bytes (the attributes are decoded
+# once per distinct map) or does not use: read past, not built.
+SKIPPED = ("entity_id", "attributes", "latency_ms")
 
 
 def _layout(fields: list[dict[str, Any]]) -> list[tuple[str, Any]]:
@@ -84,9 +87,10 @@ class EventRows:
 
     def read_prediction(self, data: bytes) -> tuple[dict[str, Any], bytes, int, int]:
         """The decoded Prediction, its head's bytes, and where in the head event_time ends
-        and attributes begin. Raises CodecError as ``codec.decode`` does."""
+        and attributes begin. The record may lack the ``SKIPPED`` fields (checked, but kept
+        only in the head's bytes). Raises CodecError as ``codec.decode`` does."""
         record, marks = self._prediction.decode_marking(
-            data, ("event_time", "features", "attributes")
+            data, ("event_time", "features", "attributes"), SKIPPED
         )
         if marks is None:  # an older writer: the head is written again in today's layout
             return (record, *self.head_of(record))

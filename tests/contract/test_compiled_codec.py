@@ -176,3 +176,73 @@ def test_long_varints_and_block_sizes_are_read() -> None:
     data = fastavro_bytes("Event", {**event, "features": {}})[:10] + body
     expected = {**event, "event_id": "e", "event_time": 7, "features": {"a": 1.5}}
     assert codec("Event").decode(data) == fastavro_record("Event", data) == expected
+
+
+EVENT_FIELDS = (
+    "event_id",
+    "entity_id",
+    "event_time",
+    "features",
+    "attributes",
+    "rule_set",
+    "flags",
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(EVENTS, st.sets(st.sampled_from(EVENT_FIELDS)), st.data())
+def test_skipped_fields_are_checked_but_not_built(
+    event: dict[str, Any], skipped: set[str], data: st.DataObject
+) -> None:
+    """A marking reader that skips fields gives the other fields and the same marks as one
+    that builds them all, and fails on exactly the bodies that one fails on."""
+    skip = tuple(sorted(skipped))
+    after = ("event_time", "features", "attributes")
+    good = codec("Event").encode(event)
+    record, marks = codec("Event").decode_marking(good, after, skip)
+    full, full_marks = codec("Event").decode_marking(good, after)
+    assert marks == full_marks
+    assert record == {k: v for k, v in full.items() if k not in skipped}
+    broken = bytearray(good)
+    for _ in range(data.draw(st.integers(1, 4))):
+        broken[data.draw(st.integers(10, len(broken) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(10, len(good)))
+    for body in (bytes(broken), good[:cut]):
+        try:
+            expected = codec("Event").decode_marking(body, after)
+        except CodecError:
+            with pytest.raises(CodecError):
+                codec("Event").decode_marking(body, after, skip)
+            continue
+        got, got_marks = codec("Event").decode_marking(body, after, skip)
+        assert got_marks == expected[1]
+        assert repr(got) == repr({k: v for k, v in expected[0].items() if k not in skipped})
+
+
+def test_a_skipped_sized_block_and_a_bad_branch_in_it() -> None:
+    """A map written as a sized block is walked like any other; a bad union branch inside a
+    skipped map is the same typed error as when it is read."""
+
+    def string(text: str) -> bytes:
+        return zigzag(len(text.encode())) + text.encode()
+
+    header = codec("Event").encode(SAMPLES["Event"])[:10]
+    entry = string("a") + zigzag(3) + struct.pack("<d", 1.5)
+    tail = zigzag(0) + zigzag(0) + zigzag(0)  # attributes, rule_set = null, flags
+    sized = string("e") + string("x") + zigzag(7) + zigzag(-1) + zigzag(len(entry)) + entry
+    record, marks = codec("Event").decode_marking(
+        header + sized + zigzag(0) + tail, ("features",), ("features",)
+    )
+    assert "features" not in record and record["event_time"] == 7
+    assert marks == (10 + len(sized) + 1,)
+    bad = string("e") + string("x") + zigzag(7) + zigzag(1) + string("a") + zigzag(9)
+    for skip in ((), ("features",)):
+        with pytest.raises(CodecError, match="union branch"):
+            codec("Event").decode_marking(header + bad + zigzag(0) + tail, ("features",), skip)
+
+
+def test_skipping_a_field_the_schema_lacks_is_refused() -> None:
+    from services.common.avro_compiled import UnsupportedSchema, compile_marking_decoder
+
+    with pytest.raises(UnsupportedSchema, match="no top-level field 'nope' to skip"):
+        compile_marking_decoder(codec("Event").current.raw, ("features",), ("nope",))
