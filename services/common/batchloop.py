@@ -41,6 +41,7 @@ class Out:
     topic: str
     key: bytes | None
     value: bytes
+    partition: int | None = None  # None: murmur2 of the key (round-robin without one)
 
 
 ProcessFn = Callable[[list[Record]], Awaitable[list[Out]]]
@@ -193,7 +194,9 @@ class BatchLoop:
         if not outs:
             return asyncio.gather()  # done already
         futures, _ = await enqueue_records(
-            self.producer, [(o.topic, None, o.key, o.value) for o in outs], close_batches=True
+            self.producer,
+            [(o.topic, o.partition, o.key, o.value) for o in outs],
+            close_batches=True,
         )
         per_topic: dict[str, int] = {}
         for o in outs:

@@ -458,6 +458,17 @@ class JoinCore:
         self._label_codec = codec("Label")
         self._unmatched_codec = codec("UnmatchedLabel")
         self._attributes: dict[bytes, dict[str, str]] = {}  # by their bytes: shared, read-only
+        self._local_labeled = self._local_examples = self._local_unmatched = False
+
+    def keep_partitions(self, topics: Iterable[str]) -> None:
+        """Outputs to these topics go to the partition number of the state they come from,
+        not to murmur2 of their key: the same partition, since the inputs are partitioned by
+        murmur2 of the event_id (co-partitioned), when an output topic has as many partitions
+        as the inputs. The service names the topics for which that holds."""
+        keep = set(topics)
+        self._local_labeled = self.topics.labeled in keep
+        self._local_examples = self.topics.examples in keep
+        self._local_unmatched = self.topics.unmatched in keep
 
     # --- partitions -----------------------------------------------------------------------
 
@@ -640,10 +651,10 @@ class JoinCore:
         if entry.label is not None:
             self._account(ps, entry, pred, variant, info, +1)
             out_key = self._head(entry)
-            outputs.append(self._labeled(entry, pred, variant, out_key))
+            outputs.append(self._labeled(ps, entry, pred, variant, out_key))
             self.counts["joined"] += 1
             if first:
-                outputs.append(self._example(entry, out_key))
+                outputs.append(self._example(ps, entry, out_key))
 
     def _on_label(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
         value = record.value or b""
@@ -722,9 +733,9 @@ class JoinCore:
         for variant, pred in entry.preds.items():
             info = self.catalog.info(pred.model, pred.version, pred.scores)
             self._account(ps, entry, pred, variant, info, +1)
-            outputs.append(self._labeled(entry, pred, variant, out_key))
+            outputs.append(self._labeled(ps, entry, pred, variant, out_key))
             self.counts["joined"] += 1
-        outputs.append(self._example(entry, out_key))
+        outputs.append(self._example(ps, entry, out_key))
 
     # --- expiry ---------------------------------------------------------------------------
 
@@ -792,6 +803,7 @@ class JoinCore:
                         "unknown_event",
                         "no prediction for this event arrived within the join window "
                         f"({(cfg.window_ms + cfg.grace_ms) // SECOND_MS}s of event time)",
+                        ps.partition,
                     )
                 )
 
@@ -856,7 +868,9 @@ class JoinCore:
         """The outputs' key (the event_id), encoded once per event."""
         return entry.event_id.encode()
 
-    def _labeled(self, entry: Entry, pred: Pred, variant: str, key: bytes) -> Out:
+    def _labeled(
+        self, ps: PartitionState, entry: Entry, pred: Pred, variant: str, key: bytes
+    ) -> Out:
         assert entry.label is not None and entry.event_time is not None
         value = self.rows.labeled(
             entry.head,
@@ -867,18 +881,24 @@ class JoinCore:
             entry.label_time or 0,
             entry.event_time,
         )
-        return Out(self.topics.labeled, key, value)
+        return Out(self.topics.labeled, key, value, ps.partition if self._local_labeled else None)
 
-    def _example(self, entry: Entry, key: bytes) -> Out:
+    def _example(self, ps: PartitionState, entry: Entry, key: bytes) -> Out:
         """Once per event (again only when a corrected label replaces the held one)."""
         assert entry.label is not None
         self.counts["training_example"] += 1
         value = self.rows.example(entry.head, entry.label, entry.label_time or 0)
-        return Out(self.topics.examples, key, value)
+        return Out(self.topics.examples, key, value, ps.partition if self._local_examples else None)
 
     def _unmatched(
-        self, record: Record | None, label: dict[str, Any] | None, reason: str, detail: str
+        self,
+        record: Record | None,
+        label: dict[str, Any] | None,
+        reason: str,
+        detail: str,
+        partition: int | None = None,
     ) -> Out:
+        """``partition``: the state's, for a label that timed out (no ``record``)."""
         label = label or {}
         event_id = label.get("event_id")
         if record is not None:
@@ -905,7 +925,14 @@ class JoinCore:
             if isinstance(event_id, str)
             else (record.key if record is not None else None)
         )
-        return Out(self.topics.unmatched, key, self._unmatched_codec.encode(out))
+        if record is not None:
+            partition = record.partition
+        return Out(
+            self.topics.unmatched,
+            key,
+            self._unmatched_codec.encode(out),
+            partition if self._local_unmatched else None,
+        )
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n

@@ -356,6 +356,14 @@ class LabelJoinService:
                 f"predictions, labels and {CHANGELOG} must have the same partition count "
                 f"(co-partitioned by event_id), found {counts}"
             )
+        # An output keyed by event_id goes where murmur2 would put it anyway when its topic
+        # has the inputs' partition count: the state's partition, without hashing the key.
+        outputs = [self.settings.topic(name) for name in (LABELED, EXAMPLES, UNMATCHED)]
+        self.core.keep_partitions(
+            topic
+            for topic in outputs
+            if len(consumer.partitions_for_topic(topic) or ()) == counts[PREDICTIONS]
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.loop.start(stop)
@@ -450,7 +458,7 @@ class LabelJoinService:
             result = self.core.process(predictions, labels)
             acks, _ = await enqueue_records(
                 self.producer,
-                ((o.topic, None, o.key, o.value) for o in result.outputs),
+                ((o.topic, o.partition, o.key, o.value) for o in result.outputs),
                 close_batches=True,
             )
             per_topic: dict[str, int] = {}

@@ -571,3 +571,41 @@ def test_bins_of_is_key_of_for_every_kind_of_value() -> None:
                 expected = tuple(b.key_of({"n": n, "c": c}.get(b.feature)) for b in info.binners)
                 assert info.bins_of({"n": n, "c": c}) == expected, (n, c)
     assert info.bins_of({}) == ("n:null", "c:null")
+
+
+def test_outputs_kept_on_the_states_partition_are_where_murmur2_puts_them() -> None:
+    """With keep_partitions, an output goes to the partition of the state it comes from:
+    for inputs partitioned by murmur2 of the event_id, the partition murmur2 of the output's
+    key picks. Topics not named keep their murmur2 placement (None)."""
+    from services.common.partitioner import partitions_for_keys
+
+    core = make_core()
+    core.keep_partitions([TOPICS.labeled, TOPICS.examples])
+    s = scenario(n=120)
+    ids = sorted({p["event_id"] for p in s.predictions})
+    home = dict(zip(ids, partitions_for_keys([i.encode() for i in ids], 6), strict=True))
+    for p in range(6):
+        if p not in core.partitions:
+            core.restore(p, [])
+    offset = 0
+
+    def records(topic: str, items: list[dict[str, Any]], encode: Any) -> list[Any]:
+        nonlocal offset
+        out = []
+        for item in items:
+            offset += 1
+            key = item["event_id"]
+            out.append(record(topic, key, encode(item), partition=home.get(key, 0), offset=offset))
+        return out
+
+    result = core.process(
+        records("predictions", s.predictions, encode_prediction),
+        records("labels", [*s.labels, label(ids[0], "no-such-class", T0)], encode_label),
+    )
+    kept = [o for o in result.outputs if o.topic != TOPICS.unmatched]
+    assert len(kept) > 100
+    for o in kept:
+        assert o.key is not None
+        assert o.partition == partitions_for_keys([o.key], 6)[0] == home[o.key.decode()]
+    unmatched = [o for o in result.outputs if o.topic == TOPICS.unmatched]
+    assert unmatched and all(o.partition is None for o in unmatched)
