@@ -39,7 +39,7 @@ from typing import Any, TypeAlias
 import orjson
 
 from services.common.batchloop import Out, Record
-from services.common.codec import CodecError, codec
+from services.common.codec import MAGIC, CodecError, codec
 from services.common.registry_view import RegistryState
 from services.label_join import telemetry
 from services.label_join.performance import (
@@ -303,6 +303,20 @@ class Pred:
     def from_list(cls, raw: list[Any]) -> Pred:
         return cls(raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7])
 
+    @classmethod
+    def from_record(cls, p: dict[str, Any]) -> Pred:
+        """From a decoded Prediction (the strings that repeat interned)."""
+        return cls(
+            sys.intern(p["model"]),
+            sys.intern(p["model_version"]),
+            p["served"],
+            sys.intern(p["source"]),
+            p["score"],
+            p["scores"],
+            sys.intern(p["decision"]),
+            p["scored_at"],
+        )
+
 
 @dataclass(slots=True)
 class Entry:
@@ -328,7 +342,9 @@ class Entry:
     def encode(self) -> bytes:
         """The changelog value. Version 2: a JSON line (time, label, predictions, the head's
         offsets), then the head's bytes. Version 1 (JSON with the decoded features) is still
-        read; markers are unchanged."""
+        read; markers are unchanged. An event whose one prediction is all that is known of
+        it is written by the join as that Prediction's own bytes instead (``decode`` reads
+        both): nothing to encode."""
         if self.expired:
             return orjson.dumps({"v": 1, "t": self.event_time, "x": 1})
         meta = orjson.dumps(
@@ -344,6 +360,18 @@ class Entry:
 
     @classmethod
     def decode(cls, event_id: str, data: bytes, rows: EventRows) -> Entry:
+        if data[:2] == MAGIC:  # a Prediction's bytes: the event's one prediction, no label
+            p, head, time_end, attrs_at = rows.read_prediction(data)
+            if p["event_id"] != event_id:
+                raise ValueError(f"a prediction for {p['event_id']!r} kept as {event_id!r}")
+            return cls(
+                event_id,
+                event_time=p["event_time"],
+                head=head,
+                time_end=time_end,
+                attrs_at=attrs_at,
+                preds={p["variant"]: Pred.from_record(p)},
+            )
         meta, newline, head = data.partition(b"\n")  # compact JSON has no raw newline
         raw = orjson.loads(meta)
         version = raw.get("v")
@@ -387,6 +415,9 @@ class PartitionState:
     dirty_stats: set[GroupKey] = field(default_factory=set)
     closed: dict[GroupKey, GroupStats] = field(default_factory=dict)  # final, to publish
     dirty_keys: set[str] = field(default_factory=set)
+    # this batch's first predictions of events with no label, as they arrived: an event still
+    # just that at the batch's end is written to the changelog as these bytes
+    fresh: dict[str, bytes] = field(default_factory=dict)
     # Final statistics of closed windows, in the changelog too: written before the first
     # marker of their window, so a crash half-way through closing a window cannot turn the
     # rest of it into a partial "final" after the restart.
@@ -561,12 +592,23 @@ class JoinCore:
                 changelog.append((partition, window_key(group), None))
             ps.dirty_windows.clear()
             ps.dead_windows.clear()
+            fresh = ps.fresh
             for event_id in ps.dirty_keys:
                 entry = ps.entries.get(event_id)
-                changelog.append(
-                    (partition, event_id.encode(), entry.encode() if entry is not None else None)
-                )
+                if entry is None:
+                    value = None
+                elif (
+                    event_id in fresh
+                    and entry.label is None
+                    and not entry.expired
+                    and len(entry.preds) == 1
+                ):  # its one prediction is the whole event: kept as it arrived
+                    value = fresh[event_id]
+                else:
+                    value = entry.encode()
+                changelog.append((partition, event_id.encode(), value))
             ps.dirty_keys.clear()
+            fresh.clear()
         return BatchResult(outputs, changelog)
 
     def _closed_before(self, ps: PartitionState) -> int | None:
@@ -629,17 +671,10 @@ class JoinCore:
         if variant in entry.preds:
             self.counts["prediction_duplicate"] += 1
             return
-        pred = Pred(
-            sys.intern(p["model"]),
-            sys.intern(p["model_version"]),
-            p["served"],
-            sys.intern(p["source"]),
-            p["score"],
-            p["scores"],
-            sys.intern(p["decision"]),
-            p["scored_at"],
-        )
+        pred = Pred.from_record(p)
         first = not entry.preds
+        if first and entry.label is None:
+            ps.fresh[event_id] = record.value or b""
         entry.preds[variant] = pred
         ps.dirty_keys.add(event_id)
         info = self.catalog.info(pred.model, pred.version, pred.scores)
@@ -973,7 +1008,10 @@ def _rows() -> EventRows:
 
 def state_record(data: bytes) -> dict[str, Any]:
     """A changelog value as one readable record (``scoremesh tail label-join.changelog``):
-    its JSON line, with a version-2 entry's head decoded into ``head``."""
+    its JSON line, with a version-2 entry's head decoded into ``head``; an event kept as its
+    one Prediction as ``{"prediction": ...}``."""
+    if data[:2] == MAGIC:  # an event's one prediction, as it arrived (Entry.decode)
+        return {"prediction": codec("Prediction").decode(data)}
     meta, newline, head = data.partition(b"\n")
     try:
         value = orjson.loads(meta)

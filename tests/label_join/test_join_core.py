@@ -25,6 +25,7 @@ from services.label_join.join import (
     DAY_MS,
     HOUR_MS,
     Binner,
+    Entry,
     JoinConfig,
     JoinCore,
     OutputTopics,
@@ -351,6 +352,8 @@ def test_restore_from_the_changelog_rebuilds_identical_statistics() -> None:
 def as_version_1(key: bytes, value: bytes | None) -> tuple[bytes, bytes | None]:
     """A changelog record as the join wrote it before heads were kept as bytes (JSON with
     the decoded entity, features and attributes)."""
+    if value is not None and value[:2] == b"\xc3\x01":  # kept as its one Prediction
+        value = Entry.decode(key.decode(), value, EventRows()).encode()
     if value is None or b"\n" not in value:
         return key, value
     meta, _, head = value.partition(b"\n")
@@ -609,3 +612,31 @@ def test_outputs_kept_on_the_states_partition_are_where_murmur2_puts_them() -> N
         assert o.partition == partitions_for_keys([o.key], 6)[0] == home[o.key.decode()]
     unmatched = [o for o in result.outputs if o.topic == TOPICS.unmatched]
     assert unmatched and all(o.partition is None for o in unmatched)
+
+
+def test_an_event_known_by_one_prediction_is_kept_as_the_predictions_bytes() -> None:
+    """Nothing to encode for the commonest change: an event's first prediction, no label.
+    Restored, it is the same state as its version-2 record; anything more is version 2."""
+    feats = {"age": 30, "salary": 1.0, "zipcode": 1}
+    run = Run(make_core())
+    p = prediction("k1", T0, feats, 0.8)
+    data = encode_prediction(p)
+    assert run.feed(([p], [])) == [(b"k1", data)]
+    assert state_record(data)["prediction"]["event_id"] == "k1"
+    v2 = Entry.decode("k1", data, EventRows()).encode()
+    assert v2.startswith(b'{"v":2,')
+    runs = []
+    for value in (data, v2):
+        restored = Run(make_core())
+        restored.core.restore(0, [(b"k1", value)])
+        restored.feed(([], [label("k1", "1", T0 + 5)]))
+        runs.append(restored)
+    assert runs[0].outputs == runs[1].outputs and runs[0].changelog == runs[1].changelog
+    assert final_view(runs[0]) == final_view(runs[1])
+    written = dict(run.feed(([prediction("k2", T0, feats, 0.1)], [label("k2", "0", T0 + 1)])))
+    assert written[b"k2"] is not None and written[b"k2"].startswith(b'{"v":2,')  # + its label
+    shadow = prediction("k3", T0, feats, 0.2, "shadow", "1.1.0")
+    written = dict(run.feed(([prediction("k3", T0, feats, 0.3), shadow], [])))
+    assert written[b"k3"] is not None and written[b"k3"].startswith(b'{"v":2,')  # two variants
+    with pytest.raises(ValueError, match="kept as 'other'"):
+        make_core().restore(0, [(b"other", data)])
