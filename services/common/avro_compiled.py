@@ -92,7 +92,11 @@ def _bad_branch(value: Any, names: list[str]) -> TypeError:
     return TypeError(f"{type(value).__name__} fits no branch of {names}")
 
 
+# A one-byte varint's long, looked up: most lengths, counts and union branches are one byte.
+_ZIGZAG_BYTE = tuple((b >> 1) ^ -(b & 1) for b in range(128))
+
 _NAMESPACE: dict[str, Any] = {
+    "_ZZ": _ZIGZAG_BYTE,
     "_PD": _PACK_DOUBLE,
     "_PF": _PACK_FLOAT,
     "_UD": _UNPACK_DOUBLE,
@@ -305,7 +309,7 @@ def _r_long(src: _Source, ind: int, target: str) -> None:
     src.emit(ind, f"{b} = data[pos]")
     src.emit(ind, "pos += 1")
     src.emit(ind, f"if {b} < 128:")
-    src.emit(ind + 1, f"{target} = ({b} >> 1) ^ -({b} & 1)")
+    src.emit(ind + 1, f"{target} = _ZZ[{b}]")
     src.emit(ind, "else:")
     src.emit(ind + 1, f"{target}, pos = _rl(data, pos - 1)")
 
