@@ -29,7 +29,7 @@ One run, on one broker, in phases (each phase its own topic prefix unless it reu
 5. state size - the changelog's bytes per entry, and the memory one entry takes once
    restored (tracemalloc), plus the restore rate.
 
-    python scripts/bench_label_join.py [--events 60000] [--rounds 3] [--output bench-results/label_join.json]
+    python scripts/bench_label_join.py [--events 150000] [--rounds 3] [--output bench-results/label_join.json]
 """
 
 # ruff: noqa: E402 - SCOREMESH_HOME must be set before anything from services is imported
@@ -1035,7 +1035,10 @@ def forget_redis_keys(url: str, prefix: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
-        "--events", type=int, default=60_000, help="30k makes each timed phase ~1 s: noisy"
+        "--events",
+        type=int,
+        default=150_000,
+        help="phases of ~5 s; at 60k they last ~2 s and the scorer's rate moves by ±25 %%",
     )
     parser.add_argument("--rate", type=float, default=500.0, help="labels/s in the latency phase")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
@@ -1052,6 +1055,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
+    if args.events < 1000:
+        parser.error(f"--events must be at least 1000, not {args.events}")
     return args
 
 
