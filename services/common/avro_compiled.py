@@ -365,6 +365,17 @@ def _r_block_count(src: _Source, ind: int, count: str) -> None:
     _r_long(src, ind + 1, src.var("skip"))
 
 
+def _r_union_index(src: _Source, ind: int, schema: list[Any]) -> tuple[list[str], str]:
+    """A union's branch kinds (primitives only), and the variable its branch index is read
+    into."""
+    names = [_kind(b) for b in schema]
+    if any(n not in _PRIMITIVES for n in names):
+        raise UnsupportedSchema(f"union of {names}")
+    index = src.var("x")
+    _r_long(src, ind, index)
+    return names, index
+
+
 def _s_value(src: _Source, ind: int, schema: Any) -> None:
     """Read past a value without building it, checking it as ``_r_value`` would (lengths,
     branches, booleans, UTF-8), so a body that one rejects the other rejects too."""
@@ -382,11 +393,7 @@ def _s_value(src: _Source, ind: int, schema: Any) -> None:
         _s_value(src, ind + 2, schema["values" if kind == "map" else "items"])
         _r_block_count(src, ind + 1, count)
     elif kind == "union":
-        names = [_kind(b) for b in schema]
-        if any(n not in _PRIMITIVES for n in names):
-            raise UnsupportedSchema(f"union of {names}")
-        index = src.var("x")
-        _r_long(src, ind, index)
+        names, index = _r_union_index(src, ind, schema)
         src.emit(ind, f"if not 0 <= {index} < {len(names)}:")
         src.emit(ind + 1, f"raise ValueError('union branch ' + str({index}) + ' of {len(names)}')")
         for position, i in enumerate([i for i, n in enumerate(names) if n != "null"]):
@@ -444,11 +451,7 @@ def _r_value(
         src.emit(ind + 1, f"raise ValueError('enum index ' + str({index}))")
         src.emit(ind, f"{target} = {symbols}[{index}]")
     elif kind == "union":
-        names = [_kind(b) for b in schema]
-        if any(n not in _PRIMITIVES for n in names):
-            raise UnsupportedSchema(f"union of {names}")
-        index = src.var("x")
-        _r_long(src, ind, index)
+        names, index = _r_union_index(src, ind, schema)
         # Most likely branches first (doubles and longs for feature maps).
         likely = {"double": 0, "long": 1}
         order = sorted(range(len(names)), key=lambda i: likely.get(names[i], 2))
