@@ -17,9 +17,15 @@ One run, on one broker, in phases (each phase its own topic prefix unless it reu
    move with the load, CPU per event much less.
    The rate the join has to keep up with is the scorer's as deployed: in its own process on
    a fresh prefix, timed exactly like the join processes (paused while the events are
-   produced, rate from its committed offsets). The scorer and the two join processes are
-   timed in ``--rounds`` pairs, back to back; whether two processes keep up is the median of
-   the pairs' ratios, so that one noisy phase of either side does not decide it.
+   produced, rate from its committed offsets). The scorer and the join processes are timed
+   in ``--rounds`` rounds, back to back; whether the join keeps up is the median of the
+   rounds' ratios, so that one noisy phase of either side does not decide it. Two ways:
+   two join processes at once on this machine's two cores (which the broker and the
+   benchmark share), and the join scaled out as deployed, ``--scale-out`` processes with a
+   core each (prod runs 3 replicas). This machine cannot give three processes a core each
+   at once, so each member of that group is timed alone, as one process on its share of the
+   inputs (the records of the partitions the range assignor gives it); members share no
+   state, so the group is done when its slowest member is.
    Then the Kafka I/O floor: one process with the join's group, batch loop, inputs and as
    many output records and bytes per input, but no decoding, state or statistics; what a
    join process would cost if its own logic were free.
@@ -29,7 +35,7 @@ One run, on one broker, in phases (each phase its own topic prefix unless it reu
 5. state size - the changelog's bytes per entry, and the memory one entry takes once
    restored (tracemalloc), plus the restore rate.
 
-    python scripts/bench_label_join.py [--events 150000] [--rounds 3] [--output bench-results/label_join.json]
+    python scripts/bench_label_join.py [--events 150000] [--rounds 3] [--scale-out 3] [--output bench-results/label_join.json]
 """
 
 # ruff: noqa: E402 - SCOREMESH_HOME must be set before anything from services is imported
@@ -82,9 +88,16 @@ from services.common.kafka import (
     start_with_retry,
 )
 from services.common.lifecycle import Service
+from services.common.partitioner import partitions_for_keys
 from services.common.settings import Settings
 from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
-from services.label_join.service import CHANGELOG, LabelJoinService, changelog_spec
+from services.label_join.service import (
+    CHANGELOG,
+    LABELS,
+    PREDICTIONS,
+    LabelJoinService,
+    changelog_spec,
+)
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.bootstrap import bootstrap
@@ -529,6 +542,71 @@ async def scorer_process_phase(
     )
 
 
+def range_shares(partitions: int, members: int) -> list[list[int]]:
+    """The partitions each member of a group gets from the range assignor (the join's: the
+    same numbers of every co-partitioned topic), in member order."""
+    per, extra = divmod(partitions, members)
+    shares: list[list[int]] = []
+    start = 0
+    for i in range(members):
+        n = per + (1 if i < extra else 0)
+        shares.append(list(range(start, start + n)))
+        start += n
+    return shares
+
+
+async def scaled_out_phase(
+    settings: Settings,
+    run_id: str,
+    phase: str,
+    processes: int,
+    predictions: list[KeyValue],
+    labels: list[KeyValue],
+    timeout_s: float,
+    *,
+    registry: list[KeyValue],
+) -> dict[str, Any]:
+    """``processes`` label-join processes, each with a core to itself, as a deployment runs
+    them (one replica, one core). This machine cannot give every process a core at once
+    (2 cores, the broker on them too), so each member is timed alone, as one process on
+    its share of the inputs: the records of the partitions the range assignor gives it,
+    the other partitions left empty. Members share no state (co-partitioned inputs), so
+    the group drains the backlog when its slowest member has drained its share."""
+    n = catalog()[PREDICTIONS].partitions
+    if catalog()[LABELS].partitions != n:
+        raise RuntimeError("predictions and labels must have the same partition count")
+    prediction_at = partitions_for_keys([k or b"" for k, _ in predictions], n)
+    label_at = partitions_for_keys([k or b"" for k, _ in labels], n)
+    members: list[dict[str, Any]] = []
+    for i, parts in enumerate(range_shares(n, processes)):
+        keep = set(parts)
+        mine = [kv for kv, p in zip(predictions, prediction_at, strict=True) if p in keep]
+        their_labels = [kv for kv, p in zip(labels, label_at, strict=True) if p in keep]
+        member = await process_phase(
+            phase_settings(settings, run_id, f"{phase}-{i}"),
+            1,
+            mine,
+            their_labels,
+            timeout_s,
+            registry=registry,
+        )
+        member["partitions"] = parts
+        member["predictions"] = len(mine)
+        members.append(member)
+    seconds = max(m["predictions"] / m["prediction_events_per_s"] for m in members)
+    cpu = sum(m["process_cpu_us_per_prediction"] * m["predictions"] for m in members)
+    broker = sum(m["broker_cpu_us_per_prediction"] * m["predictions"] for m in members)
+    return {
+        "processes": processes,
+        "prediction_events_per_s": round(len(predictions) / seconds, 1),
+        "process_cpu_us_per_prediction": round(cpu / len(predictions), 1),
+        "broker_cpu_us_per_prediction": round(broker / len(predictions), 1),
+        "members": members,
+        "note": "each member timed alone on its partitions (a core to itself, the broker on "
+        "the other); the group's rate = all predictions / the slowest member's time",
+    }
+
+
 async def timed_processes(
     settings: Settings,
     code: str,
@@ -859,7 +937,8 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     say(f"  {single['input_events_per_s']:.0f} inputs/s")
     scorer_procs: list[dict[str, Any]] = []
     twos: list[dict[str, Any]] = []
-    rounds: list[dict[str, Any]] = []  # each pair's rates and ratio
+    scaled: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []  # each round's rates and ratios
 
     async def scorer_process(r: int) -> float:
         say(f"round {r + 1}: scorer, own process (timed like the join processes) ...")
@@ -873,35 +952,51 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         return eps
 
     # Rates on a shared 2-core machine move by ±25 % between phases, so the scorer and the
-    # two join processes are timed in pairs, back to back, and the pairs compared.
+    # join processes are timed in rounds, back to back, and each round compared.
     keeps_up = single["prediction_events_per_s"] >= await scorer_process(0)
-    if args.two_process == "always" or (args.two_process == "auto" and not keeps_up):
+    two_process = args.two_process == "always" or (args.two_process == "auto" and not keeps_up)
+    if two_process or args.scale_out:
         for r in range(args.rounds):
             if r:
                 await scorer_process(r)
-            say(f"round {r + 1}: join, two processes on 3 partitions each ...")
-            twos.append(
-                await process_phase(
-                    phase_settings(settings, run_id, f"two{r}"),
-                    2,
-                    predictions,
-                    labels,
-                    args.timeout,
-                    registry=registry,
+            scorer_r = scorer_procs[r]["prediction_events_per_s"]
+            pair: dict[str, Any] = {"scorer_eps": scorer_r}
+            if two_process:
+                say(f"round {r + 1}: join, two processes on 3 partitions each ...")
+                twos.append(
+                    await process_phase(
+                        phase_settings(settings, run_id, f"two{r}"),
+                        2,
+                        predictions,
+                        labels,
+                        args.timeout,
+                        registry=registry,
+                    )
                 )
-            )
-            scorer_r, two_r = (
-                scorer_procs[r]["prediction_events_per_s"],
-                twos[-1]["prediction_events_per_s"],
-            )
-            rounds.append(
-                {
-                    "scorer_eps": scorer_r,
-                    "two_processes_eps": two_r,
-                    "ratio": round(two_r / scorer_r, 2),
-                }
-            )
-            say(f"  {two_r:.0f} predictions/s ({rounds[-1]['ratio']:.2f} x the scorer just before)")
+                two_r = twos[-1]["prediction_events_per_s"]
+                pair |= {"two_processes_eps": two_r, "ratio": round(two_r / scorer_r, 2)}
+                say(f"  {two_r:.0f} predictions/s ({pair['ratio']:.2f} x the scorer just before)")
+            if args.scale_out:
+                say(
+                    f"round {r + 1}: join scaled out to {args.scale_out} processes, "
+                    "each timed alone on its partitions ..."
+                )
+                scaled.append(
+                    await scaled_out_phase(
+                        settings,
+                        run_id,
+                        f"scale{r}",
+                        args.scale_out,
+                        predictions,
+                        labels,
+                        args.timeout,
+                        registry=registry,
+                    )
+                )
+                out_r = scaled[-1]["prediction_events_per_s"]
+                pair |= {"scaled_out_eps": out_r, "scaled_out_ratio": round(out_r / scorer_r, 2)}
+                say(f"  {out_r:.0f} predictions/s ({pair['scaled_out_ratio']:.2f} x the scorer)")
+            rounds.append(pair)
 
     say("Kafka I/O floor of a join process (same inputs and outputs, no join) ...")
     floor = await process_phase(
@@ -930,7 +1025,8 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     scorer_eps = median(p["prediction_events_per_s"] for p in scorer_procs)
     scorer_cpu = median(p["process_cpu_us_per_prediction"] for p in scorer_procs)
     scorer_broker = median(p["broker_cpu_us_per_prediction"] for p in scorer_procs)
-    ratios = [r["ratio"] for r in rounds]
+    ratios = [r["ratio"] for r in rounds if "ratio" in r]
+    out_ratios = [r["scaled_out_ratio"] for r in rounds if "scaled_out_ratio" in r]
     best_two = median(t["prediction_events_per_s"] for t in twos) if twos else None
     two = twos[0] if twos else None
     scorer_proc = scorer_procs[0]
@@ -949,21 +1045,26 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         "join_two_processes": None
         if two is None
         else {"input_eps": two["input_events_per_s"], "prediction_eps": best_two},
+        "join_scaled_out": None
+        if not scaled
+        else {
+            "processes": args.scale_out,
+            "prediction_eps": median(x["prediction_events_per_s"] for x in scaled),
+        },
         "keeps_up_with_scorer": {
             "one_process": single["prediction_events_per_s"] >= scorer_eps,
             "two_processes": median(ratios) >= 1.0 if ratios else None,
-            "two_processes_ratio": {
-                "median": round(median(ratios), 2),
-                "min": min(ratios),
-                "max": max(ratios),
-            }
-            if ratios
-            else None,
+            "two_processes_ratio": _spread(ratios),
+            "scaled_out": median(out_ratios) >= 1.0 if out_ratios else None,
+            "scaled_out_ratio": _spread(out_ratios),
             "rounds": rounds,
             "rule": "predictions joined per second >= scorer events (= predictions) per second, "
-            "both measured as processes of their own on a backlog, from their commits; two "
-            "processes: the median over rounds of (two join processes / the scorer timed just "
-            "before them); rates here are medians over the rounds",
+            "both measured as processes of their own on a backlog, from their commits; per "
+            "round, the join is timed just after the scorer, and the verdict is the median "
+            "over rounds of their ratio. two_processes: two join processes at once on this "
+            "machine's cores, which the broker shares; scaled_out: --scale-out processes with "
+            "a core each, as deployed (each timed alone on its partitions: see "
+            "phases.scaled_out); rates here are medians over the rounds",
         },
         "label_to_metric_ms": latency["label_to_metric_ms"],
         "cpu_us_per_prediction": {
@@ -974,6 +1075,9 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "join_one_process_broker": single["broker_cpu_us_per_prediction"],
             "join_two_processes": median(t["process_cpu_us_per_prediction"] for t in twos)
             if twos
+            else None,
+            "join_scaled_out": median(x["process_cpu_us_per_prediction"] for x in scaled)
+            if scaled
             else None,
             "join_io_floor": floor["process_cpu_us_per_prediction"],
             "join_io_floor_broker": floor["broker_cpu_us_per_prediction"],
@@ -997,6 +1101,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "one_process": single,
             "two_processes": two,
             "two_processes_rounds": twos,
+            "scaled_out_rounds": scaled,
             "io_floor": floor,
             "latency": latency,
             "redis_state": redis_state,
@@ -1020,6 +1125,12 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "services": "in-process, one event loop (two-process phase: subprocesses)",
         },
     }
+
+
+def _spread(ratios: list[float]) -> dict[str, float] | None:
+    if not ratios:
+        return None
+    return {"median": round(median(ratios), 2), "min": min(ratios), "max": max(ratios)}
 
 
 def forget_redis_keys(url: str, prefix: str) -> None:
@@ -1050,11 +1161,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=3,
         help="scorer / two-join-process pairs, timed back to back (the ratio is their median)",
     )
+    parser.add_argument(
+        "--scale-out",
+        type=int,
+        default=3,
+        help="label-join processes with a core each, timed in every round (0: not timed); "
+        "3 is the prod overlay's replica count",
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--output", type=Path, default=Path("bench-results/label_join.json"))
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
+    partitions = catalog()[PREDICTIONS].partitions
+    if not 0 <= args.scale_out <= partitions:
+        parser.error(
+            f"--scale-out must be 0-{partitions} (the partitions of predictions), not {args.scale_out}"
+        )
     if args.events < 20_000:  # fewer: a process phase can end between two 50 ms samples
         parser.error(f"--events must be at least 20000, not {args.events}")
     return args

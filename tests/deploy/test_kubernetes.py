@@ -186,6 +186,15 @@ def test_replicas_never_exceed_the_partitions_they_consume(target: str) -> None:
             assert most <= bound, f"{target}: {service} up to {most} > {topic}'s {bound}"
 
 
+def test_prod_gives_each_label_join_replica_the_core_its_sizing_assumes() -> None:
+    """scripts/bench_label_join.py decides whether the join keeps up with a scorer process by
+    timing --scale-out 3 processes with a core each: prod's replicas, each promised a core."""
+    (join,) = [d for d in workloads(render("prod")) if d["metadata"]["name"] == "label-join"]
+    assert join["spec"]["replicas"] == 3
+    (container,) = join["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"] in ("1", 1, "1000m")
+
+
 # --- workloads ---------------------------------------------------------------------------
 
 
