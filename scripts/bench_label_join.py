@@ -71,6 +71,8 @@ import numpy as np
 import redis
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 
 from services.common.batchloop import BatchLoop, Out, ProcessFn, Record
 from services.common.catalog import catalog
@@ -543,16 +545,21 @@ async def scorer_process_phase(
 
 
 def range_shares(partitions: int, members: int) -> list[list[int]]:
-    """The partitions each member of a group gets from the range assignor (the join's: the
-    same numbers of every co-partitioned topic), in member order."""
-    per, extra = divmod(partitions, members)
-    shares: list[list[int]] = []
-    start = 0
-    for i in range(members):
-        n = per + (1 if i < extra else 0)
-        shares.append(list(range(start, start + n)))
-        start += n
-    return shares
+    """The partitions of predictions (and so of labels) each member of the join's group gets,
+    in member order: asked of the range assignor the join uses."""
+
+    class Topics:  # the one question the assignor asks of the cluster
+        @staticmethod
+        def partitions_for_topic(topic: str) -> set[int]:
+            return set(range(partitions))
+
+    names = [f"member-{i:03d}" for i in range(members)]  # sorted as numbered
+    wanted = ConsumerProtocolMemberMetadata(0, [PREDICTIONS, LABELS], b"")
+    given = RangePartitionAssignor.assign(Topics(), {name: wanted for name in names})  # type: ignore[arg-type]
+    return [
+        sorted(p for topic, ps in given[name].assignment if topic == PREDICTIONS for p in ps)
+        for name in names
+    ]
 
 
 async def scaled_out_phase(
