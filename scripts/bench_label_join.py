@@ -1071,7 +1071,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "over rounds of their ratio. two_processes: two join processes at once on this "
             "machine's cores, which the broker shares; scaled_out: --scale-out processes with "
             "a core each, as deployed (each timed alone on its partitions: see "
-            "phases.scaled_out); rates here are medians over the rounds",
+            "phases.scaled_out_rounds); rates here are medians over the rounds",
         },
         "label_to_metric_ms": latency["label_to_metric_ms"],
         "cpu_us_per_prediction": {
