@@ -15,13 +15,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 
-# Dependencies first, so this layer is rebuilt only when pyproject.toml or constraints.txt change.
+# The contract distribution (client/, with schemas/) first: the project depends on it.
+COPY schemas ./schemas
+COPY client ./client
+RUN pip wheel --wheel-dir /wheels --no-deps ./client
+
+# Dependencies next, so this layer is rebuilt only when the pyproject files, constraints.txt
+# or the contract change.
 COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
- && pip wheel --wheel-dir /wheels --constraint constraints.txt --requirement /tmp/requirements.txt
+ && pip wheel --wheel-dir /wheels --find-links /wheels --constraint constraints.txt --requirement /tmp/requirements.txt
 
 COPY README.md ./
-COPY schemas ./schemas
 COPY services ./services
 RUN pip wheel --wheel-dir /wheels --no-deps . \
  && python -c "import tomllib; v = tomllib.load(open('pyproject.toml', 'rb'))['project']['version']; open('/wheels/requirements.txt', 'w').write(f'scoremesh=={v}\n')"

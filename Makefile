@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint format typecheck lock bench clean dev-up dev-down audit
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./client -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,13 +23,13 @@ test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check services tests scripts
-	$(BIN)/ruff format --check services tests scripts
+	$(BIN)/ruff check services client tests scripts
+	$(BIN)/ruff format --check services client tests scripts
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format services tests scripts
-	$(BIN)/ruff check --fix services tests scripts
+	$(BIN)/ruff format services client tests scripts
+	$(BIN)/ruff check --fix services client tests scripts
 
 ## re-pin every dependency after changing pyproject.toml
 lock:

@@ -70,7 +70,7 @@ def say(message: str) -> None:
 
 def serve_baseline(model_path: Path, spec_path: Path, port: int) -> None:
     """The ceiling: one async route, raw body + orjson, ONNX inline, no middleware."""
-    from services.common.featurespec import FeatureSpec, Vectoriser
+    from scoremesh.contract.featurespec import FeatureSpec, Vectoriser
     from services.common.onnx_model import make_session
 
     spec = FeatureSpec.model_validate_json(spec_path.read_text())

@@ -74,11 +74,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 
+from scoremesh.contract.catalog import catalog
+from scoremesh.contract.codec import codec
+from scoremesh.contract.featurespec import RuleSet
+from scoremesh.contract.partitioner import partitions_for_keys
 from services.common.batchloop import BatchLoop, Out, ProcessFn, Record
-from services.common.catalog import catalog
-from services.common.codec import codec
 from services.common.devstack import DevStack
-from services.common.featurespec import RuleSet
 from services.common.kafka import (
     assign_all,
     client_options,
@@ -90,7 +91,6 @@ from services.common.kafka import (
     start_with_retry,
 )
 from services.common.lifecycle import Service
-from services.common.partitioner import partitions_for_keys
 from services.common.settings import Settings
 from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
 from services.label_join.service import (

@@ -49,10 +49,10 @@ import numpy as np
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from scoremesh.contract.codec import codec
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec, RuleSet
 from services.common.batchloop import BatchLoop, Out, ProcessFn, Record
-from services.common.codec import codec
 from services.common.devstack import DevStack
-from services.common.featurespec import FeatureRule, FeatureSpec, RuleSet
 from services.common.kafka import (
     assign_all,
     client_options,

@@ -61,11 +61,11 @@ import numpy as np
 import redis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from scoremesh.contract.catalog import catalog
+from scoremesh.contract.codec import codec
+from scoremesh.contract.featurespec import RuleSet
 from services.common.batchloop import BatchLoop, Out, ProcessFn, Record
-from services.common.catalog import catalog
-from services.common.codec import codec
 from services.common.devstack import DevStack, StackState
-from services.common.featurespec import RuleSet
 from services.common.kafka import (
     assign_all,
     ensure_topics,
@@ -76,7 +76,7 @@ from services.common.kafka import (
 )
 from services.common.lifecycle import Service
 from services.common.settings import Settings
-from services.demo import INVALID_KINDS, invalid_value
+from services.demo.runner import INVALID_KINDS, invalid_value
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.bootstrap import bootstrap

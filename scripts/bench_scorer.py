@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_pipeline as bp
 
-from services.common.codec import CodecError, codec
+from scoremesh.contract.codec import CodecError, codec
 from services.common.settings import Settings
 from services.registry.client import command, new_command
 from services.registry.service import RegistryService

@@ -1,6 +1,6 @@
 """Generate the deployment artefacts that follow from the topic contract.
 
-Writes, from ``schemas/topics.yaml`` (through ``services.common.catalog``) and the
+Writes, from ``schemas/topics.yaml`` (through ``scoremesh.contract.catalog``) and the
 service access table below:
 
 - ``k8s/base/kafka-topics.yaml``: one Strimzi ``KafkaTopic`` per catalog topic, with the
@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.common.catalog import TopicSpec, catalog  # noqa: E402
+from scoremesh.contract.catalog import TopicSpec, catalog  # noqa: E402
 
 KAFKA_CLUSTER = "scoremesh"
 """The Strimzi ``Kafka`` resource in k8s/base/kafka-cluster.yaml."""

@@ -10,7 +10,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.common.codec import all_schema_versions, codec  # noqa: E402
+from scoremesh.contract.codec import all_schema_versions, codec  # noqa: E402
 from tests.contract.samples import SAMPLES  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "contract" / "golden"

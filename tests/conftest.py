@@ -51,7 +51,7 @@ async def settings(stack: StackState, tmp_path: Path) -> AsyncIterator[Settings]
     await ensure_topics(s)
     yield s
     with contextlib.suppress(Exception):
-        from services.common.catalog import catalog
+        from scoremesh.contract.catalog import catalog
 
         await delete_topics(s, list(catalog()))
 

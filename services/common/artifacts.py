@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.kafka import make_consumer, start_with_retry
 from services.common.settings import Settings
 

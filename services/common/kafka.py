@@ -19,9 +19,9 @@ from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
-from services.common.catalog import TopicSpec, catalog
+from scoremesh.contract.catalog import TopicSpec, catalog
+from scoremesh.contract.partitioner import partitions_for_keys
 from services.common.metrics import KAFKA_UP
-from services.common.partitioner import partitions_for_keys
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)

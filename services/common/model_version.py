@@ -10,7 +10,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.featurespec import FeatureSpec
+from scoremesh.contract.featurespec import FeatureSpec
 
 Stage = Literal["registered", "shadow", "canary", "champion", "retired", "rolled_back"]
 STAGES: tuple[str, ...] = ("registered", "shadow", "canary", "champion", "retired", "rolled_back")

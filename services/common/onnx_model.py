@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from scoremesh.contract.featurespec import FeatureSpec, Vectoriser
 from services.common.artifacts import sha256_of
-from services.common.featurespec import FeatureSpec, Vectoriser
 from services.common.model_version import ModelVersion
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from services.common.codec import CodecError, codec
+from scoremesh.contract.codec import CodecError, codec
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.metrics import REGISTRY_RECORDS_SKIPPED
 from services.common.model_version import ACTIVE_STAGES, ModelVersion

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
-from services.common.featurespec import Violation
+from scoremesh.contract.featurespec import Violation
 
 
 def rejection_record(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.common.featurespec import RuleSet
+from scoremesh.contract.featurespec import RuleSet
 from services.common.model_version import ModelVersion
 from services.common.registry_view import RegistryState
 

@@ -38,8 +38,8 @@ from typing import Any, TypeAlias
 
 import orjson
 
+from scoremesh.contract.codec import MAGIC, CodecError, codec
 from services.common.batchloop import Out, Record
-from services.common.codec import MAGIC, CodecError, codec
 from services.common.registry_view import RegistryState
 from services.label_join import telemetry
 from services.label_join.performance import (

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import orjson
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
+from scoremesh.contract.featurespec import event_time_ms
 from services.common.errors import UserError
-from services.common.featurespec import event_time_ms
 from services.common.kafka import make_producer, start_with_retry
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings

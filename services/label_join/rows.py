@@ -20,13 +20,13 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from services.common.avro_compiled import (
+from scoremesh.contract.avro_compiled import (
     compile_decoder,
     compile_encoder,
     compile_marking_decoder,
     zigzag,
 )
-from services.common.codec import HEADER_LEN, codec
+from scoremesh.contract.codec import HEADER_LEN, codec
 
 HEAD_FIELDS = ("event_id", "entity_id", "event_time", "features", "attributes")
 # LabeledPrediction between the head's first three fields and its attributes

@@ -30,9 +30,9 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from redis.exceptions import RedisError
 
+from scoremesh.contract.catalog import TopicSpec, catalog
+from scoremesh.contract.codec import codec
 from services.common.batchloop import BatchLoop, Out, Record
-from services.common.catalog import TopicSpec, catalog
-from services.common.codec import codec
 from services.common.health import HealthServer
 from services.common.kafka import (
     enqueue_records,

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from scoremesh.contract.codec import CodecError, codec
 from services.common.batchloop import Out, Record
-from services.common.codec import CodecError, codec
 from services.common.model_version import ModelVersion
 from services.common.registry_view import RegistryState
 from services.common.settings import Settings

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.featurespec import FeatureRule, FeatureSpec, Vectoriser
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec, Vectoriser
 
 
 def category_values(rule: FeatureRule) -> np.ndarray:

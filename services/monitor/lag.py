@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from services.common.catalog import catalog
+from scoremesh.contract.catalog import catalog
 from services.common.kafka import ask_broker, client_options, make_consumer, start_with_retry
 from services.common.settings import Settings
 from services.monitor import metrics as m

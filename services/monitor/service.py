@@ -24,8 +24,8 @@ import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from scoremesh.contract.codec import CodecError, codec
 from services.common.batchloop import BatchLoop, Out, Record
-from services.common.codec import CodecError, codec
 from services.common.health import HealthServer
 from services.common.kafka import (
     assign_all,

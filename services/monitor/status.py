@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka import ConsumerRecord
 from redis.exceptions import RedisError
 
-from services.common.codec import CodecError, codec
+from scoremesh.contract.codec import CodecError, codec
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.settings import Settings
 from services.monitor.alerts import AlertBook

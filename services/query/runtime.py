@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from services.common.featurespec import RuleSet
+from scoremesh.contract.featurespec import RuleSet
 from services.common.kafka import ask_broker, make_producer, start_with_retry
 from services.common.metrics import BATCH_SIZE, PREDICTION_LATENCY, PREDICTIONS, SCORING_ERRORS
 from services.common.query_store import QueryStore

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.featurespec import MAX_ID_LEN
+from scoremesh.contract.featurespec import MAX_ID_LEN
 
 SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$"
 MODEL_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
-from services.common.codec import CodecError, codec
+from scoremesh.contract.codec import CodecError, codec
 from services.common.kafka import enqueue_records
 from services.common.metrics import EVENTS_OUT, KAFKA_UP
 from services.common.query_store import QueryStore

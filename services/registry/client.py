@@ -8,7 +8,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.kafka import (
     assign_all,
     make_consumer,

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from scoremesh.contract.featurespec import FeatureSpec
 from services.common.artifacts import upload_artifact
 from services.common.errors import UserError
-from services.common.featurespec import FeatureSpec
 from services.common.kafka import make_producer, start_with_retry
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
 from services.common.settings import Settings

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from services.common.featurespec import FeatureSpec, Vectoriser
+from scoremesh.contract.featurespec import FeatureSpec, Vectoriser
 from services.common.model_version import ModelVersion
 from services.common.onnx_model import LoadedModel, ModelLoadError, check_onnx_inputs, make_session
 from services.trainer.pipeline import classification_metrics

@@ -13,9 +13,9 @@ import time
 
 from aiokafka import ConsumerRecord
 
+from scoremesh.contract.codec import CodecError, codec
 from services.common.artifacts import ArtifactError, fetch_artifact
 from services.common.batchloop import BatchLoop, Out, Record
-from services.common.codec import CodecError, codec
 from services.common.health import HealthServer
 from services.common.kafka import (
     assign_all,

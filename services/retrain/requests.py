@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
 from services.common.settings import Settings
 

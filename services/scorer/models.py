@@ -11,8 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from scoremesh.contract.featurespec import RuleSet
 from services.common.artifacts import ArtifactError, fetch_artifact
-from services.common.featurespec import RuleSet
 from services.common.metrics import ACTIVE_VERSION, MODEL_LOAD_FAILURES
 from services.common.model_version import ModelVersion
 from services.common.onnx_model import LoadedModel, ModelLoadError, load_model

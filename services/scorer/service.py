@@ -10,9 +10,9 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
+from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.featurespec import Violation
 from services.common.batchloop import BatchLoop, Out, Record
-from services.common.codec import CodecError, codec
-from services.common.featurespec import Violation
 from services.common.health import HealthServer
 from services.common.kafka import make_producer, start_with_retry
 from services.common.metrics import PREDICTION_LATENCY, PREDICTIONS, REJECTED, SCORING_ERRORS

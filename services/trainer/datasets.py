@@ -12,7 +12,7 @@ from typing import Any
 
 from river.datasets import synth
 
-from services.common.featurespec import FeatureRule, FeatureSpec, LatencyGate, ReadinessGates
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec, LatencyGate, ReadinessGates
 
 DATASET = "river.datasets.synth.Agrawal"
 CHANNELS = ("web", "branch", "partner")

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from scoremesh.contract.codec import codec
 from services.common.artifacts import fetch_artifact
-from services.common.codec import codec
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.model_version import DataWindow, ModelVersion, parse_semver
 from services.common.onnx_model import LoadedModel, load_model

@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 import services
-from services.common.featurespec import FeatureSpec, Vectoriser
+from scoremesh.contract.featurespec import FeatureSpec, Vectoriser
 from services.common.model_version import DataWindow, VersionMetadata
 
 ONNX_OPSET = 17

@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Any
 
+from scoremesh.contract.codec import CodecError, codec
 from services.common.batchloop import BatchLoop, Out, Record
-from services.common.codec import CodecError, codec
 from services.common.health import HealthServer
 from services.common.kafka import (
     assign_all,

@@ -8,10 +8,10 @@ import logging
 import time
 from typing import Any
 
-from services.common.avro_compiled import zigzag
+from scoremesh.contract.avro_compiled import zigzag
+from scoremesh.contract.codec import HEADER_LEN, MAGIC, CodecError, codec, decode_any
+from scoremesh.contract.featurespec import CheckedEvent, RuleSet, Violation
 from services.common.batchloop import BatchLoop, Out, Record
-from services.common.codec import HEADER_LEN, MAGIC, CodecError, codec, decode_any
-from services.common.featurespec import CheckedEvent, RuleSet, Violation
 from services.common.health import HealthServer
 from services.common.kafka import make_producer, start_with_retry
 from services.common.metrics import FEATURE_NULLS, FEATURE_SEEN, FLAGGED, REJECT_RATE, REJECTED

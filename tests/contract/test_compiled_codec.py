@@ -13,8 +13,8 @@ from fastavro import schemaless_reader, schemaless_writer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.avro_compiled import zigzag
-from services.common.codec import CodecError, EncodeError, all_schema_versions, codec
+from scoremesh.contract.avro_compiled import zigzag
+from scoremesh.contract.codec import CodecError, EncodeError, all_schema_versions, codec
 from tests.contract.samples import SAMPLES
 
 FEATURE_VALUE = st.one_of(
@@ -242,7 +242,7 @@ def test_a_skipped_sized_block_and_a_bad_branch_in_it() -> None:
 
 
 def test_skipping_a_field_the_schema_lacks_is_refused() -> None:
-    from services.common.avro_compiled import UnsupportedSchema, compile_marking_decoder
+    from scoremesh.contract.avro_compiled import UnsupportedSchema, compile_marking_decoder
 
     with pytest.raises(UnsupportedSchema, match="no top-level field 'nope' to skip"):
         compile_marking_decoder(codec("Event").current.raw, ("features",), ("nope",))

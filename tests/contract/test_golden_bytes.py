@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from services.common.codec import MAGIC, all_schema_versions, codec
+from scoremesh.contract.codec import MAGIC, all_schema_versions, codec
 
 GOLDEN = Path(__file__).parent / "golden"
 VERSIONS = [(name, v.version) for name, vs in all_schema_versions().items() for v in vs]

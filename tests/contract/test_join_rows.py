@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.codec import CodecError, codec
+from scoremesh.contract.codec import CodecError, codec
 from services.label_join.rows import HEAD_FIELDS, SKIPPED, EventRows
 from tests.contract.test_compiled_codec import EVENTS, fastavro_bytes
 

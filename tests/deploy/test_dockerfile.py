@@ -116,7 +116,14 @@ def test_dockerignore_keeps_the_context_to_what_the_build_needs() -> None:
     ]
     assert lines[0] == "**", "ignore everything, then allow"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "schemas", "services"}
+    assert allowed == {
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "schemas",
+        "client",
+        "services",
+    }
     copied = {
         rest.split()[0]
         for keyword, rest in instructions()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common.catalog import catalog
+from scoremesh.contract.catalog import catalog
 from tests.deploy.manifests import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

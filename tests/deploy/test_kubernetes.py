@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 from referencing import Registry, Resource
 
-from services.common.catalog import catalog
+from scoremesh.contract.catalog import catalog
 from tests.deploy.manifests import (
     AUTOSCALED,
     KUBERNETES_VERSION,

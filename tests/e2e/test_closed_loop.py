@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.demo_picture import read_data
+from services.demo.picture import read_data
 from tests.e2e.test_cli_and_demo import scoremesh
 
 pytestmark = pytest.mark.e2e

@@ -200,7 +200,7 @@ def test_pickles_need_explicit_trust(
 ) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from services.common.featurespec import Vectoriser
+    from scoremesh.contract.featurespec import Vectoriser
 
     pairs = list(credit_events(500, seed=3))
     x = Vectoriser(CREDIT_SPEC).transform([e["features"] for e, _ in pairs])

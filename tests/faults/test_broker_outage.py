@@ -56,7 +56,7 @@ async def test_scorer_waits_for_a_late_broker_and_then_serves(
         async with Running(RegistryService(s)):
             assert (await register_model(s, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
             events = [{**e, "rule_set": "t", "flags": []} for e, _ in credit_events(100, seed=5)]
-            from services.common.codec import codec
+            from scoremesh.contract.codec import codec
 
             await produce(
                 s,

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.settings import Settings
 from services.registry.service import RegistryService
 from services.trainer.datasets import credit_events

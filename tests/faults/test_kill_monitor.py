@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.devstack import free_port
 from services.common.settings import Settings
 from services.monitor.lag import Lag, LagCollector

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.settings import Settings
 from services.trainer.datasets import credit_events
 from tests.helpers import (

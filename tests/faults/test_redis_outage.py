@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.devstack import free_port, start_redis_server
 from services.common.health import HealthServer
 from services.common.query_store import QueryStore

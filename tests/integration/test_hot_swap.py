@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.kafka import make_producer, start_with_retry
 from services.common.settings import Settings
 from services.registry.client import command, new_command, read_history

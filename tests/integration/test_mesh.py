@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.health import HealthServer
 from services.common.query_store import QueryStore
 from services.common.settings import Settings

@@ -10,8 +10,8 @@ import numpy as np
 import orjson
 from aiokafka import ConsumerRecord
 
-from services.common.codec import codec
-from services.common.featurespec import FeatureRule, FeatureSpec
+from scoremesh.contract.codec import codec
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec
 from services.common.model_version import ModelVersion
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, an hour boundary

@@ -19,7 +19,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from services.common.codec import CodecError, codec
+from scoremesh.contract.codec import CodecError, codec
 from services.common.registry_view import RegistryState
 from services.label_join.join import (
     DAY_MS,
@@ -580,7 +580,7 @@ def test_outputs_kept_on_the_states_partition_are_where_murmur2_puts_them() -> N
     """With keep_partitions, an output goes to the partition of the state it comes from:
     for inputs partitioned by murmur2 of the event_id, the partition murmur2 of the output's
     key picks. Topics not named keep their murmur2 placement (None)."""
-    from services.common.partitioner import partitions_for_keys
+    from scoremesh.contract.partitioner import partitions_for_keys
 
     core = make_core()
     core.keep_partitions([TOPICS.labeled, TOPICS.examples])

@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.kafka import delete_topics, ensure_topics
 from services.common.settings import Settings
 from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig

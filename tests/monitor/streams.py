@@ -8,8 +8,8 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from scoremesh.contract.codec import codec
 from services.common.batchloop import Record
-from services.common.codec import codec
 from services.common.model_version import ModelVersion, VersionMetadata
 from services.common.onnx_model import LoadedModel, make_session
 from services.scorer.models import ServingSet

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.monitor.alerts import AlertBook, AlertManager, Condition, classify
 from services.monitor.policy import DEFAULT_RULES, AlertPolicy, SeverityRule, Thresholds
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from river.datasets import synth
 
-from services.common.featurespec import FeatureRule, FeatureSpec
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec
 from services.monitor.detectors import CategoryShift, DetectorBank, ErrorBank, StreamDetector
 from services.monitor.features import FeatureLayout, PreparedBatch
 from services.monitor.policy import (

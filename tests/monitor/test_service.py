@@ -10,7 +10,7 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.kafka import make_consumer, make_producer, start_with_retry
 from services.common.settings import Settings
 from services.monitor.alerts import Transition

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from services.common.featurespec import FeatureRule, FeatureSpec
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec
 from services.monitor.features import FeatureLayout, Preparer, encode_categories
 from services.monitor.policy import WindowPolicy
 from services.monitor.windows import (

@@ -178,6 +178,6 @@ async def module_settings(
     await ensure_topics(s)
     yield s
     with contextlib.suppress(Exception):
-        from services.common.catalog import catalog
+        from scoremesh.contract.catalog import catalog
 
         await delete_topics(s, list(catalog()))

@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.common.featurespec import REASONS, FeatureRule
+from scoremesh.contract.featurespec import REASONS, FeatureRule
 from services.common.settings import Settings
 from services.trainer.datasets import CREDIT_SPEC
 from tests.query.conftest import ROOT, ApiProcess, api_process, events, with_champion

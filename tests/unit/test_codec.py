@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.catalog import catalog
-from services.common.codec import (
+from scoremesh.contract.catalog import catalog
+from scoremesh.contract.codec import (
     MAGIC,
     BadBody,
     NotSingleObject,

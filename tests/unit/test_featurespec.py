@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from services.common.featurespec import FeatureRule, FeatureSpec, RuleSet, Vectoriser
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec, RuleSet, Vectoriser
 from services.trainer.datasets import CREDIT_SPEC, credit_events
 
 

@@ -6,8 +6,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from scoremesh.contract.featurespec import FeatureRule, FeatureSpec
 from services.common.artifacts import sha256_of
-from services.common.featurespec import FeatureRule, FeatureSpec
 from services.common.model_version import ModelVersion
 from services.common.onnx_model import ModelLoadError, load_model
 from services.trainer.datasets import CREDIT_SPEC, credit_events

@@ -6,7 +6,7 @@ from aiokafka.partitioner import murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.partitioner import murmur2_batch, partitions_for_keys
+from scoremesh.contract.partitioner import murmur2_batch, partitions_for_keys
 
 KEYS = st.lists(st.binary(max_size=40), max_size=300)
 

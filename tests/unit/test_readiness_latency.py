@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.common.featurespec import LatencyGate
+from scoremesh.contract.featurespec import LatencyGate
 from services.registry.readiness import validate_model
 from services.trainer.datasets import CREDIT_SPEC
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 from aiokafka import ConsumerRecord
 
-from services.common.codec import codec
-from services.common.featurespec import RuleSet
+from scoremesh.contract.codec import codec
+from scoremesh.contract.featurespec import RuleSet
 from services.common.settings import Settings
 from services.trainer.datasets import CREDIT_SPEC, credit_events
 from services.validator.service import ValidatorCore, WindowedRate

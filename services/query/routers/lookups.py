@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from redis.exceptions import RedisError
 
-from services.common.featurespec import MAX_ID_LEN
+from scoremesh.contract.featurespec import MAX_ID_LEN
 from services.common.query_store import QueryStore
 from services.query.deps import Runtime
 from services.query.problems import Problem

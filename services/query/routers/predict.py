@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from services.common.featurespec import RuleSet
+from scoremesh.contract.featurespec import RuleSet
 from services.query.deps import read_access
 from services.query.middleware import PayloadTooLarge, too_large_response
 from services.query.problems import Problem, internal_error, response_for

@@ -21,13 +21,13 @@ import orjson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from services.common.avro_compiled import (
+from scoremesh.contract.avro_compiled import (
     UnsupportedSchema,
     compile_decoder,
     compile_encoder,
     compile_marking_decoder,
 )
-from services.common.catalog import schemas_dir, topic_spec
+from scoremesh.contract.catalog import schemas_dir, topic_spec
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10

@@ -319,7 +319,7 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
 def _retrain(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from services.cli_stream import _parse_since
+    from services.cli.stream import _parse_since
     from services.retrain.requests import publish_request, wait_for_result
     from services.retrain.trigger import manual_request
 

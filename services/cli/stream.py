@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from services.common.catalog import catalog
-from services.common.codec import CodecError, decode_any
+from scoremesh.contract.catalog import catalog
+from scoremesh.contract.codec import CodecError, decode_any
 from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
@@ -244,7 +244,7 @@ async def send_events(
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
-    from services.demo import Progress
+    from services.demo.runner import Progress
 
     text = sys.stdin.read() if args.file == "-" else _read(Path(args.file))
     parsed = parse_events(text, args.format)

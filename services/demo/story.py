@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from services.common.codec import codec
+from scoremesh.contract.codec import codec
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
 from services.common.settings import Settings
 from services.registry.client import describe

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from services.common.codec import codec, decode_any
+from scoremesh.contract.codec import codec, decode_any
 from services.common.devstack import DevStack, StackState
 from services.common.kafka import (
     assign_all,
@@ -34,8 +34,8 @@ from services.common.kafka import (
     start_with_retry,
 )
 from services.common.settings import Settings, default_home
-from services.demo_picture import Picture, render
-from services.demo_story import Observer, markers, story, stream_with_labels
+from services.demo.picture import Picture, render
+from services.demo.story import Observer, markers, story, stream_with_labels
 from services.trainer.bootstrap import bootstrap
 from services.trainer.datasets import credit_events
 

@@ -11,14 +11,15 @@ import yaml
 
 
 def schemas_dir() -> Path:
-    """``schemas/`` ships inside the wheel as ``services/schemas``; a checkout has it at the top."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "schemas", here.parent / "schemas"):
+    """``schemas/`` ships inside the client wheel as ``scoremesh/contract/schemas``; a
+    checkout has it at the top of the repository (two levels above ``client/``)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schemas", here.parents[2] / "schemas"):
         if (candidate / "topics.yaml").is_file():
             return candidate
     raise FileNotFoundError(
-        f"schemas/topics.yaml not found next to {here}; reinstall scoremesh "
-        "(the wheel carries it as services/schemas)"
+        f"schemas/topics.yaml not found next to {here}; reinstall scoremesh-client "
+        "(the wheel carries it as scoremesh/contract/schemas)"
     )
 
 

@@ -125,7 +125,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from services.demo import DemoOptions, run_demo
+    from services.demo.runner import DemoOptions, run_demo
 
     return run_demo(
         _settings(),
@@ -142,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from services import cli_models
+    from services.cli import models as cli_models
 
     return cli_models.run(args, _settings())
 
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=800.0, help="events per second")
     demo.set_defaults(func=cmd_demo)
 
-    from services import cli_models, cli_stream
+    from services.cli import models as cli_models
+    from services.cli import stream as cli_stream
 
     cli_models.add_parsers(sub)
     sub.choices["models"].set_defaults(func=cmd_models)
@@ -294,7 +295,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scoremesh: {exc}", file=sys.stderr)
             return 1
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())
