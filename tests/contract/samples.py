@@ -20,6 +20,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "event_time": 1767225600000,
         "features": FEATURES,
         "attributes": {"channel": "web"},
+        "model": "credit",
         "rule_set": "credit@1.0.0#g2",
         "flags": ["unknown_feature"],
     },
@@ -55,7 +56,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "latency_ms": 1.5,
         "scored_at": 1767225600100,
     },
-    "Label": {"event_id": "evt-1", "value": "1", "label_time": 1767312000000},
+    "Label": {"event_id": "evt-1", "value": "1", "label_time": 1767312000000, "model": "credit"},
     "UnmatchedLabel": {
         "event_id": "evt-3",
         "value": "1",

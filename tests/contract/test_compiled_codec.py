@@ -32,6 +32,7 @@ EVENTS = st.fixed_dictionaries(
         "event_time": st.integers(0, 2**62),
         "features": st.dictionaries(st.text(max_size=12), FEATURE_VALUE, max_size=12),
         "attributes": st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+        "model": st.one_of(st.none(), st.text(max_size=12)),
         "rule_set": st.one_of(st.none(), st.text(max_size=20)),
         "flags": st.lists(st.text(max_size=10), max_size=3),
     }
@@ -160,6 +161,7 @@ def test_long_varints_and_block_sizes_are_read() -> None:
         "event_time": 2**62,
         "features": {f"f{i}": -(2**40) + i for i in range(200)},
         "attributes": {},
+        "model": None,
         "rule_set": None,
         "flags": [],
     }
@@ -172,7 +174,7 @@ def test_long_varints_and_block_sizes_are_read() -> None:
     entry = string("a") + zigzag(3) + struct.pack("<d", 1.5)  # union branch 3 = double
     body = string("e") + string("x") + zigzag(7)
     body += zigzag(-1) + zigzag(len(entry)) + entry + zigzag(0)  # features: one sized block
-    body += zigzag(0) + zigzag(0) + zigzag(0)  # attributes, rule_set = null, flags
+    body += zigzag(0) * 4  # attributes, model = null, rule_set = null, flags
     data = fastavro_bytes("Event", {**event, "features": {}})[:10] + body
     expected = {**event, "event_id": "e", "event_time": 7, "features": {"a": 1.5}}
     assert codec("Event").decode(data) == fastavro_record("Event", data) == expected
@@ -184,6 +186,7 @@ EVENT_FIELDS = (
     "event_time",
     "features",
     "attributes",
+    "model",
     "rule_set",
     "flags",
 )
@@ -228,7 +231,7 @@ def test_a_skipped_sized_block_and_a_bad_branch_in_it() -> None:
 
     header = codec("Event").encode(SAMPLES["Event"])[:10]
     entry = string("a") + zigzag(3) + struct.pack("<d", 1.5)
-    tail = zigzag(0) + zigzag(0) + zigzag(0)  # attributes, rule_set = null, flags
+    tail = zigzag(0) * 4  # attributes, model = null, rule_set = null, flags
     sized = string("e") + string("x") + zigzag(7) + zigzag(-1) + zigzag(len(entry)) + entry
     record, marks = codec("Event").decode_marking(
         header + sized + zigzag(0) + tail, ("features",), ("features",)
