@@ -17,8 +17,9 @@ from typing import Any
 
 import orjson
 
-from scoremesh.contract.catalog import catalog
+from scoremesh.contract.catalog import catalog, topic_name
 from scoremesh.contract.codec import CodecError, decode_any
+from scoremesh.contract.topics import TopicName
 from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
@@ -354,7 +355,7 @@ async def tail_topic(
     await start_with_retry(consumer.start, "tail", settings)
     written = 0
     try:
-        tps = await assign_all(consumer, settings.topic(name))
+        tps = await assign_all(consumer, settings.topic(topic_name(name)))
         if not from_beginning:
             await true_end_offsets(consumer, tps)
         last = time.monotonic()
@@ -465,11 +466,12 @@ async def replay_dlq(
                 if key == REPLAY_HEADER:
                     replayed_sources.add(value.decode())
 
-        for topic, handler in (
+        handlers: tuple[tuple[TopicName, Any], ...] = (
             ("events.rejected", on_rejected),
             ("events.valid", on_valid),
             ("events.raw", on_raw),
-        ):
+        )
+        for topic, handler in handlers:
             tps = await assign_all(consumer, settings.topic(topic))
             await read_to_end(consumer, tps, handler, timeout_s=300)
     finally:

@@ -20,10 +20,11 @@ from urllib.parse import parse_qs, urlparse
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from scoremesh.contract.codec import codec
+from scoremesh.contract.topics import TopicName
 from services.common.kafka import make_consumer, start_with_retry
 from services.common.settings import Settings
 
-ARTIFACT_TOPIC = "models.artifacts"
+ARTIFACT_TOPIC: TopicName = "models.artifacts"
 
 
 class ArtifactError(RuntimeError):

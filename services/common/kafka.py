@@ -21,6 +21,7 @@ from aiokafka.helpers import create_ssl_context
 
 from scoremesh.contract.catalog import TopicSpec, catalog
 from scoremesh.contract.partitioner import partitions_for_keys
+from scoremesh.contract.topics import TopicName
 from services.common.metrics import KAFKA_UP
 from services.common.settings import Settings
 
@@ -243,7 +244,7 @@ async def ensure_topics(settings: Settings, specs: Iterable[TopicSpec] | None = 
         await admin.close()
 
 
-async def delete_topics(settings: Settings, names: Sequence[str]) -> None:
+async def delete_topics(settings: Settings, names: Sequence[TopicName]) -> None:
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=30_000)
     await start_with_retry(admin.start, "admin", settings)
     try:

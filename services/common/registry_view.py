@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.topics import TopicName
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.metrics import REGISTRY_RECORDS_SKIPPED
 from services.common.model_version import ACTIVE_STAGES, ModelVersion
@@ -23,7 +24,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-REGISTRY_TOPIC = "models.registry"
+REGISTRY_TOPIC: TopicName = "models.registry"
 
 
 class RegistryState:

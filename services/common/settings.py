@@ -21,10 +21,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from scoremesh.contract.topics import TOPICS, TopicName
 from services.monitor.policy import MonitorPolicy
 from services.retrain.policy import PromotionPolicy, RetrainPolicy
 
 ENV_PREFIX = "SCOREMESH_"
+_CATALOG_NAMES = frozenset(TOPICS)
 
 
 def default_home() -> Path:
@@ -228,8 +230,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, DevStackSource(settings_cls), file_secret_settings)
 
-    def topic(self, name: str) -> str:
-        """The physical topic name for a catalog topic."""
+    def topic(self, name: TopicName) -> str:
+        """The physical topic name for a catalog topic; a name outside the catalog is an error
+        (mypy checks the literal, this checks names that come from users or files)."""
+        if name not in _CATALOG_NAMES:
+            raise ConfigError(
+                f"unknown topic {name!r}: the catalog (schemas/topics.yaml) has "
+                + ", ".join(TOPICS)
+            )
         return f"{self.topic_prefix}{name}"
 
     def require_bootstrap(self) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from scoremesh.contract.codec import codec
+from scoremesh.contract.topics import TopicName
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
 from services.common.settings import Settings
 from services.registry.client import describe
@@ -67,7 +68,7 @@ class Observer:
     async def follow(self, stop: asyncio.Event) -> None:
         consumer = make_consumer(self.settings, group_id=None, max_poll_records=5000)
         await start_with_retry(consumer.start, "demo-observer", self.settings)
-        names = (
+        names: tuple[TopicName, ...] = (
             "predictions.labeled",
             "alerts",
             "retrain.requests",

@@ -21,13 +21,14 @@ import orjson
 
 from scoremesh.contract.codec import codec
 from scoremesh.contract.featurespec import event_time_ms
+from scoremesh.contract.topics import TopicName
 from services.common.errors import UserError
 from services.common.kafka import make_producer, start_with_retry
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
 from services.label_join.join import MAX_ID_LEN
 
-LABELS_TOPIC = "labels"
+LABELS_TOPIC: TopicName = "labels"
 CSV_COLUMNS = ("event_id", "value", "label_time")
 FileFormat = Literal["jsonl", "csv"]
 

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from scoremesh.contract.catalog import TopicSpec, catalog
 from scoremesh.contract.codec import codec
+from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
 from services.common.kafka import (
@@ -57,13 +58,13 @@ from services.label_join.performance import GroupStats, merge_all
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions"
-LABELS = "labels"
-LABELED = "predictions.labeled"
-EXAMPLES = "training.examples"
-UNMATCHED = "labels.unmatched"
-STATS = "monitoring.stats"
-CHANGELOG = "label-join.changelog"
+PREDICTIONS: TopicName = "predictions"
+LABELS: TopicName = "labels"
+LABELED: TopicName = "predictions.labeled"
+EXAMPLES: TopicName = "training.examples"
+UNMATCHED: TopicName = "labels.unmatched"
+STATS: TopicName = "monitoring.stats"
+CHANGELOG: TopicName = "label-join.changelog"
 
 # Prometheus gets the headline metrics, never the per-feature bins (label cardinality).
 GAUGE_METRICS = (

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.topics import TopicName
 from services.common.batchloop import Out, Record
 from services.common.model_version import ModelVersion
 from services.common.registry_view import RegistryState
@@ -34,11 +35,11 @@ from services.monitor.windows import DriftWindow, Measurement, VersionReference
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions"
-LABELED = "predictions.labeled"
-STATS = "monitoring.stats"
-DEPLOYMENTS = "deployments.log"
-ALERTS = "alerts"
+PREDICTIONS: TopicName = "predictions"
+LABELED: TopicName = "predictions.labeled"
+STATS: TopicName = "monitoring.stats"
+DEPLOYMENTS: TopicName = "deployments.log"
+ALERTS: TopicName = "alerts"
 SOURCES = (PREDICTIONS, LABELED, STATS, DEPLOYMENTS)
 REPLAYED_SOURCES = (PREDICTIONS, LABELED)  # detector state lives on these
 
@@ -241,7 +242,7 @@ class MonitorCore:
             self._alert_codec.encode(transition.record),
         )
 
-    def _decode(self, name: str, records: list[Record]) -> list[tuple[int, dict[str, Any]]]:
+    def _decode(self, name: TopicName, records: list[Record]) -> list[tuple[int, dict[str, Any]]]:
         decode = self._codecs[name].decode
         out: list[tuple[int, dict[str, Any]]] = []
         for record in records:

@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from scoremesh.contract.featurespec import RuleSet
+from scoremesh.contract.topics import TopicName
 from services.common.kafka import ask_broker, make_producer, start_with_retry
 from services.common.metrics import BATCH_SIZE, PREDICTION_LATENCY, PREDICTIONS, SCORING_ERRORS
 from services.common.query_store import QueryStore
@@ -31,7 +32,7 @@ from services.scorer.scoring import ScoringError, score_events
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_TOPIC = "predictions"
+PREDICTIONS_TOPIC: TopicName = "predictions"
 SOURCE = "sync"
 
 EventPredictions = list[dict[str, Any]]

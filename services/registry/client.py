@@ -9,6 +9,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from scoremesh.contract.codec import codec
+from scoremesh.contract.topics import TopicName
 from services.common.kafka import (
     assign_all,
     make_consumer,
@@ -18,8 +19,8 @@ from services.common.kafka import (
 )
 from services.common.settings import Settings
 
-COMMANDS_TOPIC = "models.commands"
-DEPLOYMENTS_TOPIC = "deployments.log"
+COMMANDS_TOPIC: TopicName = "models.commands"
+DEPLOYMENTS_TOPIC: TopicName = "deployments.log"
 
 
 class RegistryTimeout(RuntimeError):

@@ -14,6 +14,7 @@ import time
 from aiokafka import ConsumerRecord
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.topics import TopicName
 from services.common.artifacts import ArtifactError, fetch_artifact
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
@@ -32,9 +33,9 @@ from services.registry.logic import Decision, RegistryBook, decide
 
 log = logging.getLogger(__name__)
 
-COMMANDS_TOPIC = "models.commands"
-REGISTRY_TOPIC = "models.registry"
-DEPLOYMENTS_TOPIC = "deployments.log"
+COMMANDS_TOPIC: TopicName = "models.commands"
+REGISTRY_TOPIC: TopicName = "models.registry"
+DEPLOYMENTS_TOPIC: TopicName = "deployments.log"
 
 
 async def check_artifact(settings: Settings, proposal_json: str | None) -> str | None:

@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaError
 
 from scoremesh.contract.codec import CodecError, codec
 from scoremesh.contract.featurespec import Violation
+from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
 from services.common.kafka import make_producer, start_with_retry
@@ -28,9 +29,9 @@ from services.scorer.scoring import BatchResult, ScoringError, score_events
 
 log = logging.getLogger(__name__)
 
-SOURCE = "events.valid"
-PREDICTIONS_TOPIC = "predictions"
-REJECTED_TOPIC = "events.rejected"
+SOURCE: TopicName = "events.valid"
+PREDICTIONS_TOPIC: TopicName = "predictions"
+REJECTED_TOPIC: TopicName = "events.rejected"
 
 
 class ScorerService:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
 from services.common.kafka import (
@@ -29,8 +30,8 @@ from services.trainer.job import Outcome, run_request
 
 log = logging.getLogger(__name__)
 
-REQUESTS = "retrain.requests"
-RESULTS = "retrain.results"
+REQUESTS: TopicName = "retrain.requests"
+RESULTS: TopicName = "retrain.results"
 MAX_ATTEMPTS = 2
 TERMINAL = ("succeeded", "rejected", "failed")
 

@@ -11,6 +11,7 @@ from typing import Any
 from scoremesh.contract.avro_compiled import zigzag
 from scoremesh.contract.codec import HEADER_LEN, MAGIC, CodecError, codec, decode_any
 from scoremesh.contract.featurespec import CheckedEvent, RuleSet, Violation
+from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
 from services.common.kafka import make_producer, start_with_retry
@@ -23,9 +24,9 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 _ABSENT = object()
-SOURCE = "events.raw"
-VALID = "events.valid"
-REJECTED_TOPIC = "events.rejected"
+SOURCE: TopicName = "events.raw"
+VALID: TopicName = "events.valid"
+REJECTED_TOPIC: TopicName = "events.rejected"
 
 
 class WindowedRate:

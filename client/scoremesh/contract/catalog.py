@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from scoremesh.contract.topics import TopicName
+
 
 def schemas_dir() -> Path:
     """``schemas/`` ships inside the client wheel as ``scoremesh/contract/schemas``; a
@@ -25,7 +27,7 @@ def schemas_dir() -> Path:
 
 @dataclass(frozen=True)
 class TopicSpec:
-    name: str
+    name: TopicName
     key: str
     value: str
     partitions: int
@@ -52,12 +54,12 @@ class CatalogError(ValueError):
     """topics.yaml does not describe a valid catalog."""
 
 
-def parse_catalog(raw: dict[str, Any]) -> dict[str, TopicSpec]:
+def parse_catalog(raw: dict[str, Any]) -> dict[TopicName, TopicSpec]:
     defaults = raw.get("defaults", {})
     topics = raw.get("topics")
     if not isinstance(topics, dict) or not topics:
         raise CatalogError("topics.yaml: 'topics' must be a non-empty mapping")
-    out: dict[str, TopicSpec] = {}
+    out: dict[Any, TopicSpec] = {}
     for name, spec in topics.items():
         merged = {**defaults, **spec}
         try:
@@ -86,14 +88,18 @@ def parse_catalog(raw: dict[str, Any]) -> dict[str, TopicSpec]:
 
 
 @lru_cache(maxsize=1)
-def catalog() -> dict[str, TopicSpec]:
+def catalog() -> dict[TopicName, TopicSpec]:
     with (schemas_dir() / "topics.yaml").open() as fh:
         return parse_catalog(yaml.safe_load(fh))
 
 
-def topic_spec(name: str) -> TopicSpec:
-    try:
-        return catalog()[name]
-    except KeyError:
+def topic_name(name: str) -> TopicName:
+    """A name given by a user or a file, checked against the catalog."""
+    if name not in catalog():
         known = ", ".join(sorted(catalog()))
-        raise CatalogError(f"unknown topic {name!r}; the catalog has: {known}") from None
+        raise CatalogError(f"unknown topic {name!r}; the catalog has: {known}")
+    return name  # type: ignore[return-value]
+
+
+def topic_spec(name: str) -> TopicSpec:
+    return catalog()[topic_name(name)]

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import orjson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
@@ -32,6 +32,7 @@ from scoremesh.contract.catalog import schemas_dir, topic_spec
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
 _T = TypeVar("_T")
+R = TypeVar("R")  # a record type of scoremesh.contract.records (a TypedDict)
 _FILE_RE = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
 
 
@@ -96,8 +97,11 @@ def all_schema_versions() -> dict[str, list[SchemaVersion]]:
     return found
 
 
-class AvroCodec:
-    """Encoder/decoder for one record type; decodes every released version of it."""
+class AvroCodec(Generic[R]):
+    """Encoder/decoder for one record type; decodes every released version of it.
+
+    Typed by the record's TypedDict when made with ``codec(records.Event)``, so mypy checks
+    the field names and types of what is encoded and decoded."""
 
     def __init__(self, name: str) -> None:
         versions = all_schema_versions().get(name)
@@ -124,7 +128,7 @@ class AvroCodec:
             Callable[[bytes, int], tuple[dict[str, Any], tuple[int, ...]]] | None,
         ] = {}
 
-    def encode(self, record: dict[str, Any]) -> bytes:
+    def encode(self, record: R) -> bytes:
         try:
             if self._fast is not None:
                 return self._fast(record)
@@ -140,11 +144,11 @@ class AvroCodec:
         """``C3 01`` + the current schema's fingerprint: what every encoded record starts with."""
         return self._header
 
-    def decode(self, data: bytes) -> dict[str, Any]:
+    def decode(self, data: bytes) -> R:
         writer = self._writer(data)
         if writer is self.current.parsed and self._fast_decode is not None:
-            return self._compiled(self._fast_decode, data)
-        return self._resolve(writer, data)
+            return self._compiled(self._fast_decode, data)  # type: ignore[return-value]
+        return self._resolve(writer, data)  # type: ignore[return-value]
 
     def decode_marking(
         self, data: bytes, after: tuple[str, ...], skip: tuple[str, ...] = ()
@@ -203,12 +207,21 @@ class AvroCodec:
 
 
 @cache
-def codec(name: str) -> AvroCodec:
-    """The shared codec for a record type (parsed once per process)."""
+def _shared(name: str) -> AvroCodec[Any]:
     return AvroCodec(name)
 
 
-def codec_for_topic(topic: str) -> AvroCodec:
+@overload
+def codec(record: type[R]) -> AvroCodec[R]: ...
+@overload
+def codec(record: str) -> AvroCodec[dict[str, Any]]: ...
+def codec(record: type[Any] | str) -> AvroCodec[Any]:
+    """The shared codec for a record type, parsed once per process: ``codec(Event)`` with a
+    TypedDict of ``scoremesh.contract.records`` (typed), or ``codec("Event")`` by name."""
+    return _shared(record if isinstance(record, str) else record.__name__)
+
+
+def codec_for_topic(topic: str) -> AvroCodec[dict[str, Any]]:
     return codec(topic_spec(topic).value)
 
 
