@@ -129,9 +129,9 @@ def pin(pid: int, cpus: str) -> None:
 
 async def register_champion(settings: Settings, onnx: bytes, metadata: Any) -> None:
     from services.common.artifacts import upload_artifact
+    from services.common.commands import command, new_command
     from services.common.kafka import ensure_topics, make_producer, start_with_retry
     from services.common.model_version import VersionProposal
-    from services.registry.client import command, new_command
     from services.registry.service import RegistryService
     from services.trainer.datasets import CREDIT_SPEC
 

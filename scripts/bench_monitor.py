@@ -63,10 +63,10 @@ from services.common.kafka import (
     start_with_retry,
 )
 from services.common.lifecycle import Service
+from services.common.policies.monitor import MonitorPolicy
+from services.common.registration import register_version
 from services.common.settings import Settings
-from services.monitor.policy import MonitorPolicy
 from services.monitor.service import MonitorService
-from services.registry.operations import register_version
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.pipeline import train

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pipeline as bp
 
 from scoremesh.contract.codec import CodecError, codec
+from services.common.commands import command, new_command
 from services.common.settings import Settings
-from services.registry.client import command, new_command
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.datasets import CREDIT_SPEC, credit_events
@@ -269,7 +269,7 @@ async def hot_swaps(settings: Settings, n: int, rate: float, timeout_s: float) -
         None,
         3,
     )
-    from services.registry.operations import register_version
+    from services.common.registration import register_version
 
     encode = codec("Event").encode
     items = [

@@ -18,11 +18,11 @@ import orjson
 from scoremesh.contract.codec import decode_any
 from scoremesh.contract.featurespec import FeatureSpec
 from services.common.artifacts import upload_artifact
+from services.common.commands import command, new_command
 from services.common.devstack import broker_binary, port_open
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
 from services.common.model_version import VersionProposal
 from services.common.settings import Settings
-from services.registry.client import command, new_command
 from services.trainer.datasets import CREDIT_SPEC
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
+from services.common.commands import command, describe, new_command, read_history
 from services.common.errors import UserError
 from services.common.model_version import STAGES, VersionMetadata
 from services.common.settings import Settings
-from services.registry.client import command, describe, new_command, read_history
 
 STAGE_TARGETS = [s for s in STAGES if s not in ("registered", "rolled_back")]
 
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _inputs(
     args: argparse.Namespace,
 ) -> tuple[Any, bytes, list[dict[str, Any]] | None, list[str] | None]:
-    from services.registry.operations import load_labelled_data, load_model_bytes, load_spec
+    from services.common.registration import load_labelled_data, load_model_bytes, load_spec
 
     spec = load_spec(args.spec)
     onnx = load_model_bytes(args.file, spec, trust_pickle=args.trust_pickle)
@@ -261,7 +261,7 @@ def _print_readiness(report: dict[str, Any], failures: list[str]) -> list[str]:
 
 
 def _validate(args: argparse.Namespace, settings: Settings) -> int:
-    from services.registry.readiness import validate_model
+    from services.common.readiness import validate_model
 
     spec, onnx, rows, labels = _inputs(args)
     result = validate_model(onnx, spec, rows, labels)
@@ -272,7 +272,7 @@ def _validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _register(args: argparse.Namespace, settings: Settings) -> int:
-    from services.registry.operations import OperationError, register_version
+    from services.common.registration import OperationError, register_version
 
     spec, onnx, rows, labels = _inputs(args)
     metadata = VersionMetadata()

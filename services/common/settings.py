@@ -22,8 +22,8 @@ from pydantic_settings import (
 )
 
 from scoremesh.contract.topics import TOPICS, TopicName
-from services.monitor.policy import MonitorPolicy
-from services.retrain.policy import PromotionPolicy, RetrainPolicy
+from services.common.policies.monitor import MonitorPolicy
+from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
 
 ENV_PREFIX = "SCOREMESH_"
 _CATALOG_NAMES = frozenset(TOPICS)

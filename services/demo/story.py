@@ -23,9 +23,9 @@ import orjson
 
 from scoremesh.contract.codec import codec
 from scoremesh.contract.topics import TopicName
+from services.common.commands import describe
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
 from services.common.settings import Settings
-from services.registry.client import describe
 from services.trainer.datasets import agrawal_rows, envelope
 
 START_MS = 1_767_225_600_000

@@ -40,15 +40,15 @@ import orjson
 
 from scoremesh.contract.codec import MAGIC, CodecError, codec
 from services.common.batchloop import Out, Record
-from services.common.registry_view import RegistryState
-from services.label_join import telemetry
-from services.label_join.performance import (
+from services.common.performance import (
     Contribution,
     GroupStats,
     brier_term,
     delay_bucket,
     log_loss_term,
 )
+from services.common.registry_view import RegistryState
+from services.label_join import telemetry
 from services.label_join.rows import EventRows
 
 log = logging.getLogger(__name__)

@@ -43,6 +43,7 @@ from services.common.kafka import (
     start_with_retry,
 )
 from services.common.metrics import EVENTS_OUT
+from services.common.performance import GroupStats, merge_all
 from services.common.redis_client import connect
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.settings import ConfigError, Settings
@@ -54,7 +55,6 @@ from services.label_join.join import (
     OutputTopics,
     VersionCatalog,
 )
-from services.label_join.performance import GroupStats, merge_all
 
 log = logging.getLogger(__name__)
 

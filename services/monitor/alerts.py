@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from services.monitor.policy import AlertPolicy, Severity, SeverityRule, severity_rank
+from services.common.policies.monitor import AlertPolicy, Severity, SeverityRule, severity_rank
 
 AlertEvent = Literal["opened", "escalated", "updated", "resolved", "renotify"]
 NOTIFIED: frozenset[str] = frozenset({"opened", "escalated", "resolved", "renotify"})

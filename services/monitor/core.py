@@ -23,6 +23,7 @@ from scoremesh.contract.codec import CodecError, codec
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import Out, Record
 from services.common.model_version import ModelVersion
+from services.common.policies.monitor import EffectivePolicy, MonitorPolicy, Severity
 from services.common.registry_view import RegistryState
 from services.common.settings import Settings
 from services.monitor import metrics as m
@@ -30,7 +31,6 @@ from services.monitor.alerts import AlertManager, Condition, Transition, alert_k
 from services.monitor.detectors import Detection, DetectorBank, ErrorBank
 from services.monitor.features import FeatureLayout, Preparer
 from services.monitor.performance import PerformanceCheck, label_join_check, performance_signal
-from services.monitor.policy import EffectivePolicy, MonitorPolicy, Severity
 from services.monitor.windows import DriftWindow, Measurement, VersionReference
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from river import drift
 from river.drift import binary
 from scipy.special import chdtrc  # type: ignore[import-untyped]
 
+from services.common.policies.monitor import CategoryTestPolicy, DetectorPolicy, DetectorSpec
 from services.monitor.features import FeatureLayout, PreparedBatch
-from services.monitor.policy import CategoryTestPolicy, DetectorPolicy, DetectorSpec
 
 RECENT = 200  # values behind a detection that tell its direction
 

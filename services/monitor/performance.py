@@ -1,7 +1,7 @@
 """Performance-threshold breaches from monitoring.stats records.
 
 The label-join publishes windowed metrics per version x variant x segment and owns the
-rule that judges them (``services.label_join.performance.performance_breaches``, pure);
+rule that judges them (``services.common.performance.performance_breaches``, pure);
 the monitor, the only writer of alerts, calls it for each record it consumes.
 ``PerformanceCheck`` is the seam: any function of that shape can replace it (tests do).
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.model_version import ModelVersion
-from services.label_join.performance import PerformancePolicy as ThresholdPolicy
-from services.label_join.performance import ThresholdRule, performance_breaches
-from services.monitor.policy import PerformancePolicy, Severity
+from services.common.performance import PerformancePolicy as ThresholdPolicy
+from services.common.performance import ThresholdRule, performance_breaches
+from services.common.policies.monitor import PerformancePolicy, Severity
 
 
 @dataclass(frozen=True)

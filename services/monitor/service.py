@@ -34,6 +34,7 @@ from services.common.kafka import (
     read_to_end,
     start_with_retry,
 )
+from services.common.policies.monitor import MonitorPolicy, with_sinks
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
 from services.monitor import metrics as m
@@ -41,7 +42,6 @@ from services.monitor.alerts import Transition
 from services.monitor.core import ALERTS, REPLAYED_SOURCES, SOURCES, MonitorCore
 from services.monitor.lag import LagCollector
 from services.monitor.performance import PerformanceCheck
-from services.monitor.policy import MonitorPolicy, with_sinks
 from services.monitor.sinks import Sink, SinkHub, sinks_from_policy
 from services.monitor.store import AlertStore
 

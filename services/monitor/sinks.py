@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
+from services.common.policies.monitor import SinkPolicy, severity_rank
 from services.monitor import metrics as m
 from services.monitor.alerts import Transition
-from services.monitor.policy import SinkPolicy, severity_rank
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from redis.exceptions import RedisError
 
 from scoremesh.contract.codec import CodecError, codec
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
+from services.common.policies.monitor import severity_rank
 from services.common.settings import Settings
 from services.monitor.alerts import AlertBook
 from services.monitor.core import ALERTS
-from services.monitor.policy import severity_rank
 from services.monitor.store import AlertStore
 
 ALERT_COLUMNS = (

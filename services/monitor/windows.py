@@ -1,7 +1,7 @@
 """Windowed tests of one model version against its training reference, vectorised.
 
 The reference is what the trainer stores in ``metadata.reference``
-(``services/trainer/pipeline.reference_distributions``): decile edges of every numeric
+(``services/common/evaluation.reference_distributions``): decile edges of every numeric
 feature and of the score, category shares of categorical features. A window is the last
 ``size`` predictions of a version (a count window: its sample size, and so the power of
 the tests, does not depend on traffic), tested every ``hop`` predictions:
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from scipy.special import kolmogorov  # type: ignore[import-untyped]
 
+from services.common.policies.monitor import WindowPolicy
 from services.monitor.features import FeatureLayout, PreparedBatch
-from services.monitor.policy import WindowPolicy
 
 
 @dataclass(frozen=True)

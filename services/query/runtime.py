@@ -18,17 +18,17 @@ from redis.exceptions import RedisError
 
 from scoremesh.contract.featurespec import RuleSet
 from scoremesh.contract.topics import TopicName
+from services.common.commands import read_history
 from services.common.kafka import ask_broker, make_producer, start_with_retry
 from services.common.metrics import BATCH_SIZE, PREDICTION_LATENCY, PREDICTIONS, SCORING_ERRORS
 from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
+from services.common.serving.models import ModelHolder, ServingSet, serving_rule_set
+from services.common.serving.scoring import ScoringError, score_events
 from services.common.settings import Settings
 from services.query.batching import AdaptiveBatcher
 from services.query.config import ApiConfig
 from services.query.sink import PUBLISH_REFUSED, PredictionSink
-from services.registry.client import read_history
-from services.scorer.models import ModelHolder, ServingSet, serving_rule_set
-from services.scorer.scoring import ScoringError, score_events
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.retrain.policy import PromotionPolicy
+from services.common.policies.retrain import PromotionPolicy
 
 
 @dataclass

@@ -15,6 +15,7 @@ from prometheus_client import Counter
 
 from scoremesh.contract.codec import CodecError, codec
 from services.common.batchloop import BatchLoop, Out, Record
+from services.common.commands import new_command, send_command
 from services.common.health import HealthServer
 from services.common.kafka import (
     assign_all,
@@ -25,7 +26,6 @@ from services.common.kafka import (
 )
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
-from services.registry.client import new_command, send_command
 from services.retrain.promotion import Move, PromotionBook, judge
 from services.retrain.trigger import TriggerState, on_alert, on_schedule, on_stats
 

@@ -12,7 +12,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.retrain.policy import SEVERITIES, RetrainPolicy
+from services.common.policies.retrain import SEVERITIES, RetrainPolicy
 
 DAY_MS = 86_400_000
 

@@ -14,6 +14,7 @@ from scoremesh.contract.codec import CodecError, codec
 from scoremesh.contract.featurespec import Violation
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
+from services.common.commands import new_command, send_command
 from services.common.health import HealthServer
 from services.common.kafka import make_producer, start_with_retry
 from services.common.metrics import PREDICTION_LATENCY, PREDICTIONS, REJECTED, SCORING_ERRORS
@@ -21,11 +22,10 @@ from services.common.model_version import ModelVersion
 from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
 from services.common.rejections import rejection_record
+from services.common.serving.models import ModelHolder, ServingSet
+from services.common.serving.scoring import BatchResult, ScoringError, score_events
 from services.common.settings import Settings
-from services.registry.client import new_command, send_command
 from services.scorer.canary_guard import CanaryGuard
-from services.scorer.models import ModelHolder, ServingSet
-from services.scorer.scoring import BatchResult, ScoringError, score_events
 
 log = logging.getLogger(__name__)
 

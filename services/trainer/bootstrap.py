@@ -8,9 +8,9 @@ from typing import Any
 
 from services.common.errors import UserError
 from services.common.model_version import DataWindow
+from services.common.registration import register_version
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
-from services.registry.operations import register_version
 from services.trainer.datasets import CREDIT_SPEC, DATASET, credit_events
 from services.trainer.pipeline import train
 

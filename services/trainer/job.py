@@ -16,14 +16,15 @@ import numpy as np
 
 from scoremesh.contract.codec import codec
 from services.common.artifacts import fetch_artifact
+from services.common.evaluation import classification_metrics
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.model_version import DataWindow, ModelVersion, parse_semver
 from services.common.onnx_model import LoadedModel, load_model
+from services.common.readiness import load_candidate, validate_model
+from services.common.registration import register_version
 from services.common.registry_view import RegistryState
 from services.common.settings import Settings
-from services.registry.operations import register_version
-from services.registry.readiness import load_candidate, validate_model
-from services.trainer.pipeline import TrainedModel, classification_metrics, train
+from services.trainer.pipeline import TrainedModel, train
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from scoremesh.contract.codec import codec
+from services.common.commands import command, new_command, read_history
 from services.common.kafka import make_producer, start_with_retry
 from services.common.settings import Settings
-from services.registry.client import command, new_command, read_history
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.datasets import credit_events

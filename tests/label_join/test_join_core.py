@@ -20,6 +20,7 @@ from sklearn.metrics import (
 )
 
 from scoremesh.contract.codec import CodecError, codec
+from services.common.performance import GroupStats, merge_all
 from services.common.registry_view import RegistryState
 from services.label_join.join import (
     DAY_MS,
@@ -33,7 +34,6 @@ from services.label_join.join import (
     VersionInfo,
     state_record,
 )
-from services.label_join.performance import GroupStats, merge_all
 from services.label_join.rows import EventRows
 from tests.label_join.factories import (
     AGE_EDGES,
@@ -496,7 +496,7 @@ def test_multiclass_metrics_match_sklearn_macro_average() -> None:
     classes = ("a", "b", "c")
     stats = GroupStats(classes, "c")
     truth, decisions, probas = [], [], []
-    from services.label_join.performance import Contribution, brier_term, log_loss_term
+    from services.common.performance import Contribution, brier_term, log_loss_term
 
     for _ in range(400):
         p = rng.dirichlet([1, 1, 1])

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from services.label_join.labels import LabelFileError, read_labels
-from services.label_join.performance import (
+from services.common.performance import (
     PerformancePolicy,
     ThresholdRule,
     performance_breaches,
 )
+from services.label_join.labels import LabelFileError, read_labels
 
 NOW = 1_767_300_000_000
 

@@ -12,8 +12,8 @@ from scoremesh.contract.codec import codec
 from services.common.batchloop import Record
 from services.common.model_version import ModelVersion, VersionMetadata
 from services.common.onnx_model import LoadedModel, make_session
-from services.scorer.models import ServingSet
-from services.scorer.scoring import score_events
+from services.common.serving.models import ServingSet
+from services.common.serving.scoring import score_events
 from services.trainer.datasets import CREDIT_SPEC, credit_events
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from scoremesh.contract.codec import codec
+from services.common.policies.monitor import DEFAULT_RULES, AlertPolicy, SeverityRule, Thresholds
 from services.monitor.alerts import AlertBook, AlertManager, Condition, classify
-from services.monitor.policy import DEFAULT_RULES, AlertPolicy, SeverityRule, Thresholds
 
 MIN = 60_000
 POLICY = AlertPolicy(cooldown_s=600, heartbeat_s=120)

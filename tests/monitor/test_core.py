@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from services.common.policies.monitor import MonitorPolicy
 from services.common.registry_view import RegistryState
+from services.common.serving.models import ServingSet
+from services.common.serving.scoring import score_events
 from services.common.settings import Settings
 from services.monitor.core import MonitorCore
-from services.monitor.policy import MonitorPolicy
-from services.scorer.models import ServingSet
-from services.scorer.scoring import score_events
 from services.trainer.datasets import credit_events
 from tests.monitor.streams import as_records, credit_version, labeled, loaded, predictions
 

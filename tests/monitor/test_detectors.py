@@ -9,15 +9,15 @@ import pytest
 from river.datasets import synth
 
 from scoremesh.contract.featurespec import FeatureRule, FeatureSpec
-from services.monitor.detectors import CategoryShift, DetectorBank, ErrorBank, StreamDetector
-from services.monitor.features import FeatureLayout, PreparedBatch
-from services.monitor.policy import (
+from services.common.policies.monitor import (
     ADWIN_ERROR,
     ADWIN_FEATURE,
     CategoryTestPolicy,
     DetectorPolicy,
     DetectorSpec,
 )
+from services.monitor.detectors import CategoryShift, DetectorBank, ErrorBank, StreamDetector
+from services.monitor.features import FeatureLayout, PreparedBatch
 
 STEP_AT = 5_000
 SEA_DRIFT_AT = 20_000

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from services.monitor.policy import (
+from services.common.policies.monitor import (
     DetectorSpec,
     MonitorPolicy,
     PolicyError,

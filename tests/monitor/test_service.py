@@ -12,10 +12,10 @@ from prometheus_client import REGISTRY
 
 from scoremesh.contract.codec import codec
 from services.common.kafka import make_consumer, make_producer, start_with_retry
+from services.common.policies.monitor import AlertPolicy, MonitorPolicy, ReplayPolicy, WindowPolicy
 from services.common.settings import Settings
 from services.monitor.alerts import Transition
 from services.monitor.lag import LagCollector
-from services.monitor.policy import AlertPolicy, MonitorPolicy, ReplayPolicy, WindowPolicy
 from services.monitor.service import MonitorService
 from services.monitor.sinks import LogSink
 from services.monitor.status import ALERT_COLUMNS, format_table, monitor_status

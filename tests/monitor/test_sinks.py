@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from services.common.policies.monitor import AlertPolicy, SinkPolicy
 from services.monitor.alerts import AlertManager, Condition, Transition
-from services.monitor.policy import AlertPolicy, SinkPolicy
 from services.monitor.sinks import PagerDutySink, SinkHub, SlackSink, WebhookSink
 
 FAST = SinkPolicy(backoff_initial_s=0.01, backoff_max_s=0.05, max_attempts=4, timeout_s=2)

@@ -7,8 +7,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from scoremesh.contract.featurespec import FeatureRule, FeatureSpec
+from services.common.policies.monitor import WindowPolicy
 from services.monitor.features import FeatureLayout, Preparer, encode_categories
-from services.monitor.policy import WindowPolicy
 from services.monitor.windows import (
     DriftWindow,
     VersionReference,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from scoremesh.contract.featurespec import LatencyGate
-from services.registry.readiness import validate_model
+from services.common.readiness import validate_model
 from services.trainer.datasets import CREDIT_SPEC
 
 

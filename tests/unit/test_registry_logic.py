@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
+from services.common.commands import new_command
 from services.common.model_version import VersionProposal
-from services.registry.client import new_command
 from services.registry.logic import RegistryBook, decide
 from services.trainer.datasets import CREDIT_SPEC
 

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from services.retrain.policy import PromotionPolicy, RetrainPolicy
+from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
 from services.retrain.promotion import PromotionBook, Tally, judge, one_sided_p
 from services.retrain.trigger import TriggerState, on_alert, on_schedule, on_stats
 

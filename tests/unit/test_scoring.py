@@ -11,9 +11,9 @@ from services.common.artifacts import sha256_of
 from services.common.model_version import ModelVersion
 from services.common.onnx_model import load_model
 from services.common.routing import in_canary
+from services.common.serving.models import ServingSet
+from services.common.serving.scoring import ScoringError, score_events
 from services.scorer.canary_guard import CanaryGuard
-from services.scorer.models import ServingSet
-from services.scorer.scoring import ScoringError, score_events
 from services.trainer.datasets import CREDIT_SPEC, credit_events
 
 

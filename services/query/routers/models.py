@@ -8,6 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, Query
 from fastapi.responses import JSONResponse
 
+from services.common.commands import (
+    RegistryTimeout,
+    new_command,
+    send_command,
+    wait_for_outcome,
+)
 from services.common.kafka import KafkaUnavailable
 from services.common.model_version import ModelVersion
 from services.query.deps import MutationAuth, Runtime
@@ -24,12 +30,6 @@ from services.query.schemas import (
     RollbackIn,
     VersionOut,
     problem_responses,
-)
-from services.registry.client import (
-    RegistryTimeout,
-    new_command,
-    send_command,
-    wait_for_outcome,
 )
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Path, Query
 from redis.exceptions import RedisError
 
-from services.monitor.store import AlertStore
+from services.common.alert_store import AlertReadModel
 from services.query.deps import Runtime
 from services.query.problems import Problem
 from services.query.runtime import QueryRuntime
@@ -24,12 +24,12 @@ router = APIRouter(prefix="/v1", tags=["monitoring"])
 RECENT_ALERTS = 1000
 
 
-def _alert_store(runtime: QueryRuntime) -> AlertStore:
+def _alert_store(runtime: QueryRuntime) -> AlertReadModel:
     store = runtime.store
     if store is None:
         raise Problem(503, "store-unavailable", "this server has no Redis; set SCOREMESH_REDIS_URL")
     # Reads only: the TTL and cap matter to the monitor, which writes.
-    return AlertStore(runtime.settings, ttl_s=1, recent=RECENT_ALERTS, client=store.client)
+    return AlertReadModel(runtime.settings, ttl_s=1, recent=RECENT_ALERTS, client=store.client)
 
 
 def _unavailable(exc: Exception) -> Problem:

@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
 from scoremesh.contract.featurespec import RuleSet
+from services.common.serving.scoring import ScoringError
 from services.query.deps import read_access
 from services.query.middleware import PayloadTooLarge, too_large_response
 from services.query.problems import Problem, internal_error, response_for
@@ -23,7 +24,6 @@ from services.query.schemas import (
     PredictionOut,
     problem_responses,
 )
-from services.scorer.scoring import ScoringError
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 

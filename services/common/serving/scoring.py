@@ -9,7 +9,7 @@ from typing import Any
 
 from services.common.onnx_model import LoadedModel
 from services.common.routing import in_canary
-from services.scorer.models import ServingSet
+from services.common.serving.models import ServingSet
 
 
 class ScoringError(RuntimeError):

@@ -14,12 +14,12 @@ from pydantic import ValidationError
 
 from scoremesh.contract.featurespec import FeatureSpec
 from services.common.artifacts import upload_artifact
+from services.common.commands import command, new_command
 from services.common.errors import UserError
 from services.common.kafka import make_producer, start_with_retry
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
+from services.common.readiness import ReadinessReport, validate_model
 from services.common.settings import Settings
-from services.registry.client import command, new_command
-from services.registry.readiness import ReadinessReport, validate_model
 
 
 class OperationError(UserError, ValueError):

@@ -15,9 +15,9 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from scoremesh.contract.featurespec import FeatureSpec, Vectoriser
+from services.common.evaluation import classification_metrics
 from services.common.model_version import ModelVersion
 from services.common.onnx_model import LoadedModel, ModelLoadError, check_onnx_inputs, make_session
-from services.trainer.pipeline import classification_metrics
 
 LATENCY_BATCHES = (1, 8, 64, 256, 1024)
 

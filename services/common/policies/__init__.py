@@ -1,0 +1,1 @@
+"""Configuration models of the monitor, retraining and promotion (JSON in the environment)."""

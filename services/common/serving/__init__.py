@@ -1,0 +1,1 @@
+"""Loading and scoring models: shared by the scorer and the query API."""
