@@ -42,7 +42,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HOME=/var/lib/scoremesh \
     SCOREMESH_HOME=/var/lib/scoremesh \
     SCOREMESH_ARTIFACT_DIR=/var/lib/scoremesh/artifacts \
-    SCOREMESH_FAUST_DATA_DIR=/var/lib/scoremesh/faust \
     SCOREMESH_METRICS_PORT=9400 \
     SCOREMESH_API_PORT=8080
 

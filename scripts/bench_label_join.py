@@ -472,7 +472,7 @@ async def io_floor(settings: Settings) -> None:
         producer,
         copy,
         pipeline_depth=settings.batch_pipeline_depth,
-        max_records=settings.label_join_batch_max_records,  # the join's batches
+        max_records=settings.label_join.batch_max_records,  # the join's batches
     )
     await loop.start()
     try:
@@ -924,7 +924,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         f"{one['prediction_events_per_s']:.0f} predictions/s"
     )
     cost = await core_cost(
-        predictions[:20_000], labels[:20_000], registry, settings.label_join_batch_max_records
+        predictions[:20_000], labels[:20_000], registry, settings.label_join.batch_max_records
     )
     state = await state_phase(base, registry)
 
@@ -1119,7 +1119,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "tumbling_ms": CONFIG.tumbling_ms,
             "sliding_ms": CONFIG.sliding_ms,
             "batch_max_records": settings.batch_max_records,
-            "label_join_batch_max_records": settings.label_join_batch_max_records,
+            "label_join_batch_max_records": settings.label_join.batch_max_records,
             "kafka_fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
             "kafka_linger_ms": settings.kafka_linger_ms,
             "run_id": run_id,

@@ -325,7 +325,7 @@ def _retrain(args: argparse.Namespace, settings: Settings) -> int:
 
     now = int(time.time() * 1000)
     end = _parse_since(args.window_end) if args.window_end else now
-    window_s = args.window_days * 86400 if args.window_days else settings.retrain_policy.window_s
+    window_s = args.window_days * 86400 if args.window_days else settings.retrain.policy.window_s
     if window_s <= 0:
         raise CommandRefused("--window-days must be positive")
     request = manual_request(args.name, "cli", args.reason, end or now, window_s, now)

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -38,6 +38,156 @@ def dev_stack_file(home: Path | None = None) -> Path:
     return (home or default_home()) / "dev" / "stack.json"
 
 
+def _blank_is_none(value: object) -> object:
+    # `SCOREMESH_API_TOKEN=` must disable mutating routes, not set an empty token.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+class _Group(BaseModel):
+    """The settings of one service or concern, read as ``settings.<group>.<name>``; each is
+    also set by its flat environment variable ``SCOREMESH_<GROUP>_<NAME>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CanarySettings(_Group):
+    guard: bool = Field(True, description="roll back a canary clearly worse than the champion")
+    min_events: int = Field(500, ge=1)
+    max_error_rate_delta: float = Field(0.01, ge=0, le=1)
+    max_latency_ratio: float = Field(3.0, gt=1)
+    min_batches: int = Field(
+        100,
+        ge=20,
+        description="batches both versions scored before latency p99s are compared "
+        "(fewer make the p99 the single slowest batch)",
+    )
+
+
+class RetrainSettings(_Group):
+    policy: RetrainPolicy = Field(default_factory=RetrainPolicy)
+
+
+class PromotionSettings(_Group):
+    policy: PromotionPolicy = Field(default_factory=PromotionPolicy)
+
+
+class LabelJoinSettings(_Group):
+    """Event-time windows, in seconds."""
+
+    window_s: float = Field(
+        7 * 86400, gt=0, description="how long a prediction waits for its label"
+    )
+    grace_s: float = Field(3600, ge=0, description="lateness allowed past a window")
+    tumbling_s: float = Field(3600, gt=0, description="metric window length")
+    sliding_s: float = Field(86400, gt=0, description="sliding metric window (tumbling multiple)")
+    marker_s: float = Field(7 * 86400, ge=0, description="remember expired events (too_late)")
+    publish_interval_s: float = Field(2.0, gt=0, description="monitoring.stats cadence")
+    batch_max_records: int = Field(
+        2048,
+        ge=1,
+        le=100_000,
+        description="records per label-join batch: larger than the scorer's, since labels "
+        "wait minutes anyway and each batch costs broker requests and a commit",
+    )
+
+
+class MonitorSettings(_Group):
+    policy: MonitorPolicy = Field(default_factory=MonitorPolicy)
+    webhook_url: str | None = Field(None, description="generic JSON webhook for alerts")
+    slack_webhook_url: SecretStr | None = None
+    pagerduty_routing_key: SecretStr | None = None
+
+    @field_validator("webhook_url", "slack_webhook_url", "pagerduty_routing_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return _blank_is_none(value)
+
+
+class ApiSettings(_Group):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    token: SecretStr | None = None
+    max_batch: int = Field(256, ge=1, le=10_000, description="events in one predict body")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger bodies get 413")
+    request_timeout_s: float = Field(10.0, gt=0, description="a slower request gets 504")
+    batch_max_size: int = Field(64, ge=1, le=4096, description="events per ONNX call")
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="wait for batch-mates")
+    require_token_for_reads: bool = False
+    publish_max_inflight: int = Field(
+        20_000,
+        ge=1,
+        description="sync predictions awaiting Kafka; beyond it predict answers 503",
+    )
+    publish_wait_ms: float = Field(50.0, ge=0, description="how long a request waits for room")
+    publish_linger_ms: float = Field(
+        20.0, ge=0, description="gather before one Kafka/Redis round (lookups lag up to this)"
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="empty = CORS off")
+    history_cache_s: float = Field(5.0, ge=0)
+    command_timeout_s: float = Field(30.0, gt=0, description="wait for the registry's answer")
+    access_log: bool = True
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _blank_token_is_unset(cls, value: object) -> object:
+        return _blank_is_none(value)
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "canary": CanarySettings,
+    "retrain": RetrainSettings,
+    "promotion": PromotionSettings,
+    "label_join": LabelJoinSettings,
+    "monitor": MonitorSettings,
+    "api": ApiSettings,
+}
+
+
+def nest_flat(data: dict[str, Any]) -> dict[str, Any]:
+    """Flat names of grouped settings (``label_join_window_s``) nested under their group;
+    a name that is neither a group's nor a known flat one is left for validation to judge."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        lowered = key.lower()
+        for group, model in GROUPS.items():
+            name = lowered.removeprefix(f"{group}_")
+            if name != lowered and name in model.model_fields:
+                held = out.setdefault(group, {})
+                if isinstance(held, dict):
+                    held[name] = value
+                break
+        else:
+            if isinstance(value, dict) and isinstance(out.get(lowered), dict):
+                out[lowered] = {**value, **out[lowered]}
+            else:
+                out[lowered] = value
+    return out
+
+
+class GroupedEnvSource(PydanticBaseSettingsSource):
+    """``SCOREMESH_<GROUP>_<NAME>`` environment variables, nested under their group. Complex
+    values (policies, lists) are JSON, as for top-level settings."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+        out: dict[str, Any] = {}
+        for group, model in GROUPS.items():
+            for name, field in model.model_fields.items():
+                raw = env.get(f"{ENV_PREFIX}{group}_{name}".upper())
+                if raw is None:
+                    continue
+                value = (
+                    self.decode_complex_value(name, field, raw)
+                    if (self.field_is_complex(field) and raw.strip())
+                    else raw
+                )
+                out.setdefault(group, {})[name] = value
+        return out
+
+
 class DevStackSource(PydanticBaseSettingsSource):
     """Settings that ``scoremesh dev up`` recorded for the stack it is running."""
 
@@ -53,7 +203,8 @@ class DevStackSource(PydanticBaseSettingsSource):
             return
         settings = data.get("settings", {})
         if isinstance(settings, dict):
-            self._values = {k: v for k, v in settings.items() if k in settings_cls.model_fields}
+            nested = nest_flat(settings)
+            self._values = {k: v for k, v in nested.items() if k in settings_cls.model_fields}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._values.get(field_name), field_name, False
@@ -94,13 +245,6 @@ class Settings(BaseSettings):
     )
     topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
 
-    # --- faust (control-plane services) ----------------------------------------------
-    faust_broker_fetch_max_wait_ms: int = Field(
-        200, ge=100, description="faust table recovery hangs below ~100 ms on tansu"
-    )
-    faust_store: str = "memory://"
-    faust_data_dir: Path = Field(default_factory=lambda: default_home() / "faust")
-
     # --- Redis (query store) ---------------------------------------------------------
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = dev Redis")
     redis_key_prefix: str = "sm:"
@@ -116,49 +260,17 @@ class Settings(BaseSettings):
     artifact_chunk_bytes: int = Field(512 * 1024, ge=1024)
     onnx_threads: int = Field(1, ge=1, le=64)
 
-    canary_guard: bool = Field(
-        True, description="roll back a canary clearly worse than the champion"
-    )
-    canary_min_events: int = Field(500, ge=1)
-    canary_max_error_rate_delta: float = Field(0.01, ge=0, le=1)
-    canary_max_latency_ratio: float = Field(3.0, gt=1)
-    canary_min_batches: int = Field(
-        100,
-        ge=20,
-        description="batches both versions scored before latency p99s are compared "
-        "(fewer make the p99 the single slowest batch)",
-    )
+    canary: CanarySettings = Field(default_factory=lambda: CanarySettings())
 
     # --- Retraining and promotion (JSON in the environment) -------------------------
-    retrain_policy: RetrainPolicy = Field(default_factory=RetrainPolicy)
-    promotion_policy: PromotionPolicy = Field(default_factory=PromotionPolicy)
+    retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
+    promotion: PromotionSettings = Field(default_factory=lambda: PromotionSettings())
 
-    # --- Label join (event-time windows, seconds) ----------------------------------
-    label_join_window_s: float = Field(
-        7 * 86400, gt=0, description="how long a prediction waits for its label"
-    )
-    label_join_grace_s: float = Field(3600, ge=0, description="lateness allowed past a window")
-    label_join_tumbling_s: float = Field(3600, gt=0, description="metric window length")
-    label_join_sliding_s: float = Field(
-        86400, gt=0, description="sliding metric window (tumbling multiple)"
-    )
-    label_join_marker_s: float = Field(
-        7 * 86400, ge=0, description="remember expired events (too_late)"
-    )
-    label_join_publish_interval_s: float = Field(2.0, gt=0, description="monitoring.stats cadence")
-    label_join_batch_max_records: int = Field(
-        2048,
-        ge=1,
-        le=100_000,
-        description="records per label-join batch: larger than the scorer's, since labels "
-        "wait minutes anyway and each batch costs broker requests and a commit",
-    )
+    # --- Label join ------------------------------------------------------------------
+    label_join: LabelJoinSettings = Field(default_factory=lambda: LabelJoinSettings())
 
     # --- Monitoring and alerting -----------------------------------------------------
-    monitor_policy: MonitorPolicy = Field(default_factory=MonitorPolicy)
-    monitor_webhook_url: str | None = Field(None, description="generic JSON webhook for alerts")
-    monitor_slack_webhook_url: SecretStr | None = None
-    monitor_pagerduty_routing_key: SecretStr | None = None
+    monitor: MonitorSettings = Field(default_factory=lambda: MonitorSettings())
 
     # --- Hot path --------------------------------------------------------------------
     batch_max_records: int = Field(512, ge=1, le=100_000)
@@ -177,28 +289,7 @@ class Settings(BaseSettings):
     # --- Ports / API -----------------------------------------------------------------
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9400, ge=0, le=65535, description="0 = pick a free port")
-    api_host: str = "0.0.0.0"
-    api_port: int = Field(8080, ge=0, le=65535)
-    api_token: SecretStr | None = None
-    api_max_batch: int = Field(256, ge=1, le=10_000, description="events in one predict body")
-    api_max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger bodies get 413")
-    api_request_timeout_s: float = Field(10.0, gt=0, description="a slower request gets 504")
-    api_batch_max_size: int = Field(64, ge=1, le=4096, description="events per ONNX call")
-    api_batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="wait for batch-mates")
-    api_require_token_for_reads: bool = False
-    api_publish_max_inflight: int = Field(
-        20_000,
-        ge=1,
-        description="sync predictions awaiting Kafka; beyond it predict answers 503",
-    )
-    api_publish_wait_ms: float = Field(50.0, ge=0, description="how long a request waits for room")
-    api_publish_linger_ms: float = Field(
-        20.0, ge=0, description="gather before one Kafka/Redis round (lookups lag up to this)"
-    )
-    api_cors_origins: list[str] = Field(default_factory=list, description="empty = CORS off")
-    api_history_cache_s: float = Field(5.0, ge=0)
-    api_command_timeout_s: float = Field(30.0, gt=0, description="wait for the registry's answer")
-    api_access_log: bool = True
+    api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("kafka_bootstrap", "redis_url")
@@ -206,18 +297,17 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator(
-        "api_token",
-        "kafka_sasl_password",
-        "monitor_slack_webhook_url",
-        "monitor_pagerduty_routing_key",
-        "monitor_webhook_url",
-        mode="before",
-    )
+    @field_validator("kafka_sasl_password", mode="before")
     @classmethod
     def _blank_secret_is_unset(cls, value: object) -> object:
-        # `SCOREMESH_API_TOKEN=` must disable mutating routes, not set an empty token.
-        return None if isinstance(value, str) and not value.strip() else value
+        return _blank_is_none(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_names(cls, data: Any) -> Any:
+        """``label_join_window_s=60`` (a keyword, or a dev-stack entry) means
+        ``label_join={"window_s": 60}``: the flat names stay valid everywhere."""
+        return nest_flat(data) if isinstance(data, dict) else data
 
     @classmethod
     def settings_customise_sources(
@@ -228,7 +318,24 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, DevStackSource(settings_cls), file_secret_settings)
+        return (
+            init_settings,
+            env_settings,
+            GroupedEnvSource(settings_cls),
+            DevStackSource(settings_cls),
+            file_secret_settings,
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A validated copy with some settings changed, by flat name (``api_token=...``,
+        ``label_join_window_s=...``) or by group (``api={...}``)."""
+        data = self.model_dump()
+        for group, values in nest_flat(changes).items():
+            if isinstance(values, dict) and isinstance(data.get(group), dict):
+                data[group] = {**data[group], **values}
+            else:
+                data[group] = values
+        return type(self).model_validate(data)
 
     def topic(self, name: TopicName) -> str:
         """The physical topic name for a catalog topic; a name outside the catalog is an error
@@ -255,6 +362,15 @@ class Settings(BaseSettings):
                 "or start the embedded stack with `scoremesh dev up`"
             )
         return self.redis_url
+
+
+def env_names() -> set[str]:
+    """Every ``SCOREMESH_*`` variable the settings read: top-level fields, and each grouped
+    field by its flat name (``SCOREMESH_LABEL_JOIN_WINDOW_S``) or its group as JSON."""
+    names = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for group, model in GROUPS.items():
+        names.update(f"{ENV_PREFIX}{group}_{field}".upper() for field in model.model_fields)
+    return names
 
 
 class ConfigError(RuntimeError):

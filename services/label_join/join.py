@@ -48,6 +48,7 @@ from services.common.performance import (
     log_loss_term,
 )
 from services.common.registry_view import RegistryState
+from services.common.settings import Settings
 from services.label_join import telemetry
 from services.label_join.rows import EventRows
 
@@ -108,24 +109,20 @@ class JoinConfig:
         return t - t % self.tumbling_ms
 
     @classmethod
-    def from_settings(cls, settings: Any) -> JoinConfig:
-        """From ``SCOREMESH_LABEL_JOIN_*`` settings (seconds) where Settings declares them;
-        the defaults above otherwise."""
-        defaults = cls()
+    def from_settings(cls, settings: Settings) -> JoinConfig:
+        """From the ``SCOREMESH_LABEL_JOIN_*`` settings (seconds)."""
+        lj = settings.label_join
 
-        def ms(name: str, default_ms: int) -> int:
-            value = getattr(settings, f"label_join_{name}_s", None)
-            return default_ms if value is None else int(float(value) * SECOND_MS)
+        def ms(seconds: float) -> int:
+            return int(seconds * SECOND_MS)
 
         return cls(
-            window_ms=ms("window", defaults.window_ms),
-            grace_ms=ms("grace", defaults.grace_ms),
-            tumbling_ms=ms("tumbling", defaults.tumbling_ms),
-            sliding_ms=ms("sliding", defaults.sliding_ms),
-            marker_ms=ms("marker", defaults.marker_ms),
-            keep_original_bytes=int(
-                getattr(settings, "rejection_keep_bytes", defaults.keep_original_bytes)
-            ),
+            window_ms=ms(lj.window_s),
+            grace_ms=ms(lj.grace_s),
+            tumbling_ms=ms(lj.tumbling_s),
+            sliding_ms=ms(lj.sliding_s),
+            marker_ms=ms(lj.marker_s),
+            keep_original_bytes=settings.rejection_keep_bytes,
         )
 
 

@@ -138,7 +138,7 @@ class JoinLoop(BatchLoop):
         super().__init__(
             *args,
             pipeline_depth=self.DEPTH,
-            max_records=service.settings.label_join_batch_max_records,
+            max_records=service.settings.label_join.batch_max_records,
         )
         self._listener = _StateListener(service)
         self._service = service
@@ -278,7 +278,7 @@ class LabelJoinService:
         self.publish_interval_s = (
             publish_interval_s
             if publish_interval_s is not None
-            else float(getattr(settings, "label_join_publish_interval_s", 2.0))
+            else settings.label_join.publish_interval_s
         )
         self.catalog = VersionCatalog(settings.model_name)
         self.core = JoinCore(

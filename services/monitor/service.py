@@ -65,10 +65,10 @@ class MonitorService:
     ) -> None:
         self.settings = settings
         self.policy = policy or with_sinks(
-            settings.monitor_policy,
-            webhook_url=settings.monitor_webhook_url,
-            slack_webhook_url=settings.monitor_slack_webhook_url,
-            pagerduty_routing_key=settings.monitor_pagerduty_routing_key,
+            settings.monitor.policy,
+            webhook_url=settings.monitor.webhook_url,
+            slack_webhook_url=settings.monitor.slack_webhook_url,
+            pagerduty_routing_key=settings.monitor.pagerduty_routing_key,
         )
         self.core = MonitorCore(settings, self.policy, performance_check)
         self.view = RegistryView(settings, on_change=self.core.on_registry)

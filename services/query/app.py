@@ -17,7 +17,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import services
 from services.common.settings import Settings
-from services.query.config import ApiConfig
 from services.query.deps import ReadAuth
 from services.query.middleware import (
     BodyLimitMiddleware,
@@ -123,7 +122,7 @@ class _PredictDispatch:
 
 
 def create_app(settings: Settings, runtime: QueryRuntime | None = None) -> FastAPI:
-    config = runtime.config if runtime is not None else ApiConfig.from_settings(settings)
+    config = runtime.config if runtime is not None else settings.api
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -9,8 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from services.common.settings import Settings
-from services.query.config import ApiConfig
+from services.common.settings import ApiSettings, Settings
 from services.query.problems import Problem
 from services.query.runtime import QueryRuntime
 
@@ -30,7 +29,7 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 def _check_token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
     settings: Settings = request.app.state.settings
-    configured = settings.api_token
+    configured = settings.api.token
     if configured is None or not configured.get_secret_value():
         raise Problem(
             403,
@@ -59,7 +58,7 @@ async def require_token(request: Request, credentials: Credentials) -> None:
 
 async def read_access(request: Request) -> None:
     """Read routes: open unless the server requires the token for reads too."""
-    config: ApiConfig = request.app.state.config
+    config: ApiSettings = request.app.state.config
     if config.require_token_for_reads:
         _check_token(request, await bearer(request))
 

@@ -25,9 +25,8 @@ from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
 from services.common.serving.models import ModelHolder, ServingSet, serving_rule_set
 from services.common.serving.scoring import ScoringError, score_events
-from services.common.settings import Settings
+from services.common.settings import ApiSettings, Settings
 from services.query.batching import AdaptiveBatcher
-from services.query.config import ApiConfig
 from services.query.sink import PUBLISH_REFUSED, PredictionSink
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,9 @@ class Backlogged(Exception):
 
 
 class QueryRuntime:
-    def __init__(self, settings: Settings, config: ApiConfig | None = None) -> None:
+    def __init__(self, settings: Settings, config: ApiSettings | None = None) -> None:
         self.settings = settings
-        self.config = config or ApiConfig.from_settings(settings)
+        self.config = config or settings.api
         self.holder = ModelHolder(settings)
         self.view = RegistryView(settings, on_change=self.holder.on_registry)
         self.producer = make_producer(settings)

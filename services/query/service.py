@@ -66,7 +66,7 @@ class QueryService:
             "http",
             lambda: (
                 self.server is not None and self.server.started,
-                f"serving on {self.settings.api_host}:{self.port}",
+                f"serving on {self.settings.api.host}:{self.port}",
             ),
         )
 
@@ -74,7 +74,7 @@ class QueryService:
         return lambda: self.runtime.quick_checks()[name]
 
     async def start(self) -> None:
-        self.socket = bind_socket(self.settings.api_host, self.settings.api_port)
+        self.socket = bind_socket(self.settings.api.host, self.settings.api.port)
         self.port = self.socket.getsockname()[1]
         await self.runtime.start()
         config = uvicorn.Config(
@@ -99,7 +99,7 @@ class QueryService:
         assert self.server is not None and self.socket is not None, "start() first"
         serving = asyncio.create_task(self.server.serve(sockets=[self.socket]), name="uvicorn")
         stopping = asyncio.create_task(stop.wait())
-        log.info("query API listening", extra={"host": self.settings.api_host, "port": self.port})
+        log.info("query API listening", extra={"host": self.settings.api.host, "port": self.port})
         done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         self.server.should_exit = True
         stopping.cancel()

@@ -48,8 +48,8 @@ class RetrainTriggerService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model = settings.model_name
-        self.policy = settings.retrain_policy
-        self.promotion = settings.promotion_policy
+        self.policy = settings.retrain.policy
+        self.promotion = settings.promotion.policy
         self.state = TriggerState()
         self.book = PromotionBook()
         self.view = RegistryView(settings)

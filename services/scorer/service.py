@@ -41,10 +41,10 @@ class ScorerService:
         self.settings = settings
         self.holder = ModelHolder(settings, on_load_failure=self._report_load_failure)
         self.guard = CanaryGuard(
-            settings.canary_min_events,
-            settings.canary_max_error_rate_delta,
-            settings.canary_max_latency_ratio,
-            settings.canary_min_batches,
+            settings.canary.min_events,
+            settings.canary.max_error_rate_delta,
+            settings.canary.max_latency_ratio,
+            settings.canary.min_batches,
         )
         self.view = RegistryView(settings, on_change=self.holder.on_registry)
         self.producer = make_producer(settings)
@@ -132,7 +132,7 @@ class ScorerService:
             return outs
         for key, error in result.challenger_errors.items():
             log.warning("challenger failed on a batch", extra={"version": key, "error": error})
-        if self.settings.canary_guard:
+        if self.settings.canary.guard:
             await self._guard(serving, len(events), result)
         encode = self._prediction_codec.encode
         topic = self._predictions

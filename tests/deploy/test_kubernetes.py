@@ -249,7 +249,6 @@ def test_services_have_probes_writable_dirs_and_time_to_stop(target: str) -> Non
         "/tmp",
         settings["SCOREMESH_HOME"],
         settings["SCOREMESH_ARTIFACT_DIR"],
-        settings["SCOREMESH_FAUST_DATA_DIR"],
     }
     for service, doc in services_in(docs).items():
         c = container(doc)

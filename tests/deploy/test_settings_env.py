@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.common.settings import ENV_PREFIX, Settings, default_home
+from services.common.settings import ENV_PREFIX, Settings, default_home, env_names
 from tests.deploy.manifests import (
     ROOT,
     SERVICES,
@@ -21,7 +21,7 @@ from tests.deploy.manifests import (
     workloads,
 )
 
-FIELDS = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+FIELDS = env_names()
 
 PROCESS_LEVEL = {"SCOREMESH_HOME"}
 """Read by services.common.settings.default_home() before the model exists (where the

@@ -287,7 +287,7 @@ def is_problem(response: httpx.Response) -> bool:
 async def test_hostile_requests_get_4xx_problems_never_500(
     settings: Settings, trained_model: Any
 ) -> None:
-    s = settings.model_copy(update={"api_token": SecretStr(TOKEN)})
+    s = settings.replace(api_token=SecretStr(TOKEN))
     await with_champion(s, trained_model.onnx)
     rng = random.Random(20261125)
     bases = [e for e, _ in credit_events(300, seed=3)]

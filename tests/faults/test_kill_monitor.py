@@ -52,7 +52,7 @@ async def committed(settings: Settings, group: str) -> dict[int, Lag]:
 async def test_sigkill_monitor_mid_stream_keeps_its_state(
     settings: Settings, trained_model: Any, tmp_path: Path
 ) -> None:
-    s = settings.model_copy(update={"monitor_policy": small_policy()})
+    s = settings.replace(monitor_policy=small_policy())
     group = f"{s.topic_prefix}scoremesh-monitor"
     topic = s.topic("predictions")
     encode = codec("Prediction").encode

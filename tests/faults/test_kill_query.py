@@ -141,13 +141,13 @@ async def test_sigkill_query_api_under_load(
     missing = set(answered) - set(synced) - {sync[-1]["event_id"]}
     late = [e for e in missing if answered[e] >= killed_at - SETTLED_S]
     assert not set(missing) - set(late), f"{len(missing) - len(late)} settled answers lost"
-    assert len(missing) <= settings.api_publish_max_inflight
+    assert len(missing) <= settings.api.publish_max_inflight
     duplicated = len(synced) - len(set(synced))
     assert duplicated == 0
     print(
         f"\nFAULT-TABLE | SIGKILL query API under load ({WORKERS} clients) + stream | "
         f"sync answered {len(answered)} ({before_kill} before the kill), stream {STREAM} | "
         f"lost: sync answered-but-unpublished {len(missing)} (all in the last "
-        f"{SETTLED_S:.0f}s; bound {settings.api_publish_max_inflight}), stream 0 | "
+        f"{SETTLED_S:.0f}s; bound {settings.api.publish_max_inflight}), stream 0 | "
         f"duplicated 0 | kill -> ready again {ready_s:.1f}s | refused while down {refused}"
     )

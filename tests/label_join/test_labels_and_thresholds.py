@@ -126,13 +126,17 @@ def test_rules_pick_their_window_kind_and_segments_and_need_a_baseline() -> None
 
 
 def test_join_config_reads_label_join_settings_when_declared() -> None:
-    from types import SimpleNamespace
 
+    from services.common.settings import Settings
     from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
 
-    assert JoinConfig.from_settings(SimpleNamespace()) == JoinConfig(keep_original_bytes=4096)
+    assert JoinConfig.from_settings(Settings.model_validate({})) == JoinConfig(
+        keep_original_bytes=4096
+    )
     custom = JoinConfig.from_settings(
-        SimpleNamespace(label_join_window_s=86400, label_join_grace_s=60, rejection_keep_bytes=10)
+        Settings.model_validate(
+            {"label_join_window_s": 86400, "label_join_grace_s": 60, "rejection_keep_bytes": 10}
+        )
     )
     assert (custom.window_ms, custom.grace_ms, custom.tumbling_ms) == (DAY_MS, 60_000, HOUR_MS)
     assert custom.keep_original_bytes == 10

@@ -36,7 +36,7 @@ class Served:
 @pytest.fixture(scope="module")
 async def served(module_settings: Settings, trained_model: Any) -> AsyncIterator[Served]:
     """Registry running, credit@1.0.0 champion, the API up with a token configured."""
-    settings = module_settings.model_copy(update={"api_token": SecretStr(TOKEN)})
+    settings = module_settings.replace(api_token=SecretStr(TOKEN))
     async with Running(RegistryService(settings)):
         outcome = await register_model(
             settings, trained_model.onnx, "1.0.0", metadata=trained_model.metadata
@@ -272,7 +272,7 @@ async def test_not_ready_and_503_without_a_champion(settings: Settings) -> None:
 async def test_canary_promoted_through_the_api_serves_its_share(
     settings: Settings, trained_model: Any
 ) -> None:
-    settings = settings.model_copy(update={"api_token": SecretStr(TOKEN)})
+    settings = settings.replace(api_token=SecretStr(TOKEN))
     async with Running(RegistryService(settings)):
         assert (await register_model(settings, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
         assert (await register_model(settings, trained_model.onnx, "1.1.0", stage=None))[

@@ -17,7 +17,6 @@ from starlette.routing import Route
 
 from services.common.settings import Settings
 from services.query.app import QueryApp, create_app
-from services.query.config import ApiConfig
 from services.query.middleware import (
     BodyLimitMiddleware,
     ObservabilityMiddleware,
@@ -33,15 +32,9 @@ def client_for(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://query")
 
 
-class FutureSettings(Settings):
-    """Settings with the API knobs that services/query/config.py reads when they exist."""
-
-    api_require_token_for_reads: bool = False
-    api_cors_origins: list[str] = []
-
-
 def settings(**overrides: Any) -> Settings:
-    return FutureSettings.model_construct(**overrides)
+    """Defaults and the given flat names; no environment, no dev-stack file."""
+    return Settings.model_validate(overrides)
 
 
 @pytest.fixture
@@ -184,7 +177,7 @@ async def test_predict_dispatch_answers_as_the_fastapi_route_does() -> None:
     """POST /v1/predict skips FastAPI's routing; its answers must not change for that."""
 
     class Stub:  # enough runtime for the answers given before anything is scored
-        config = ApiConfig.from_settings(settings())
+        config = settings().api
 
     app = create_app(settings())
     assert isinstance(app, QueryApp)

@@ -8,7 +8,6 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from services.common.settings import Settings
-from services.query.config import ApiConfig
 from services.query.runtime import Backlogged, QueryRuntime
 from services.query.sink import OVERSHOOT, PredictionSink
 from tests.query.conftest import events
@@ -23,9 +22,7 @@ def predictions(n: int) -> list[dict[str, Any]]:
 
 
 async def test_a_full_backlog_refuses_the_request_before_it_is_scored(settings: Settings) -> None:
-    config = ApiConfig.from_settings(
-        settings.model_copy(update={"api_publish_max_inflight": 4, "api_publish_wait_ms": 20})
-    )
+    config = settings.replace(api_publish_max_inflight=4, api_publish_wait_ms=20).api
     runtime = QueryRuntime(settings, config)
     refused = sample("scoremesh_api_publish_backpressure_total")
     runtime.sink.inflight = 4  # four predictions await Kafka: no room

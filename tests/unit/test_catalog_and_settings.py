@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from scoremesh.contract.catalog import CatalogError, catalog, parse_catalog
 from services.common.routing import canary_bucket, in_canary
-from services.common.settings import Settings
+from services.common.settings import Settings, env_names
 
 DESIGN_TOPICS = {
     "events.raw",
@@ -101,7 +101,106 @@ def test_blank_secrets_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCOREMESH_API_TOKEN", "")
     monkeypatch.setenv("SCOREMESH_KAFKA_SASL_PASSWORD", "  ")
     s = Settings()
-    assert s.api_token is None and s.kafka_sasl_password is None
+    assert s.api.token is None and s.kafka_sasl_password is None
     monkeypatch.setenv("SCOREMESH_API_TOKEN", "s3cret")
-    assert Settings().api_token is not None
+    assert Settings().api.token is not None
     assert "s3cret" not in repr(Settings())
+
+
+# Every setting of the previous release (0.1.0) by its environment name; the faust_*
+# settings were read by nothing and are gone.
+PREVIOUS_RELEASE = (
+    "kafka_bootstrap",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+    "kafka_client_id",
+    "kafka_idempotence",
+    "kafka_fetch_max_wait_ms",
+    "kafka_session_timeout_ms",
+    "kafka_heartbeat_interval_ms",
+    "kafka_rebalance_timeout_ms",
+    "kafka_linger_ms",
+    "kafka_max_batch_bytes",
+    "kafka_max_request_bytes",
+    "kafka_connect_timeout_s",
+    "topic_prefix",
+    "redis_url",
+    "redis_key_prefix",
+    "dev_redis_probe_url",
+    "redis_prediction_ttl_s",
+    "redis_entity_cap",
+    "model_name",
+    "artifact_dir",
+    "artifact_chunk_bytes",
+    "onnx_threads",
+    "canary_guard",
+    "canary_min_events",
+    "canary_max_error_rate_delta",
+    "canary_max_latency_ratio",
+    "canary_min_batches",
+    "retrain_policy",
+    "promotion_policy",
+    "label_join_window_s",
+    "label_join_grace_s",
+    "label_join_tumbling_s",
+    "label_join_sliding_s",
+    "label_join_marker_s",
+    "label_join_publish_interval_s",
+    "label_join_batch_max_records",
+    "monitor_policy",
+    "monitor_webhook_url",
+    "monitor_slack_webhook_url",
+    "monitor_pagerduty_routing_key",
+    "batch_max_records",
+    "batch_pipeline_depth",
+    "batch_timeout_ms",
+    "max_event_bytes",
+    "rejection_keep_bytes",
+    "shutdown_deadline_s",
+    "metrics_host",
+    "metrics_port",
+    "api_host",
+    "api_port",
+    "api_token",
+    "api_max_batch",
+    "api_max_body_bytes",
+    "api_request_timeout_s",
+    "api_batch_max_size",
+    "api_batch_max_wait_ms",
+    "api_require_token_for_reads",
+    "api_publish_max_inflight",
+    "api_publish_wait_ms",
+    "api_publish_linger_ms",
+    "api_cors_origins",
+    "api_history_cache_s",
+    "api_command_timeout_s",
+    "api_access_log",
+    "log_level",
+)
+
+
+def test_every_setting_of_the_previous_release_is_still_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = env_names()
+    assert [n for n in PREVIOUS_RELEASE if f"SCOREMESH_{n.upper()}" not in names] == []
+    monkeypatch.setenv("SCOREMESH_LABEL_JOIN_WINDOW_S", "60")
+    monkeypatch.setenv("SCOREMESH_API_PORT", "9999")
+    monkeypatch.setenv("SCOREMESH_CANARY_MIN_EVENTS", "7")
+    monkeypatch.setenv("SCOREMESH_MONITOR_WEBHOOK_URL", "http://hook")
+    monkeypatch.setenv("SCOREMESH_PROMOTION_POLICY", '{"margin": 0.05}')
+    settings = Settings()
+    assert settings.label_join.window_s == 60
+    assert settings.api.port == 9999
+    assert settings.canary.min_events == 7
+    assert settings.monitor.webhook_url == "http://hook"
+    assert settings.promotion.policy.margin == 0.05
+    assert Settings(label_join_grace_s=5).label_join.grace_s == 5
+    assert settings.replace(api_token="t").api.token is not None
+    with pytest.raises(ValueError, match="window_s"):
+        Settings(label_join_window_s=-1)

@@ -176,7 +176,7 @@ async def predict_body(runtime: QueryRuntime | None, body: bytes) -> bytes:
     batch = isinstance(payload, dict) and "events" in payload and "event_id" not in payload
     if batch:
         raws = payload["events"]
-        limit = runtime.config.max_events
+        limit = runtime.config.max_batch
         if not isinstance(raws, list) or not raws:
             raise Problem(
                 422,
