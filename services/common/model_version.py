@@ -11,6 +11,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from scoremesh.contract.featurespec import FeatureSpec
+from scoremesh.contract.records import ModelVersion as ModelVersionRecord
 
 Stage = Literal["registered", "shadow", "canary", "champion", "retired", "rolled_back"]
 STAGES: tuple[str, ...] = ("registered", "shadow", "canary", "champion", "retired", "rolled_back")
@@ -114,7 +115,7 @@ class ModelVersion:
         return parse_semver(self.version)
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ModelVersion:
+    def from_record(cls, record: ModelVersionRecord) -> ModelVersion:
         return cls(
             name=record["name"],
             version=record["version"],
@@ -132,7 +133,7 @@ class ModelVersion:
             request_id=record.get("request_id", ""),
         )
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> ModelVersionRecord:
         return {
             "name": self.name,
             "version": self.version,
@@ -152,7 +153,7 @@ class ModelVersion:
 
     def to_json(self) -> dict[str, Any]:
         """A human/API view: the spec and metadata as objects, not strings."""
-        out = self.to_record()
+        out: dict[str, Any] = dict(self.to_record())
         out["feature_spec"] = orjson.loads(self.feature_spec_json)
         out["metadata"] = orjson.loads(self.metadata_json or "{}")
         return out

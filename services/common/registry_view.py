@@ -7,19 +7,17 @@ an older generation than the one already held for that key is ignored.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
-from aiokafka.errors import KafkaError
+from aiokafka import ConsumerRecord
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.records import ModelVersion as ModelVersionRecord
 from scoremesh.contract.topics import TopicName
-from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.metrics import REGISTRY_RECORDS_SKIPPED
 from services.common.model_version import ACTIVE_STAGES, ModelVersion
+from services.common.service import TopicFollower
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,33 +67,30 @@ class RegistryState:
 
 
 class RegistryView:
+    """The folded registry, kept current: a ``TopicFollower`` of models.registry."""
+
     def __init__(
         self, settings: Settings, on_change: Callable[[RegistryState], None] | None = None
     ) -> None:
         self.settings = settings
         self.state = RegistryState()
         self.on_change = on_change
-        self.ready = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._codec = codec("ModelVersion")
+        self._codec = codec(ModelVersionRecord)
+        self._follower = TopicFollower(
+            settings, REGISTRY_TOPIC, self._apply, self._changed, what="registry-reader"
+        )
+        self.ready = self._follower.ready
 
     async def start(self) -> None:
-        self._consumer = make_consumer(self.settings, group_id=None)
-        await start_with_retry(self._consumer.start, "registry-reader", self.settings)
-        tps = await assign_all(self._consumer, self.settings.topic(REGISTRY_TOPIC))
-        changed = False
-
-        def handle(record: ConsumerRecord[bytes, bytes]) -> None:
-            nonlocal changed
-            changed |= self._apply(record)
-
-        await read_to_end(self._consumer, tps, handle)
-        self.ready.set()
+        await self._follower.start()
         log.info("registry folded", extra={"versions": len(self.state.versions)})
-        if changed and self.on_change:
+
+    async def stop(self) -> None:
+        await self._follower.stop()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
             self.on_change(self.state)
-        self._task = asyncio.create_task(self._follow(), name="registry-follow")
 
     def _apply(self, record: ConsumerRecord[bytes, bytes]) -> bool:
         if record.value is None:
@@ -110,27 +105,3 @@ class RegistryView:
             )
             return False
         return self.state.apply(version)
-
-    async def _follow(self) -> None:
-        assert self._consumer is not None
-        while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=1000)
-            except KafkaError as exc:
-                log.warning("registry follow error, retrying", extra={"error": str(exc)})
-                await asyncio.sleep(1)
-                continue
-            changed = False
-            for records in batches.values():
-                for record in records:
-                    changed |= self._apply(record)
-            if changed and self.on_change:
-                self.on_change(self.state)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()

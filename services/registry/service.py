@@ -14,6 +14,7 @@ import time
 from aiokafka import ConsumerRecord
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.records import ModelVersion as ModelVersionRecord
 from scoremesh.contract.topics import TopicName
 from services.common.artifacts import ArtifactError, fetch_artifact
 from services.common.batchloop import BatchLoop, Out, Record
@@ -81,7 +82,7 @@ class RegistryService:
             self._process,
         )
         self._command_codec = codec("ModelCommand")
-        self._version_codec = codec("ModelVersion")
+        self._version_codec = codec(ModelVersionRecord)
         self._event_codec = codec("DeploymentEvent")
         self.folded = False
 

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 from scoremesh.contract.avro_compiled import zigzag
@@ -14,11 +15,12 @@ from scoremesh.contract.featurespec import CheckedEvent, RuleSet, Violation
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
-from services.common.kafka import make_producer, start_with_retry
+from services.common.kafka import make_producer
 from services.common.metrics import FEATURE_NULLS, FEATURE_SEEN, FLAGGED, REJECT_RATE, REJECTED
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.rejections import rejection_record
 from services.common.rulesets import active_rule_set
+from services.common.service import StreamService, enter_client, on_exit, wait_for
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -180,13 +182,16 @@ class ValidatorCore:
         return outs
 
 
-class ValidatorService:
+class ValidatorService(StreamService):
+    """Consumes events.raw; core ``ValidatorCore``; produces events.valid, events.rejected."""
+
     name = "validator"
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.core = ValidatorCore(settings)
         self.view = RegistryView(settings, on_change=self._on_registry)
+        self.has_rules = asyncio.Event()
         self.producer = make_producer(settings)
         self.loop = BatchLoop(
             settings,
@@ -197,7 +202,6 @@ class ValidatorService:
             self._process,
             pipeline_depth=settings.batch_pipeline_depth,
         )
-        self.has_rules = asyncio.Event()
 
     def _on_registry(self, state: RegistryState) -> None:
         rules = active_rule_set(state, self.settings.model_name)
@@ -224,9 +228,11 @@ class ValidatorService:
         )
         self.loop.add_checks(health)
 
-    async def start(self) -> None:
-        await start_with_retry(self.producer.start, "validator-producer", self.settings)
+    async def setup(self, stack: AsyncExitStack) -> None:
+        await enter_client(stack, self.producer, "validator-producer", self.settings)
+        on_exit(stack, self.loop.stop)
         await self.view.start()
+        on_exit(stack, self.view.stop)
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.has_rules.is_set():
@@ -234,17 +240,7 @@ class ValidatorService:
                 "no champion yet: not consuming until one is promoted",
                 extra={"model": self.settings.model_name},
             )
-            waiter = asyncio.ensure_future(self.has_rules.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
-            if stop.is_set():
-                return
+        if not await wait_for(self.has_rules, stop):
+            return
         await self.loop.start(stop)
         await self.loop.run(stop)
-
-    async def stop(self) -> None:
-        await self.loop.stop()
-        await self.view.stop()
-        await self.producer.stop()
