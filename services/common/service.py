@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
@@ -165,9 +166,10 @@ async def fold_topics(
 class TopicFollower:
     """Fold a topic to its end, then follow it: the one way state is rebuilt from a topic.
 
-    ``apply`` folds a record and says whether the state changed; ``on_change`` is called
-    once after the initial fold (when anything was folded) and after every fetch that
-    changed the state. ``ready`` is set when the fold reached the high watermark.
+    ``apply`` folds a record and says whether the state changed; ``on_change`` (a function
+    or a coroutine function) is called once after the initial fold (when anything was
+    folded) and after every fetch that changed the state. ``ready`` is set when the fold
+    reached the high watermark.
     """
 
     def __init__(
@@ -175,7 +177,7 @@ class TopicFollower:
         settings: Settings,
         topic: TopicName,
         apply: Apply,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[], object] | None = None,
         what: str | None = None,
         fold_timeout_s: float = 60.0,
     ) -> None:
@@ -205,8 +207,8 @@ class TopicFollower:
             self.folded = await read_to_end(consumer, self._tps, fold, self.fold_timeout_s)
             self._consumer = consumer
             self.ready.set()
-            if changed and self.on_change is not None:
-                self.on_change()
+            if changed:
+                await self._changed()
             in_background(stack, self._follow(consumer), self.what)
         except BaseException:
             await stack.aclose()
@@ -239,5 +241,11 @@ class TopicFollower:
             for records in batches.values():
                 for record in records:
                     changed |= self.apply(record)
-            if changed and self.on_change is not None:
-                self.on_change()
+            if changed:
+                await self._changed()
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            outcome = self.on_change()
+            if inspect.isawaitable(outcome):
+                await outcome

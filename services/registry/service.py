@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import AsyncExitStack
 
 from aiokafka import ConsumerRecord
 
@@ -19,16 +20,11 @@ from scoremesh.contract.topics import TopicName
 from services.common.artifacts import ArtifactError, fetch_artifact
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
-from services.common.kafka import (
-    assign_all,
-    make_consumer,
-    make_producer,
-    read_to_end,
-    start_with_retry,
-)
+from services.common.kafka import make_producer
 from services.common.metrics import COMMANDS
 from services.common.model_version import ModelVersion, VersionProposal
 from services.common.onnx_model import ModelLoadError, check_onnx_inputs, make_session
+from services.common.service import StreamService, enter_client, fold_topics, on_exit
 from services.common.settings import Settings
 from services.registry.logic import Decision, RegistryBook, decide
 
@@ -66,11 +62,13 @@ async def verify_artifact(settings: Settings, version: ModelVersion) -> str | No
     return None
 
 
-class RegistryService:
+class RegistryService(StreamService):
+    """Consumes models.commands; core ``decide``; produces models.registry, deployments.log."""
+
     name = "registry"
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.book = RegistryBook()
         self.producer = make_producer(settings)
         self.loop = BatchLoop(
@@ -90,33 +88,28 @@ class RegistryService:
         health.add_check("state", lambda: (self.folded, "registry and deployment log folded"))
         self.loop.add_checks(health)
 
-    async def start(self) -> None:
-        await start_with_retry(self.producer.start, "registry-producer", self.settings)
+    async def setup(self, stack: AsyncExitStack) -> None:
+        await enter_client(stack, self.producer, "registry-producer", self.settings)
+        on_exit(stack, self.loop.stop)
         await self._fold()
         self.folded = True
 
     async def _fold(self) -> None:
-        consumer = make_consumer(self.settings, group_id=None)
-        await start_with_retry(consumer.start, "registry-fold", self.settings)
-        try:
-            tps = await assign_all(consumer, self.settings.topic(REGISTRY_TOPIC))
+        def on_version(record: ConsumerRecord[bytes, bytes]) -> None:
+            if record.value is not None:
+                self.book.apply_version(
+                    ModelVersion.from_record(self._version_codec.decode(record.value))
+                )
 
-            def on_version(record: ConsumerRecord[bytes, bytes]) -> None:
-                if record.value is not None:
-                    self.book.apply_version(
-                        ModelVersion.from_record(self._version_codec.decode(record.value))
-                    )
+        def on_event(record: ConsumerRecord[bytes, bytes]) -> None:
+            if record.value is not None:
+                self.book.apply_event(self._event_codec.decode(record.value))
 
-            await read_to_end(consumer, tps, on_version)
-            tps = await assign_all(consumer, self.settings.topic(DEPLOYMENTS_TOPIC))
-
-            def on_event(record: ConsumerRecord[bytes, bytes]) -> None:
-                if record.value is not None:
-                    self.book.apply_event(self._event_codec.decode(record.value))
-
-            await read_to_end(consumer, tps, on_event)
-        finally:
-            await consumer.stop()
+        await fold_topics(
+            self.settings,
+            [(REGISTRY_TOPIC, on_version), (DEPLOYMENTS_TOPIC, on_event)],
+            "registry-fold",
+        )
         log.info(
             "registry state folded",
             extra={"versions": len(self.book.state.versions), "generation": self.book.generation},
@@ -182,7 +175,3 @@ class RegistryService:
             )
         )
         return outs
-
-    async def stop(self) -> None:
-        await self.loop.stop()
-        await self.producer.stop()

@@ -5,26 +5,29 @@ and from monitoring.stats, never pickled (see docs/adr/0008-retraining.md)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
+from aiokafka import ConsumerRecord
 from prometheus_client import Counter
 
 from scoremesh.contract.codec import CodecError, codec
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.commands import new_command, send_command
 from services.common.health import HealthServer
-from services.common.kafka import (
-    assign_all,
-    make_consumer,
-    make_producer,
-    read_to_end,
-    start_with_retry,
-)
+from services.common.kafka import make_producer
 from services.common.registry_view import RegistryView
+from services.common.service import (
+    StreamService,
+    TopicFollower,
+    enter_client,
+    fold_topics,
+    in_background,
+    on_exit,
+)
 from services.common.settings import Settings
 from services.retrain.promotion import Move, PromotionBook, judge
 from services.retrain.trigger import TriggerState, on_alert, on_schedule, on_stats
@@ -42,11 +45,14 @@ PROMOTION_MOVES = Counter(
 )
 
 
-class RetrainTriggerService:
+class RetrainTriggerService(StreamService):
+    """Consumes alerts and monitoring.stats; cores ``on_alert``/``on_stats``/``judge``;
+    produces retrain.requests and promotion commands."""
+
     name = "retrain-trigger"
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.model = settings.model_name
         self.policy = settings.retrain.policy
         self.promotion = settings.promotion.policy
@@ -65,8 +71,11 @@ class RetrainTriggerService:
         self._alert_codec = codec("Alert")
         self._stats_codec = codec("MonitoringStats")
         self._request_codec = codec("RetrainRequest")
-        self._stats_consumer: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.stats = TopicFollower(
+            settings, "monitoring.stats", self._apply_stats, self._after_stats, "retrain-stats"
+        )
+        self._released: list[dict[str, Any]] = []
+        self._last_request_ms = 0
         self._moved: set[tuple[str, str, str | None]] = set()
         self.folded = False
 
@@ -76,61 +85,58 @@ class RetrainTriggerService:
         )
         self.loop.add_checks(health)
 
-    async def start(self) -> None:
-        await start_with_retry(self.producer.start, "retrain-producer", self.settings)
+    async def setup(self, stack: AsyncExitStack) -> None:
+        await enter_client(stack, self.producer, "retrain-producer", self.settings)
+        on_exit(stack, self.loop.stop)
         await self.view.start()
-        consumer = make_consumer(self.settings, group_id=None)
-        await start_with_retry(consumer.start, "retrain-fold", self.settings)
-        try:
-            tps = await assign_all(consumer, self.settings.topic("retrain.requests"))
-            await read_to_end(
-                consumer,
-                tps,
-                lambda r: self.state.fold_request(self._request_codec.decode(r.value)),
-            )
-            # Alert episodes still waiting for labels from after their change (replay only).
-            tps = await assign_all(consumer, self.settings.topic("alerts"))
-            now = int(time.time() * 1000)
+        on_exit(stack, self.view.stop)
+        now = int(time.time() * 1000)
 
-            def replay(record: Any) -> None:
-                alert = self._alert_codec.decode(record.value)
-                on_alert(self.state, alert, self.policy, now, replay=True)
+        def fold_request(record: ConsumerRecord[bytes, bytes]) -> None:
+            self.state.fold_request(self._request_codec.decode(record.value or b""))
 
-            await read_to_end(consumer, tps, replay)
-        finally:
-            await consumer.stop()
-        self._stats_consumer = make_consumer(self.settings, group_id=None)
-        await start_with_retry(self._stats_consumer.start, "retrain-stats", self.settings)
-        tps = await assign_all(self._stats_consumer, self.settings.topic("monitoring.stats"))
-        last = self.state.of(self.model).last_request_ms or 0
-        released: list[dict[str, Any]] = []
-        await read_to_end(
-            self._stats_consumer, tps, lambda r: released.extend(self._fold_stats(r, last))
+        def replay(record: ConsumerRecord[bytes, bytes]) -> None:
+            # Alert episodes still waiting for labels from after their change.
+            alert = self._alert_codec.decode(record.value or b"")
+            on_alert(self.state, alert, self.policy, now, replay=True)
+
+        await fold_topics(
+            self.settings,
+            [("retrain.requests", fold_request), ("alerts", replay)],
+            "retrain-fold",
         )
-        for request in released:
-            out = self._request_out(request, "alert")
-            await self.producer.send_and_wait(out.topic, out.value, key=out.key)
+        self._last_request_ms = self.state.of(self.model).last_request_ms or 0
+        await self.stats.start()  # requests released by the fold go out before it returns
+        on_exit(stack, self.stats.stop)
         self.folded = True
-        self._tasks = [
-            asyncio.create_task(self._follow_stats(), name="stats"),
-            asyncio.create_task(self._schedule(), name="schedule"),
-        ]
+        in_background(stack, self._schedule(), "schedule")
         log.info(
             "retrain state folded",
             extra={
-                "last_request_ms": last,
+                "last_request_ms": self._last_request_ms,
                 "labels_since_last": self.state.of(self.model).labels_since_last,
             },
         )
 
-    def _fold_stats(self, record: Any, last_request_ms: int) -> list[dict[str, Any]]:
-        stats = self._stats_codec.decode(record.value)
+    def _apply_stats(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        """Fold a stats record: promotion evidence always; retrain triggers only for stats
+        newer than the last request (older ones were judged before the restart)."""
+        stats = self._stats_codec.decode(record.value or b"")
         self.book.observe(stats, self.promotion.metric)
-        if stats["emitted_at"] > last_request_ms:
-            return on_stats(self.state, stats, self.policy, int(time.time() * 1000))
-        m = self.state.of(stats["model"])
-        m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
-        return []
+        if self.folded or stats["emitted_at"] > self._last_request_ms:
+            self._released.extend(on_stats(self.state, stats, self.policy, int(time.time() * 1000)))
+        else:
+            m = self.state.of(stats["model"])
+            m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
+        return True
+
+    async def _after_stats(self) -> None:
+        released, self._released = self._released, []
+        for request in released:
+            out = self._request_out(request, "alert")
+            await self.producer.send_and_wait(out.topic, out.value, key=out.key)
+        if self.folded and self.promotion.enabled:
+            await self._promote()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.loop.start(stop)
@@ -174,22 +180,6 @@ class RetrainTriggerService:
             request["model"].encode(),
             self._request_codec.encode(request),
         )
-
-    async def _follow_stats(self) -> None:
-        while True:
-            batches = await self._stats_consumer.getmany(timeout_ms=1000)
-            changed = False
-            now = int(time.time() * 1000)
-            for records in batches.values():
-                for record in records:
-                    stats = self._stats_codec.decode(record.value)
-                    for request in on_stats(self.state, stats, self.policy, now):
-                        out = self._request_out(request, "alert")
-                        await self.producer.send_and_wait(out.topic, out.value, key=out.key)
-                    self.book.observe(stats, self.promotion.metric)
-                    changed = True
-            if changed and self.promotion.enabled:
-                await self._promote()
 
     async def _promote(self) -> None:
         champion = self.view.state.champion(self.model)
@@ -245,14 +235,3 @@ class RetrainTriggerService:
                 continue
             out = self._request_out(request, "schedule")
             await self.producer.send_and_wait(out.topic, out.value, key=out.key)
-
-    async def stop(self) -> None:
-        await self.loop.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._stats_consumer is not None:
-            await self._stats_consumer.stop()
-        await self.view.stop()
-        await self.producer.stop()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -16,12 +17,13 @@ from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.commands import new_command, send_command
 from services.common.health import HealthServer
-from services.common.kafka import make_producer, start_with_retry
+from services.common.kafka import make_producer
 from services.common.metrics import PREDICTION_LATENCY, PREDICTIONS, REJECTED, SCORING_ERRORS
 from services.common.model_version import ModelVersion
 from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
 from services.common.rejections import rejection_record
+from services.common.service import StreamService, enter_client, in_background, on_exit
 from services.common.serving.models import ModelHolder, ServingSet
 from services.common.serving.scoring import BatchResult, ScoringError, score_events
 from services.common.settings import Settings
@@ -34,11 +36,14 @@ PREDICTIONS_TOPIC: TopicName = "predictions"
 REJECTED_TOPIC: TopicName = "events.rejected"
 
 
-class ScorerService:
+class ScorerService(StreamService):
+    """Consumes events.valid (and the registry, for models); core ``score_events``;
+    produces predictions, the query store and load-failure/canary commands."""
+
     name = "scorer"
 
     def __init__(self, settings: Settings, store: QueryStore | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.holder = ModelHolder(settings, on_load_failure=self._report_load_failure)
         self.guard = CanaryGuard(
             settings.canary.min_events,
@@ -65,7 +70,6 @@ class ScorerService:
         self._rejection_codec = codec("Rejection")
         self._predictions = settings.topic(PREDICTIONS_TOPIC)
         self._rejected = settings.topic(REJECTED_TOPIC)
-        self._tasks: list[asyncio.Task[None]] = []
         self._store_write: asyncio.Task[int] | None = None
 
     def register_checks(self, health: HealthServer) -> None:
@@ -83,12 +87,22 @@ class ScorerService:
             store = self.store
             health.add_check("redis", lambda: (store.healthy, "query store writable"))
 
-    async def start(self) -> None:
-        await start_with_retry(self.producer.start, "scorer-producer", self.settings)
-        self._tasks.append(asyncio.create_task(self.holder.run(), name="model-holder"))
+    async def setup(self, stack: AsyncExitStack) -> None:
+        await enter_client(stack, self.producer, "scorer-producer", self.settings)
+        if self.store is not None:
+            on_exit(stack, self.store.close)
+        on_exit(stack, self._settle_store_write)
+        in_background(stack, self.holder.run(), "model-holder")
         await self.view.start()
+        on_exit(stack, self.view.stop)
+        on_exit(stack, self.loop.stop)  # first out: finishes the batches in flight
         if self.store is not None:
             await self.store.ping()
+
+    async def _settle_store_write(self) -> None:
+        if self._store_write is not None:
+            with contextlib.suppress(Exception):
+                await self._store_write
 
     async def run(self, stop: asyncio.Event) -> None:
         while self.holder.current.champion is None and not stop.is_set():
@@ -220,17 +234,3 @@ class ScorerService:
             entity_id=event.get("entity_id"),
         )
         return Out(self._rejected, record.key, self._rejection_codec.encode(rec))
-
-    async def stop(self) -> None:
-        await self.loop.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.view.stop()
-        await self.producer.stop()
-        if self._store_write is not None:
-            with contextlib.suppress(Exception):
-                await self._store_write
-        if self.store is not None:
-            await self.store.close()

@@ -230,9 +230,9 @@ class ValidatorService(StreamService):
 
     async def setup(self, stack: AsyncExitStack) -> None:
         await enter_client(stack, self.producer, "validator-producer", self.settings)
-        on_exit(stack, self.loop.stop)
         await self.view.start()
         on_exit(stack, self.view.stop)
+        on_exit(stack, self.loop.stop)  # first out: finishes the batches in flight
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.has_rules.is_set():
