@@ -72,7 +72,7 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
     ),
     "scorer": ServiceAccess(
         reads=("events.valid", "models.registry", "models.artifacts"),
-        writes=("predictions", "events.rejected", "models.commands"),
+        writes=("predictions", "events.rejected", "models.commands", "serving.status"),
     ),
     "label-join": ServiceAccess(
         reads=("predictions", "labels", "label-join.changelog", "models.registry"),
@@ -93,6 +93,7 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
             "models.registry",
             "deployments.log",
             "alerts",
+            "serving.status",
         ),
         writes=("alerts",),
         keeps_state=True,
@@ -127,8 +128,9 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
             "deployments.log",
             "alerts",
             "retrain.results",
+            "serving.status",
         ),
-        writes=("predictions", "models.commands", "retrain.requests"),
+        writes=("predictions", "models.commands", "retrain.requests", "serving.status"),
     ),
 }
 """Where this goes beyond the deployment issue's table, the code needs it:

@@ -29,6 +29,7 @@ create retrain.results --partitions 3 --replication-factor 1 --config cleanup.po
 create models.commands --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=2592000000
 create models.registry --partitions 1 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 create models.artifacts --partitions 1 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=2097152 --config min.insync.replicas=1 --config retention.ms=-1
+create serving.status --partitions 1 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=604800000
 create deployments.log --partitions 1 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 
-echo "topics ready: 17 catalog topics on $bootstrap"
+echo "topics ready: 18 catalog topics on $bootstrap"

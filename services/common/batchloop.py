@@ -27,7 +27,13 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from services.common.health import HealthServer
-from services.common.kafka import BrokerWatch, enqueue_records, make_consumer, start_with_retry
+from services.common.kafka import (
+    NO_HEADERS,
+    BrokerWatch,
+    enqueue_records,
+    make_consumer,
+    start_with_retry,
+)
 from services.common.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_IN, EVENTS_OUT, KAFKA_UP
 from services.common.settings import Settings
 
@@ -42,6 +48,7 @@ class Out:
     key: bytes | None
     value: bytes
     partition: int | None = None  # None: murmur2 of the key (round-robin without one)
+    headers: list[tuple[str, bytes]] | None = None  # shared lists: never mutated
 
 
 ProcessFn = Callable[[list[Record]], Awaitable[list[Out]]]
@@ -197,6 +204,9 @@ class BatchLoop:
             self.producer,
             [(o.topic, o.partition, o.key, o.value) for o in outs],
             close_batches=True,
+            headers=[o.headers or NO_HEADERS for o in outs]
+            if any(o.headers for o in outs)
+            else None,
         )
         per_topic: dict[str, int] = {}
         for o in outs:

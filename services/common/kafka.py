@@ -28,6 +28,11 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 
+NO_HEADERS: list[tuple[str, bytes]] = []
+"""Shared by every record without headers (aiokafka's batch builder takes lists only and
+does not change them)."""
+
+
 class KafkaUnavailable(RuntimeError):
     """The broker did not answer within the configured time."""
 
@@ -367,6 +372,7 @@ async def enqueue_records(
     *,
     close_batches: bool = False,
     on_too_large: Callable[[str, bytes | None], None] | None = None,
+    headers: Sequence[list[tuple[str, bytes]]] | None = None,
 ) -> tuple[list[asyncio.Future[Any]], int]:
     """Hand the records to the producer in per-partition batches; returns the batches'
     acknowledgement futures (not awaited) and the number of records enqueued.
@@ -375,6 +381,7 @@ async def enqueue_records(
     are a complete unit (a processed batch), so the producer sends them at once instead of
     lingering ``linger_ms`` for more records that will not come. A record larger than an
     empty batch raises ValueError, or, with ``on_too_large``, is handed to it and skipped.
+    ``headers``: each record's Kafka headers, when any record has some.
     """
     batch_records = records if isinstance(records, list) else list(records)
     placed = await _place(producer, batch_records)
@@ -382,18 +389,21 @@ async def enqueue_records(
     futures: list[asyncio.Future[Any]] = []
     empty: set[tuple[str, int]] = set()  # open batches holding no record yet
     enqueued = 0
-    for (topic, _, key, value), partition in zip(batch_records, placed, strict=True):
+    for i, ((topic, _, key, value), partition) in enumerate(
+        zip(batch_records, placed, strict=True)
+    ):
         tp = (topic, partition)
         batch = open_batches.get(tp)
         if batch is None:
             batch = open_batches[tp] = producer.create_batch()
             empty.add(tp)
-        if batch.append(key=key, value=value, timestamp=None) is None:
+        extra = NO_HEADERS if headers is None else headers[i]
+        if batch.append(key=key, value=value, timestamp=None, headers=extra) is None:
             if tp not in empty:  # full: send it, and try the record in a fresh one
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
                 batch = open_batches[tp] = producer.create_batch()
                 empty.add(tp)
-            if batch.append(key=key, value=value, timestamp=None) is None:
+            if batch.append(key=key, value=value, timestamp=None, headers=extra) is None:
                 if on_too_large is None:
                     raise ValueError(f"{topic}: a record larger than the producer's batch size")
                 on_too_large(topic, value)

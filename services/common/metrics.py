@@ -11,15 +11,14 @@ REJECTED = Counter(
 )
 FLAGGED = Counter("scoremesh_events_flagged_total", "Events that passed with a flag", ["reason"])
 FEATURE_NULLS = Counter(
-    "scoremesh_feature_null_total", "Null or missing values seen per feature", ["feature"]
+    "scoremesh_feature_null_total",
+    "Null or missing values seen per model and feature",
+    ["model", "feature"],
 )
 FEATURE_SEEN = Counter(
     "scoremesh_feature_seen_total",
-    "Valid events seen per feature (null-rate denominator)",
-    ["feature"],
-)
-REJECT_RATE = Gauge(
-    "scoremesh_reject_rate", "Share of events rejected over the last window", ["service"]
+    "Valid events seen per model and feature (null-rate denominator)",
+    ["model", "feature"],
 )
 BATCH_SIZE = Histogram(
     "scoremesh_batch_size",
@@ -50,7 +49,9 @@ MODEL_LOAD_FAILURES = Counter(
     "Model versions that failed to load",
     ["model", "version"],
 )
-ACTIVE_VERSION = Info("scoremesh_active_model", "The model versions being served")
+ACTIVE_VERSION = Info(
+    "scoremesh_active_model", "The model versions being served, per model", ["model"]
+)
 REDIS_WRITES = Counter(
     "scoremesh_query_store_writes_total", "Prediction writes to the query store", ["outcome"]
 )

@@ -1,8 +1,9 @@
 """The Redis query store: the latest predictions per event and per entity.
 
-One EVALSHA per batch writes every prediction: ``<p>pred:<event_id>`` is a hash with a
-field per variant (write-if-newer by event time, TTL), ``<p>entity:<entity_id>`` a sorted
-set of event ids by event time, capped. Redis is a cache for lookups, never the system
+One EVALSHA per batch writes every prediction: ``<p>pred:<model>:<event_id>`` is a hash
+with a field per variant (write-if-newer by event time, TTL), ``<p>entity:<entity_id>`` a
+sorted set of ``<model>:<event_id>`` by event time, capped (event ids are unique per
+model; model names never contain ``:``). Redis is a cache for lookups, never the system
 of record: a failed write is counted and logged, and scoring to Kafka goes on.
 """
 
@@ -16,23 +17,24 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from scoremesh.contract.records import Prediction
 from services.common.metrics import REDIS_WRITES
 from services.common.redis_client import answers, connect
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# ARGV: prefix, ttl, cap, a JSON array of [event_id, entity_id, variant, event_time] per
-# prediction, then each prediction's JSON body (stored as sent: no float re-formatting).
+# ARGV: prefix, ttl, cap, a JSON array of [model:event_id, entity_id, variant, event_time]
+# per prediction, then each prediction's JSON body (stored as sent: no float re-formatting).
 # Few, large arguments keep the client's command packing cheap.
 _WRITE_BATCH = """
 local prefix, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local meta = cjson.decode(ARGV[4])
 local written = 0
 for n, m in ipairs(meta) do
-  local event_id, entity_id, variant, event_time = m[1], m[2], m[3], tonumber(m[4])
+  local event_key, entity_id, variant, event_time = m[1], m[2], m[3], tonumber(m[4])
   local body = ARGV[4 + n]
-  local pkey = prefix .. 'pred:' .. event_id
+  local pkey = prefix .. 'pred:' .. event_key
   local held = redis.call('HGET', pkey, 't:' .. variant)
   if (not held) or tonumber(held) <= event_time then
     redis.call('HSET', pkey, variant, body, 't:' .. variant, event_time)
@@ -40,7 +42,7 @@ for n, m in ipairs(meta) do
     written = written + 1
   end
   local ekey = prefix .. 'entity:' .. entity_id
-  redis.call('ZADD', ekey, event_time, event_id)
+  redis.call('ZADD', ekey, event_time, event_key)
   local size = redis.call('ZCARD', ekey)
   if size > cap then redis.call('ZREMRANGEBYRANK', ekey, 0, size - cap - 1) end
   redis.call('EXPIRE', ekey, ttl)
@@ -61,12 +63,15 @@ class QueryStore:
         self.healthy = await answers(self.client)
         return self.healthy
 
-    async def write_predictions(self, predictions: Sequence[dict[str, Any]]) -> int:
+    async def write_predictions(self, predictions: Sequence[Prediction]) -> int:
         """Write a batch; returns how many were written, 0 (counted as skipped) on failure."""
         if not predictions:
             return 0
         meta = orjson.dumps(
-            [(p["event_id"], p["entity_id"], p["variant"], p["event_time"]) for p in predictions]
+            [
+                (f"{p['model']}:{p['event_id']}", p["entity_id"], p["variant"], p["event_time"])
+                for p in predictions
+            ]
         )
         args: list[Any] = [
             self.prefix,
@@ -92,9 +97,9 @@ class QueryStore:
         REDIS_WRITES.labels("written").inc(len(predictions))
         return written
 
-    async def prediction(self, event_id: str) -> dict[str, Any] | None:
-        """Every variant's latest prediction for an event, or None."""
-        raw = await self.client.hgetall(f"{self.prefix}pred:{event_id}")
+    async def prediction(self, model: str, event_id: str) -> dict[str, Any] | None:
+        """Every variant's latest prediction of a model for an event, or None."""
+        raw = await self.client.hgetall(f"{self.prefix}pred:{model}:{event_id}")
         out = {_text(k): orjson.loads(v) for k, v in raw.items() if not _text(k).startswith("t:")}
         return out or None
 
@@ -103,10 +108,10 @@ class QueryStore:
         ids = await self.client.zrevrange(f"{self.prefix}entity:{entity_id}", 0, limit - 1)
         out = []
         for raw_id in ids:
-            event_id = _text(raw_id)
-            variants = await self.prediction(event_id)
+            model, _, event_id = _text(raw_id).partition(":")
+            variants = await self.prediction(model, event_id)
             if variants:
-                out.append({"event_id": event_id, "variants": variants})
+                out.append({"model": model, "event_id": event_id, "variants": variants})
         return out
 
     async def forget_entity(self, entity_id: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from services.common.policies.monitor import MonitorPolicy
 from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
 
 ENV_PREFIX = "SCOREMESH_"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _CATALOG_NAMES = frozenset(TOPICS)
 
 
@@ -255,7 +257,16 @@ class Settings(BaseSettings):
     redis_entity_cap: int = Field(100, ge=1, description="predictions kept per entity")
 
     # --- Models ----------------------------------------------------------------------
-    model_name: str = Field("credit", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    model_name: str = Field(
+        "credit",
+        pattern=MODEL_NAME_PATTERN,
+        description="the default model: events and labels that name no model are for it",
+    )
+    models: list[str] | None = Field(
+        None,
+        description="the models a scorer serves (comma-separated, e.g. fraud,churn); "
+        "unset = every model with a champion",
+    )
     artifact_dir: Path = Field(default_factory=lambda: default_home() / "artifacts")
     artifact_chunk_bytes: int = Field(512 * 1024, ge=1024)
     onnx_threads: int = Field(1, ge=1, le=64)
@@ -296,6 +307,27 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                return None
+            if not value.startswith("["):
+                return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(
+                    f"{name!r} is not a model name (lowercase letters, digits, - and _)"
+                )
+        return sorted(set(value)) if value else None
 
     @field_validator("kafka_sasl_password", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ Without a runtime the app builds and starts its own in its lifespan (tests, ``uv
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -85,6 +86,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 PREDICT_PATH = "/v1/predict"
+MODEL_PREDICT_PATH = re.compile(r"/v1/models/(?P<name>[a-z0-9][a-z0-9_-]{0,63})/predict")
 
 
 class QueryApp(FastAPI):
@@ -104,21 +106,25 @@ class QueryApp(FastAPI):
 
 
 class _PredictDispatch:
-    """POST /v1/predict straight to its endpoint; everything else through FastAPI."""
+    """POST /v1/predict and /v1/models/{name}/predict straight to their endpoint; everything
+    else through FastAPI."""
 
     def __init__(self, predict: ASGIApp, other: ASGIApp) -> None:
         self.predict = predict
         self.other = other
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["path"] == PREDICT_PATH
-            and scope["method"] == "POST"
-            and not scope.get("root_path")
-        ):
-            await self.predict(scope, receive, send)
-        else:
-            await self.other(scope, receive, send)
+        if scope["method"] == "POST" and not scope.get("root_path"):
+            path = scope["path"]
+            if path == PREDICT_PATH:
+                await self.predict(scope, receive, send)
+                return
+            match = MODEL_PREDICT_PATH.fullmatch(path)
+            if match is not None:
+                scope["scoremesh_model"] = match["name"]
+                await self.predict(scope, receive, send)
+                return
+        await self.other(scope, receive, send)
 
 
 def create_app(settings: Settings, runtime: QueryRuntime | None = None) -> FastAPI:
@@ -168,11 +174,12 @@ def create_app(settings: Settings, runtime: QueryRuntime | None = None) -> FastA
     app.add_exception_handler(PayloadTooLarge, on_too_large)
     # The HTTP middleware runs outermost, before the POST /v1/predict dispatch, so the hot
     # route and every other route get the same request ids, access log, timeout and limit.
-    predict_route = next(
-        (r for r in predict.router.routes if getattr(r, "path", None) == PREDICT_PATH), None
-    )
+    routes = {getattr(r, "path", None): r for r in predict.router.routes}
     front: ASGIApp = _PredictDispatch(
-        predict.PredictEndpoint(app.state, predict_route), app.fastapi_call
+        predict.PredictEndpoint(
+            app.state, routes.get(PREDICT_PATH), routes.get("/v1/models/{name}/predict")
+        ),
+        app.fastapi_call,
     )
     front = BodyLimitMiddleware(front, max_body_bytes=config.max_body_bytes)
     front = TimeoutMiddleware(front, timeout_s=config.request_timeout_s)

@@ -17,13 +17,14 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from scoremesh.contract.featurespec import RuleSet
+from scoremesh.contract.records import Event, Prediction
 from scoremesh.contract.topics import TopicName
 from services.common.commands import read_history
 from services.common.kafka import ask_broker, make_producer, start_with_retry
 from services.common.metrics import BATCH_SIZE, PREDICTION_LATENCY, PREDICTIONS, SCORING_ERRORS
 from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
-from services.common.serving.models import ModelHolder, ServingSet, serving_rule_set
+from services.common.serving.models import ModelHolder, Serving, ServingSet, serving_rule_set
 from services.common.serving.scoring import ScoringError, score_events
 from services.common.settings import ApiSettings, Settings
 from services.query.batching import AdaptiveBatcher
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS_TOPIC: TopicName = "predictions"
 SOURCE = "sync"
 
-EventPredictions = list[dict[str, Any]]
+EventPredictions = list[Prediction]
 """Every variant's prediction for one event: the champion's first, then challengers'."""
 
 
@@ -67,19 +68,14 @@ class QueryRuntime:
             self.config.publish_max_inflight,
             linger_s=self.config.publish_linger_ms / 1000.0,
         )
-        self.batcher: AdaptiveBatcher[dict[str, Any], EventPredictions] = AdaptiveBatcher(
-            self._score,
-            max_size=self.config.batch_max_size,
-            max_wait_s=self.config.batch_max_wait_ms / 1000.0,
-            on_batch=self._on_batch,
-        )
+        self._batchers: dict[str, AdaptiveBatcher[Event, EventPredictions]] = {}
         self.producer_started = False
-        self._rules: tuple[ServingSet, RuleSet | None] | None = None
+        self._rules: dict[str, tuple[Serving, ServingSet | None, RuleSet | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._history: tuple[float, list[dict[str, Any]]] | None = None
         self._history_lock = asyncio.Lock()
         self._batch_size = BATCH_SIZE.labels("query")
-        self._counters: dict[tuple[str, str], Any] = {}
+        self._counters: dict[tuple[str, str, str], Any] = {}
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,11 +88,15 @@ class QueryRuntime:
             await self.store.ping()
         log.info(
             "query runtime started",
-            extra={"model": self.settings.model_name, "versions": len(self.view.state.versions)},
+            extra={
+                "default_model": self.settings.model_name,
+                "versions": len(self.view.state.versions),
+            },
         )
 
     async def stop(self) -> None:
-        self.batcher.close()
+        for batcher in self._batchers.values():
+            batcher.close()
         await self.sink.drain(self.settings.shutdown_deadline_s / 2)
         for task in self._tasks:
             task.cancel()
@@ -110,17 +110,34 @@ class QueryRuntime:
             await self.store.close()
 
     # --- predictions -----------------------------------------------------------------
-    def rules(self) -> tuple[ServingSet, RuleSet | None]:
-        """The serving set and the rule set for exactly its versions (cached per set)."""
+    def rules(self, model: str) -> tuple[ServingSet | None, RuleSet | None]:
+        """A model's serving set and the rule set for exactly its versions (cached per
+        snapshot); (None, None) while the model has no loaded champion."""
         serving = self.holder.current
-        cached = self._rules
+        cached = self._rules.get(model)
         if cached is None or cached[0] is not serving:
-            cached = self._rules = (serving, serving_rule_set(serving, self.view.state))
-        return cached
+            serving_set = serving.of(model)
+            rules = serving_rule_set(serving_set, self.view.state) if serving_set else None
+            cached = self._rules[model] = (serving, serving_set, rules)
+        return cached[1], cached[2]
 
-    def _score(self, events: list[dict[str, Any]], first_at: float) -> list[EventPredictions]:
+    def batcher(self, model: str) -> AdaptiveBatcher[Event, EventPredictions]:
+        """Each model's requests are micro-batched together: one ONNX call per batch."""
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            batcher = self._batchers[model] = AdaptiveBatcher(
+                lambda events, first_at: self._score(model, events, first_at),
+                max_size=self.config.batch_max_size,
+                max_wait_s=self.config.batch_max_wait_ms / 1000.0,
+                on_batch=self._on_batch,
+            )
+        return batcher
+
+    def _score(self, model: str, events: list[Event], first_at: float) -> list[EventPredictions]:
         """One ``score_events`` call for a micro-batch; published once, split per event."""
-        serving = self.holder.current  # one snapshot per batch, as in the scorer
+        serving = self.holder.current.of(model)  # one snapshot per batch, as in the scorer
+        if serving is None:
+            raise ScoringError(f"model {model!r} has no loaded champion any more")
         try:
             result = score_events(serving, events, SOURCE, first_at)
         except ScoringError:
@@ -134,22 +151,22 @@ class QueryRuntime:
         self.sink.publish(predictions)
         n = len(events)
         blocks = len(predictions) // n
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str, str, str], int] = {}
         for b in range(blocks):
             head = predictions[b * n]
-            ident = (head["model_version"], head["variant"])
+            ident = (head["model"], head["model_version"], head["variant"])
             counts[ident] = counts.get(ident, 0) + n
         for ident, count in counts.items():
             self._count(ident, count, predictions[0]["latency_ms"] / 1000.0)
         return [[predictions[b * n + i] for b in range(blocks)] for i in range(n)]
 
-    def _count(self, ident: tuple[str, str], n: int, latency_s: float) -> None:
+    def _count(self, ident: tuple[str, str, str], n: int, latency_s: float) -> None:
         children = self._counters.get(ident)
         if children is None:
-            model = self.settings.model_name
+            model, version, variant = ident
             children = self._counters[ident] = (
-                PREDICTIONS.labels(model, ident[0], ident[1], SOURCE),
-                PREDICTION_LATENCY.labels(model, ident[0], ident[1]),
+                PREDICTIONS.labels(model, version, variant, SOURCE),
+                PREDICTION_LATENCY.labels(model, version, variant),
             )
         children[0].inc(n)
         children[1].observe(latency_s)
@@ -157,7 +174,7 @@ class QueryRuntime:
     def _on_batch(self, items: int, submissions: int) -> None:
         self._batch_size.observe(items)
 
-    async def predict(self, events: list[dict[str, Any]]) -> list[EventPredictions]:
+    async def predict(self, model: str, events: list[Event]) -> list[EventPredictions]:
         """Every variant's prediction per event; ``Backlogged`` when the predictions topic
         cannot take more (backpressure: nothing is scored that could not be published)."""
         if not self.sink.has_room() and not await self.sink.wait_for_room(
@@ -165,7 +182,7 @@ class QueryRuntime:
         ):
             PUBLISH_REFUSED.inc()
             raise Backlogged(self.sink.inflight)
-        return await self.batcher.submit(events)
+        return await self.batcher(model).submit(events)
 
     # --- registry history ------------------------------------------------------------
     async def history(self) -> list[dict[str, Any]]:
@@ -192,8 +209,8 @@ class QueryRuntime:
         checks = {
             "registry": (self.view.ready.is_set(), "models.registry folded"),
             "model": (
-                serving.champion is not None,
-                ",".join(serving.keys) or f"no champion of {self.settings.model_name!r} loaded",
+                bool(serving.serving_models),
+                ",".join(serving.keys) or "no champion loaded",
             ),
             "kafka": (
                 self.producer_started and self.sink.kafka_ok,

@@ -84,6 +84,7 @@ class StoredPrediction(BaseModel):
 
 
 class EventPredictionsOut(BaseModel):
+    model: str = Field(description="the model that made these predictions")
     event_id: str
     variants: dict[str, StoredPrediction] = Field(description="variant -> latest prediction")
 

@@ -22,13 +22,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.records import Prediction
 from services.common.kafka import enqueue_records
 from services.common.metrics import EVENTS_OUT, KAFKA_UP
 from services.common.query_store import QueryStore
@@ -71,13 +71,13 @@ class PredictionSink:
         self.linger_s = linger_s
         self.inflight = 0  # accepted for Kafka, not yet acknowledged (or dropped)
         self.kafka_ok = True
-        self._to_kafka: list[dict[str, Any]] = []
-        self._to_store: list[dict[str, Any]] = []
+        self._to_kafka: list[Prediction] = []
+        self._to_store: list[Prediction] = []
         self._kafka_wake = asyncio.Event()
         self._store_wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._encode = codec("Prediction").encode
+        self._encode = codec(Prediction).encode
         self._tasks: list[asyncio.Task[None]] = []
         self._store_busy = False
         self._settled = asyncio.Event()  # set after every round, for drain()
@@ -101,7 +101,7 @@ class PredictionSink:
             await asyncio.wait_for(self._room.wait(), timeout_s)
         return self.inflight < self.max_inflight
 
-    def publish(self, predictions: Sequence[dict[str, Any]]) -> None:
+    def publish(self, predictions: Sequence[Prediction]) -> None:
         """Queue for Kafka and Redis; never raises, never blocks."""
         if not predictions:
             return
@@ -141,7 +141,7 @@ class PredictionSink:
                     self._room.set()
                 self._settled.set()
 
-    async def _send(self, predictions: list[dict[str, Any]]) -> None:
+    async def _send(self, predictions: list[Prediction]) -> None:
         encoded: list[tuple[str, int | None, bytes | None, bytes | None]] = []
         for i, p in enumerate(predictions):
             if i and not i % YIELD_EVERY:

@@ -47,7 +47,7 @@ def one_sided_p(better: Tally, worse: Tally) -> float:
 
 
 class PromotionBook:
-    """Labelled counts per (version, variant) and event-time window.
+    """Labelled counts per (``model@version``, variant) and event-time window.
 
     Variants are compared over the windows both have, so a challenger is judged against the
     champion on the same period of traffic (for a shadow, on the very same events).
@@ -64,7 +64,8 @@ class PromotionBook:
         window = (int(stats["window_start"]), int(stats["window_end"]))
         count = int(stats["count"])
         # A re-emitted window (at-least-once upstream) replaces, never adds.
-        self.windows.setdefault((stats["model_version"], stats["variant"]), {})[window] = (
+        key = f"{stats['model']}@{stats['model_version']}"
+        self.windows.setdefault((key, stats["variant"]), {})[window] = (
             count,
             float(stats["metrics"][metric]) * count,
         )
@@ -79,13 +80,19 @@ class PromotionBook:
 
 
 def judge(
-    book: PromotionBook, champion: str, challengers: dict[str, str], policy: PromotionPolicy
+    book: PromotionBook,
+    model: str,
+    champion: str,
+    challengers: dict[str, str],
+    policy: PromotionPolicy,
 ) -> list[Move]:
-    """Moves for challengers {version: stage}; champion is the champion's version."""
+    """Moves for a model's challengers {version: stage}; champion is the champion's version."""
     moves: list[Move] = []
     for version, stage in challengers.items():
         variant = "shadow" if stage == "shadow" else "canary"
-        mine, theirs = book.paired((version, variant), (champion, "champion"))
+        mine, theirs = book.paired(
+            (f"{model}@{version}", variant), (f"{model}@{champion}", "champion")
+        )
         if mine.labels < policy.min_labels or theirs.labels < policy.min_labels:
             continue
         lift = mine.rate - theirs.rate

@@ -53,7 +53,6 @@ class RetrainTriggerService(StreamService):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.model = settings.model_name
         self.policy = settings.retrain.policy
         self.promotion = settings.promotion.policy
         self.state = TriggerState()
@@ -75,8 +74,8 @@ class RetrainTriggerService(StreamService):
             settings, "monitoring.stats", self._apply_stats, self._after_stats, "retrain-stats"
         )
         self._released: list[dict[str, Any]] = []
-        self._last_request_ms = 0
-        self._moved: set[tuple[str, str, str | None]] = set()
+        self._last_request_ms: dict[str, int] = {}
+        self._moved: set[tuple[str, str, str, str | None]] = set()
         self.folded = False
 
     def register_checks(self, health: HealthServer) -> None:
@@ -98,14 +97,16 @@ class RetrainTriggerService(StreamService):
         def replay(record: ConsumerRecord[bytes, bytes]) -> None:
             # Alert episodes still waiting for labels from after their change.
             alert = self._alert_codec.decode(record.value or b"")
-            on_alert(self.state, alert, self.policy, now, replay=True)
+            on_alert(self.state, alert, self.policy.for_model(alert["model"]), now, replay=True)
 
         await fold_topics(
             self.settings,
             [("retrain.requests", fold_request), ("alerts", replay)],
             "retrain-fold",
         )
-        self._last_request_ms = self.state.of(self.model).last_request_ms or 0
+        self._last_request_ms = {
+            model: m.last_request_ms or 0 for model, m in self.state.models.items()
+        }
         await self.stats.start()  # requests released by the fold go out before it returns
         on_exit(stack, self.stats.stop)
         self.folded = True
@@ -114,7 +115,9 @@ class RetrainTriggerService(StreamService):
             "retrain state folded",
             extra={
                 "last_request_ms": self._last_request_ms,
-                "labels_since_last": self.state.of(self.model).labels_since_last,
+                "labels_since_last": {
+                    model: m.labels_since_last for model, m in self.state.models.items()
+                },
             },
         )
 
@@ -122,11 +125,13 @@ class RetrainTriggerService(StreamService):
         """Fold a stats record: promotion evidence always; retrain triggers only for stats
         newer than the last request (older ones were judged before the restart)."""
         stats = self._stats_codec.decode(record.value or b"")
-        self.book.observe(stats, self.promotion.metric)
-        if self.folded or stats["emitted_at"] > self._last_request_ms:
-            self._released.extend(on_stats(self.state, stats, self.policy, int(time.time() * 1000)))
+        model = stats["model"]
+        self.book.observe(stats, self.promotion.for_model(model).metric)
+        if self.folded or stats["emitted_at"] > self._last_request_ms.get(model, 0):
+            policy = self.policy.for_model(model)
+            self._released.extend(on_stats(self.state, stats, policy, int(time.time() * 1000)))
         else:
-            m = self.state.of(stats["model"])
+            m = self.state.of(model)
             m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
         return True
 
@@ -135,7 +140,7 @@ class RetrainTriggerService(StreamService):
         for request in released:
             out = self._request_out(request, "alert")
             await self.producer.send_and_wait(out.topic, out.value, key=out.key)
-        if self.folded and self.promotion.enabled:
+        if self.folded:
             await self._promote()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -152,7 +157,7 @@ class RetrainTriggerService(StreamService):
                 log.error("undecodable alert skipped", extra={"error": str(exc)})
                 continue
             before = dict(self.state.suppressed)
-            request = on_alert(self.state, alert, self.policy, now)
+            request = on_alert(self.state, alert, self.policy.for_model(alert["model"]), now)
             for reason, n in self.state.suppressed.items():
                 if n > before.get(reason, 0):
                     SUPPRESSED.labels(alert["model"], reason).inc(n - before.get(reason, 0))
@@ -182,32 +187,34 @@ class RetrainTriggerService(StreamService):
         )
 
     async def _promote(self) -> None:
-        champion = self.view.state.champion(self.model)
-        if champion is None:
-            return
-        challengers = {
-            v.version: v.stage for v in self.view.state.active(self.model) if v.stage != "champion"
-        }
-        for move in judge(self.book, champion.version, challengers, self.promotion):
-            ident = (move.version, move.action, move.target_stage)
-            if ident in self._moved:
+        """Each model's challengers judged on labelled evidence, by its own policy."""
+        state = self.view.state
+        for model in state.models():
+            policy = self.promotion.for_model(model)
+            champion = state.champion(model)
+            if not policy.enabled or champion is None:
                 continue
-            self._moved.add(ident)
-            await self._send(move)
+            challengers = {v.version: v.stage for v in state.active(model) if v.stage != "champion"}
+            for move in judge(self.book, model, champion.version, challengers, policy):
+                ident = (model, move.version, move.action, move.target_stage)
+                if ident in self._moved:
+                    continue
+                self._moved.add(ident)
+                await self._send(model, move)
 
-    async def _send(self, move: Move) -> None:
-        PROMOTION_MOVES.labels(self.model, move.action).inc()
+    async def _send(self, model: str, move: Move) -> None:
+        PROMOTION_MOVES.labels(model, move.action).inc()
         log.warning(
             "promotion policy decided",
             extra={
-                "version": move.version,
+                "version": f"{model}@{move.version}",
                 "action": move.action,
                 "target_stage": move.target_stage,
                 "reason": move.reason,
             },
         )
         cmd = new_command(
-            self.model,
+            model,
             move.action,
             "promotion-policy",
             version=move.version,
@@ -218,20 +225,33 @@ class RetrainTriggerService(StreamService):
         await send_command(self.settings, cmd, producer=self.producer)
 
     async def _schedule(self) -> None:
-        if not self.policy.schedule:
-            return
+        """Scheduled retrains: each model whose policy has a cron ``schedule`` is asked at
+        its times (checked at least every minute, so new models and policies join)."""
         from croniter import croniter
 
+        last_check = datetime.now(UTC)
         while True:
+            await asyncio.sleep(SCHEDULE_TICK_S)
             now = datetime.now(UTC)
-            next_at = croniter(self.policy.schedule, now).get_next(datetime)
-            await asyncio.sleep(max(1.0, (next_at - now).total_seconds()))
-            request = on_schedule(self.state, self.model, self.policy, int(time.time() * 1000))
-            if request is None:
-                SUPPRESSED.labels(self.model, "schedule").inc()
-                log.info(
-                    "scheduled retrain skipped", extra={"suppressed": dict(self.state.suppressed)}
-                )
-                continue
-            out = self._request_out(request, "schedule")
-            await self.producer.send_and_wait(out.topic, out.value, key=out.key)
+            for model in self.view.state.models():
+                policy = self.policy.for_model(model)
+                if not policy.schedule:
+                    continue
+                due = croniter(policy.schedule, last_check).get_next(datetime)
+                if due > now:
+                    continue
+                request = on_schedule(self.state, model, policy, int(time.time() * 1000))
+                if request is None:
+                    SUPPRESSED.labels(model, "schedule").inc()
+                    log.info(
+                        "scheduled retrain skipped",
+                        extra={"model": model, "suppressed": dict(self.state.suppressed)},
+                    )
+                    continue
+                out = self._request_out(request, "schedule")
+                await self.producer.send_and_wait(out.topic, out.value, key=out.key)
+            last_check = now
+
+
+SCHEDULE_TICK_S = 30.0
+"""How often the schedules are looked at: a cron time fires within this of its minute."""

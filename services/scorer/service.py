@@ -1,4 +1,11 @@
-"""scorer: events.valid -> predictions (+ Redis), one ONNX call per model per batch."""
+"""scorer: events.valid -> predictions (+ Redis), one ONNX call per model version per batch.
+
+Every model with a champion is served, or the subset ``SCOREMESH_MODELS`` names; each
+subset is its own consumer group reading the whole topic, and skips other models' events
+by their ``model`` header without decoding them. An event whose model has no champion
+that can be loaded is dead-lettered (``model_unavailable``, or ``unknown_model`` when the
+registry never had it), never held: the other models' events share its partitions.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from aiokafka.errors import KafkaError
 
 from scoremesh.contract.codec import CodecError, codec
 from scoremesh.contract.featurespec import Violation
+from scoremesh.contract.records import Event, Prediction
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.commands import new_command, send_command
@@ -24,8 +32,9 @@ from services.common.query_store import QueryStore
 from services.common.registry_view import RegistryView
 from services.common.rejections import rejection_record
 from services.common.service import StreamService, enter_client, in_background, on_exit
-from services.common.serving.models import ModelHolder, ServingSet
+from services.common.serving.models import ModelHolder, Serving, ServingSet
 from services.common.serving.scoring import BatchResult, ScoringError, score_events
+from services.common.serving.status import Heartbeat
 from services.common.settings import Settings
 from services.scorer.canary_guard import CanaryGuard
 
@@ -56,17 +65,21 @@ class ScorerService(StreamService):
         self.store = (
             store if store is not None else (QueryStore(settings) if settings.redis_url else None)
         )
+        self.group_id = scorer_group(settings)
         self.loop = BatchLoop(
             settings,
             self.name,
-            f"{settings.topic_prefix}scoremesh-scorer",
+            self.group_id,
             [settings.topic(SOURCE)],
             self.producer,
             self._process,
             pipeline_depth=settings.batch_pipeline_depth,
         )
-        self._event_codec = codec("Event")
-        self._prediction_codec = codec("Prediction")
+        self.heartbeat = Heartbeat(
+            settings, self.name, self.group_id, lambda: self.holder.current, self.producer
+        )
+        self._event_codec = codec(Event)
+        self._prediction_codec = codec(Prediction)
         self._rejection_codec = codec("Rejection")
         self._predictions = settings.topic(PREDICTIONS_TOPIC)
         self._rejected = settings.topic(REJECTED_TOPIC)
@@ -77,9 +90,8 @@ class ScorerService(StreamService):
         health.add_check(
             "model",
             lambda: (
-                self.holder.current.champion is not None,
-                ",".join(self.holder.current.keys)
-                or f"no champion of {self.settings.model_name!r} loaded",
+                bool(self.holder.current.serving_models),
+                ",".join(self.holder.current.keys) or "no champion loaded",
             ),
         )
         self.loop.add_checks(health)
@@ -95,9 +107,17 @@ class ScorerService(StreamService):
         in_background(stack, self.holder.run(), "model-holder")
         await self.view.start()
         on_exit(stack, self.view.stop)
+        in_background(stack, self.heartbeat.run(), "heartbeat")
+        on_exit(stack, self._say_stopped)
         on_exit(stack, self.loop.stop)  # first out: finishes the batches in flight
         if self.store is not None:
             await self.store.ping()
+
+    async def _say_stopped(self) -> None:
+        try:
+            await self.heartbeat.stopped()
+        except KafkaError as exc:
+            log.warning("could not publish the stop heartbeat", extra={"error": str(exc)})
 
     async def _settle_store_write(self) -> None:
         if self._store_write is not None:
@@ -105,9 +125,10 @@ class ScorerService(StreamService):
                 await self._store_write
 
     async def run(self, stop: asyncio.Event) -> None:
-        while self.holder.current.champion is None and not stop.is_set():
+        while not self.holder.current.serving_models and not stop.is_set():
             log.warning(
-                "no champion loaded yet: not consuming", extra={"model": self.settings.model_name}
+                "no champion loaded yet: not consuming",
+                extra={"models": self.settings.models or "all"},
             )
             self.holder.changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -119,18 +140,72 @@ class ScorerService(StreamService):
 
     async def _process(self, records: list[Record]) -> list[Out]:
         started = time.perf_counter()
-        serving = self.holder.current  # one snapshot per batch: swaps happen between batches
         outs: list[Out] = []
-        events = []
-        sources = []
+        by_model: dict[str, tuple[list[Event], list[Record]]] = {}
+        serves = self.holder.serves
+        default = self.settings.model_name
+        decode = self._event_codec.decode
         for record in records:
+            named = _model_header(record)
+            if named is not None and not serves(named):
+                continue  # another scorer group's model
             try:
-                events.append(self._event_codec.decode(record.value or b""))
-                sources.append(record)
+                event = decode(record.value or b"")
             except CodecError as exc:
                 outs.append(self._reject(record, [Violation(exc.code, None, str(exc))], None))
-        if not events:
+                continue
+            model = event.get("model") or default
+            if named is None and not serves(model):
+                continue
+            group = by_model.get(model)
+            if group is None:
+                group = by_model[model] = ([], [])
+            group[0].append(event)
+            group[1].append(record)
+        if not by_model:
             return outs
+        serving = self.holder.current  # one snapshot per batch: swaps happen between batches
+        if any(serving.of(model) is None for model in by_model):
+            serving = await self._await_loads(serving)
+        predictions: list[Prediction] = []
+        for model, (events, sources) in by_model.items():
+            serving_set = serving.of(model)
+            if serving_set is None:
+                code = serving.unavailable(model)
+                reason = [Violation(code, "model", _unavailable_message(code, model, serving))]
+                outs.extend(
+                    self._reject(r, reason, e) for r, e in zip(sources, events, strict=True)
+                )
+                continue
+            predictions += await self._score(serving_set, events, sources, started, outs)
+        if self.store is not None and predictions:
+            # Redis writes overlap the Kafka sends; at most one batch is in flight.
+            if self._store_write is not None:
+                await self._store_write
+            self._store_write = asyncio.create_task(self.store.write_predictions(predictions))
+        return outs
+
+    async def _await_loads(self, serving: Serving) -> Serving:
+        """A model whose champion the registry has but this process is still loading waits
+        for that load, briefly (a just-promoted model's first events); past the bound its
+        events are dead-lettered and can be replayed."""
+        if not self.holder.loading:
+            return serving
+        self.holder.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.holder.changed.wait(), LOAD_WAIT_S)
+        return self.holder.current
+
+    async def _score(
+        self,
+        serving: ServingSet,
+        events: list[Event],
+        sources: list[Record],
+        started: float,
+        outs: list[Out],
+    ) -> list[Prediction]:
+        """One model's events: scored by its champion and challengers, predictions added to
+        ``outs``; a batch the model cannot score is dead-lettered whole."""
         try:
             result = score_events(serving, events, "stream", started)
         except ScoringError as exc:
@@ -142,8 +217,8 @@ class ScorerService(StreamService):
                 extra={"error": str(exc), "events": len(events)},
             )
             reason = [Violation("scoring_error", None, str(exc))]
-            outs.extend(self._reject(r, reason, e) for r, e in zip(sources, events, strict=True))
-            return outs
+            outs.extend(self._reject(r, e_, e) for r, e_, e in _each(sources, reason, events))
+            return []
         for key, error in result.challenger_errors.items():
             log.warning("challenger failed on a batch", extra={"version": key, "error": error})
         if self.settings.canary.guard:
@@ -152,24 +227,17 @@ class ScorerService(StreamService):
         topic = self._predictions
         # Per (version, variant): how many, and that variant's latency for this batch (every
         # event of a batch shares it, so one observation per event would only repeat it).
-        groups: dict[tuple[str, str], list[float]] = {}
+        groups: dict[tuple[str, str, str], list[float]] = {}
         for p in result.predictions:
             outs.append(Out(topic, p["event_id"].encode(), encode(p)))
-            group = groups.setdefault((p["model_version"], p["variant"]), [0, p["latency_ms"]])
+            group = groups.setdefault(
+                (p["model"], p["model_version"], p["variant"]), [0, p["latency_ms"]]
+            )
             group[0] += 1
-        for (version, variant), (n, latency_ms) in groups.items():
-            PREDICTIONS.labels(self.settings.model_name, version, variant, "stream").inc(n)
-            PREDICTION_LATENCY.labels(self.settings.model_name, version, variant).observe(
-                latency_ms / 1000.0
-            )
-        if self.store is not None:
-            # Redis writes overlap the Kafka sends; at most one batch is in flight.
-            if self._store_write is not None:
-                await self._store_write
-            self._store_write = asyncio.create_task(
-                self.store.write_predictions(result.predictions)
-            )
-        return outs
+        for (model, version, variant), (n, latency_ms) in groups.items():
+            PREDICTIONS.labels(model, version, variant, "stream").inc(n)
+            PREDICTION_LATENCY.labels(model, version, variant).observe(latency_ms / 1000.0)
+        return result.predictions
 
     async def _guard(self, serving: ServingSet, n: int, result: BatchResult) -> None:
         canaries = [mv.key for _, mv in serving.challengers if mv.stage == "canary"]
@@ -218,19 +286,52 @@ class ScorerService(StreamService):
                 extra={"error": str(exc), "request_id": cmd["request_id"]},
             )
 
-    def _reject(
-        self, record: Record, reasons: list[Violation], event: dict[str, object] | None
-    ) -> Out:
+    def _reject(self, record: Record, reasons: list[Violation], event: Event | None) -> Out:
         for reason in reasons:
             REJECTED.labels("scorer", reason.code).inc()
-        event = event or {}
         rec = rejection_record(
             record,
             reasons,
             "scoring",
             self.settings.rejection_keep_bytes,
-            rule_set=str(event.get("rule_set")) if event.get("rule_set") else None,
-            event_id=event.get("event_id"),
-            entity_id=event.get("entity_id"),
+            rule_set=event.get("rule_set") if event is not None else None,
+            event_id=event["event_id"] if event is not None else None,
+            entity_id=event["entity_id"] if event is not None else None,
         )
         return Out(self._rejected, record.key, self._rejection_codec.encode(rec))
+
+
+LOAD_WAIT_S = 5.0
+"""How long a batch waits for a model load in progress before dead-lettering its events."""
+
+
+def scorer_group(settings: Settings) -> str:
+    """All models: one group; a subset (``SCOREMESH_MODELS``) has a group of its own."""
+    base = f"{settings.topic_prefix}scoremesh-scorer"
+    return f"{base}.{'+'.join(settings.models)}" if settings.models else base
+
+
+def _model_header(record: Record) -> str | None:
+    for key, value in record.headers or ():
+        if key == "model":
+            return value.decode() if value else None
+    return None
+
+
+def _unavailable_message(code: str, model: str, serving: Serving) -> str:
+    if code == "unknown_model":
+        return f"no model {model!r} in the registry"
+    failure = next(
+        (why for key, why in serving.failures.items() if key.startswith(f"{model}@")), None
+    )
+    why = f": {failure}" if failure else ""
+    return (
+        f"model {model!r} has no champion that loads{why}; fix it, then "
+        f"`scoremesh dlq replay --model {model}`"
+    )
+
+
+def _each(
+    sources: list[Record], reason: list[Violation], events: list[Event]
+) -> list[tuple[Record, list[Violation], Event]]:
+    return [(r, reason, e) for r, e in zip(sources, events, strict=True)]

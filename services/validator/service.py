@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 from scoremesh.contract.avro_compiled import zigzag
 from scoremesh.contract.codec import HEADER_LEN, MAGIC, CodecError, codec, decode_any
 from scoremesh.contract.featurespec import CheckedEvent, RuleSet, Violation
+from scoremesh.contract.records import Event
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
 from services.common.kafka import make_producer
-from services.common.metrics import FEATURE_NULLS, FEATURE_SEEN, FLAGGED, REJECT_RATE, REJECTED
+from services.common.metrics import FEATURE_NULLS, FEATURE_SEEN, FLAGGED, REJECTED
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.rejections import rejection_record
 from services.common.rulesets import active_rule_set
@@ -31,57 +31,53 @@ VALID: TopicName = "events.valid"
 REJECTED_TOPIC: TopicName = "events.rejected"
 
 
-class WindowedRate:
-    """Share of rejected events over the last ``window_s`` seconds, in 1 s buckets."""
-
-    def __init__(self, window_s: int = 60) -> None:
-        self.window_s = window_s
-        self.buckets: collections.deque[list[int]] = collections.deque()
-
-    def add(self, total: int, rejected: int, now: float | None = None) -> float:
-        second = int(now if now is not None else time.time())
-        if self.buckets and self.buckets[-1][0] == second:
-            self.buckets[-1][1] += total
-            self.buckets[-1][2] += rejected
-        else:
-            self.buckets.append([second, total, rejected])
-        while self.buckets and self.buckets[0][0] <= second - self.window_s:
-            self.buckets.popleft()
-        return self.rate
-
-    @property
-    def rate(self) -> float:
-        total = sum(b[1] for b in self.buckets)
-        return sum(b[2] for b in self.buckets) / total if total else 0.0
-
-
 class ValidatorCore:
-    """Pure batch logic: raw records in, outgoing records out. No I/O."""
+    """Pure batch logic: raw records in, outgoing records out. No I/O.
+
+    Each event is checked against the rule set of its own model (``model`` in the event,
+    else the default model); an event for a model the registry never had, or for one with
+    no champion now, is dead-lettered (``unknown_model``, ``model_unavailable``), so one
+    model's trouble never holds up another's events on the shared partitions.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.rules: RuleSet | None = None
-        self._event_codec = codec("Event")
+        self.default_model = settings.model_name
+        self.rules: dict[str, RuleSet] = {}
+        self.known_models: frozenset[str] = frozenset()
+        self._event_codec = codec(Event)
         self._event_header = MAGIC + self._event_codec.current.fingerprint
-        self._stamp_tail = b""
+        # per model: its name as an Avro string union branch, and the rule-set stamp
+        self._stamps: dict[str, tuple[bytes, bytes]] = {}
+        self._headers: dict[str, list[tuple[str, bytes]]] = {}
         self._rejection_codec = codec("Rejection")
         self._valid = settings.topic(VALID)
         self._rejected = settings.topic(REJECTED_TOPIC)
-        self.reject_rate = WindowedRate()
 
-    def set_rules(self, rules: RuleSet) -> None:
-        self.rules = rules
-        # Avro inputs that pass unchanged are stamped by rewriting their last two fields
-        # (rule_set: null, flags: []) instead of being encoded again: see _restamp().
-        stamp = rules.version.encode()
-        self._stamp_tail = b"\x02" + zigzag(len(stamp)) + stamp + b"\x00"
+    def set_rules(self, rules: dict[str, RuleSet], known_models: frozenset[str]) -> None:
+        """The rule set of every model that has a champion, and every model ever registered."""
+        self.rules = dict(rules)
+        self.known_models = known_models
+        for model, rule_set in rules.items():
+            # Avro inputs that pass unchanged are stamped by rewriting their last fields
+            # (model, rule_set: null, flags: []) instead of being encoded again: _restamp().
+            name = model.encode()
+            stamp = rule_set.version.encode()
+            self._stamps[model] = (
+                b"\x02" + zigzag(len(name)) + name,
+                b"\x02" + zigzag(len(stamp)) + stamp + b"\x00",
+            )
+            self._headers[model] = [("model", name)]
 
-    def _restamp(self, value: bytes, raw: dict[str, Any], checked: CheckedEvent) -> bytes | None:
+    def _restamp(
+        self, value: bytes, raw: dict[str, Any], checked: CheckedEvent, model: str
+    ) -> bytes | None:
         """The input bytes with our stamp, when they are current-schema Avro that the rules
         passed without changing anything; None when the event must be encoded again.
 
-        A decoded ``rule_set`` of None and ``flags`` of [] are always the two bytes 00 00 at
-        the end of the body, so replacing them is exact (a golden test pins this).
+        A decoded ``model`` of None, ``rule_set`` of None and ``flags`` of [] are always the
+        three bytes 00 00 00 at the end of the body (and a named model is followed by the
+        two bytes 00 00), so replacing them is exact (golden tests pin this).
         """
         event = checked.event
         if (
@@ -100,59 +96,67 @@ class ValidatorCore:
             w = given.get(name, _ABSENT)
             if type(v) is not type(w) or v != w:
                 return None
-        return value[:-2] + self._stamp_tail
-
-    def limit(self) -> int:
-        spec_limit = self.rules.spec.max_event_bytes if self.rules else None
-        return min(self.settings.max_event_bytes, spec_limit or self.settings.max_event_bytes)
+        model_branch, stamp_tail = self._stamps[model]
+        if raw.get("model") is None:
+            return value[:-3] + model_branch + stamp_tail
+        return value[:-2] + stamp_tail
 
     def process(self, records: list[Record]) -> list[Out]:
-        rules = self.rules
-        assert rules is not None, "validator consumes only once a rule set is known"
-        limit = self.limit()
+        assert self.rules, "validator consumes only once a rule set is known"
+        limit = self.settings.max_event_bytes
         outs: list[Out] = []
-        rejected = 0
         reasons_seen: collections.Counter[str] = collections.Counter()
         flags_seen: collections.Counter[str] = collections.Counter()
-        nulls: collections.Counter[str] = collections.Counter()
+        passed: collections.Counter[str] = collections.Counter()
+        nulls: collections.Counter[tuple[str, str]] = collections.Counter()
         for record in records:
             value = record.value
             raw: Any = None
+            rules: RuleSet | None = None
             if value is None or len(value) == 0:
                 reasons = [Violation("undecodable", None, "empty value")]
             elif len(value) > limit:
-                reasons = [
-                    Violation(
-                        "too_large", None, f"{len(value)} bytes exceeds the {limit}-byte limit"
-                    )
-                ]
+                reasons = [_too_large(len(value), limit)]
             else:
                 try:
                     raw = decode_any(SOURCE, value)
                 except CodecError as exc:
                     reasons = [Violation(exc.code, None, str(exc))]
                 else:
-                    checked = rules.check(raw)
-                    if checked.event is not None:
-                        try:
-                            encoded = self._restamp(
-                                value, raw, checked
-                            ) or self._event_codec.encode(checked.event)
-                        except CodecError as exc:
-                            reasons = [Violation("wrong_type", None, str(exc))]
-                        else:
-                            outs.append(
-                                Out(self._valid, checked.event["entity_id"].encode(), encoded)
-                            )
-                            for flag in checked.flags:
-                                flags_seen[flag.code] += 1
-                            for name, fv in checked.event["features"].items():
-                                if fv is None:
-                                    nulls[name] += 1
-                            continue
+                    model = raw.get("model") or self.default_model
+                    rules = self.rules.get(model) if type(model) is str else None
+                    spec_limit = rules.spec.max_event_bytes if rules is not None else None
+                    if rules is None:
+                        reasons = [self._no_rules(model)]
+                    elif spec_limit is not None and len(value) > spec_limit:
+                        reasons = [_too_large(len(value), spec_limit)]
                     else:
-                        reasons = checked.rejections
-            rejected += 1
+                        checked = rules.check(raw, record_time_ms=record.timestamp, model=model)
+                        if checked.event is not None:
+                            try:
+                                encoded = self._restamp(
+                                    value, raw, checked, model
+                                ) or self._event_codec.encode(checked.event)  # type: ignore[arg-type]
+                            except CodecError as exc:
+                                reasons = [Violation("wrong_type", None, str(exc))]
+                            else:
+                                outs.append(
+                                    Out(
+                                        self._valid,
+                                        checked.event["entity_id"].encode(),
+                                        encoded,
+                                        headers=self._headers[model],
+                                    )
+                                )
+                                for flag in checked.flags:
+                                    flags_seen[flag.code] += 1
+                                passed[model] += 1
+                                for name, fv in checked.event["features"].items():
+                                    if fv is None:
+                                        nulls[model, name] += 1
+                                continue
+                        else:
+                            reasons = checked.rejections
             for reason in reasons:
                 reasons_seen[reason.code] += 1
             event_id = raw.get("event_id") if isinstance(raw, dict) else None
@@ -162,9 +166,9 @@ class ValidatorCore:
                 reasons,
                 "validation",
                 self.settings.rejection_keep_bytes,
-                rule_set=rules.version,
-                event_id=event_id,
-                entity_id=entity_id,
+                rule_set=rules.version if rules is not None else None,
+                event_id=event_id if isinstance(event_id, str) else None,
+                entity_id=entity_id if isinstance(entity_id, str) else None,
             )
             key = rec["entity_id"].encode() if rec["entity_id"] else record.key
             outs.append(Out(self._rejected, key, self._rejection_codec.encode(rec)))
@@ -172,14 +176,31 @@ class ValidatorCore:
             REJECTED.labels("validator", code).inc(n)
         for code, n in flags_seen.items():
             FLAGGED.labels(code).inc(n)
-        passed = len(records) - rejected
-        if passed:
-            for name in rules.spec.names:
-                FEATURE_SEEN.labels(name).inc(passed)
-                if nulls[name]:
-                    FEATURE_NULLS.labels(name).inc(nulls[name])
-        REJECT_RATE.labels("validator").set(self.reject_rate.add(len(records), rejected))
+        for model, n in passed.items():
+            for name in self.rules[model].spec.names:
+                FEATURE_SEEN.labels(model, name).inc(n)
+                if nulls[model, name]:
+                    FEATURE_NULLS.labels(model, name).inc(nulls[model, name])
         return outs
+
+    def _no_rules(self, model: object) -> Violation:
+        if type(model) is not str:
+            return Violation("invalid_envelope", "model", "model must be a string (a model name)")
+        if model in self.known_models:
+            return Violation(
+                "model_unavailable",
+                "model",
+                f"model {model!r} has no champion now; promote one, then "
+                f"`scoremesh dlq replay --model {model}`",
+            )
+        known = ", ".join(sorted(self.known_models)) or "none yet"
+        return Violation(
+            "unknown_model", "model", f"no model {model!r} in the registry (known: {known})"
+        )
+
+
+def _too_large(size: int, limit: int) -> Violation:
+    return Violation("too_large", None, f"{size} bytes exceeds the {limit}-byte limit")
 
 
 class ValidatorService(StreamService):
@@ -204,12 +225,18 @@ class ValidatorService(StreamService):
         )
 
     def _on_registry(self, state: RegistryState) -> None:
-        rules = active_rule_set(state, self.settings.model_name)
-        if rules is None:
-            return
-        if self.core.rules is None or self.core.rules.version != rules.version:
-            self.core.set_rules(rules)
-            log.info("rule set loaded", extra={"rule_set": rules.version})
+        rules = {
+            model: rule_set
+            for model in state.models()
+            if (rule_set := active_rule_set(state, model)) is not None
+        }
+        held = {model: r.version for model, r in self.core.rules.items()}
+        self.core.set_rules(rules, frozenset(state.models()))
+        if {model: r.version for model, r in rules.items()} != held:
+            log.info(
+                "rule sets loaded", extra={"rule_sets": sorted(r.version for r in rules.values())}
+            )
+        if rules:
             self.has_rules.set()
 
     async def _process(self, records: list[Record]) -> list[Out]:
@@ -220,10 +247,9 @@ class ValidatorService(StreamService):
         health.add_check(
             "rules",
             lambda: (
-                self.core.rules is not None,
-                self.core.rules.version
-                if self.core.rules
-                else f"no champion for model {self.settings.model_name!r} yet",
+                bool(self.core.rules),
+                ", ".join(sorted(r.version for r in self.core.rules.values()))
+                or "no model has a champion yet",
             ),
         )
         self.loop.add_checks(health)
@@ -236,10 +262,7 @@ class ValidatorService(StreamService):
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.has_rules.is_set():
-            log.warning(
-                "no champion yet: not consuming until one is promoted",
-                extra={"model": self.settings.model_name},
-            )
+            log.warning("no model has a champion yet: not consuming until one is promoted")
         if not await wait_for(self.has_rules, stop):
             return
         await self.loop.start(stop)

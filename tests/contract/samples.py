@@ -14,6 +14,18 @@ FEATURES = {
 }
 
 SAMPLES: dict[str, dict[str, Any]] = {
+    "ServingStatus": {
+        "instance": "scorer/host-1/4242/1767225600000",
+        "service": "scorer",
+        "group": "scoremesh-scorer",
+        "models": [],
+        "serving": {"credit@1.0.0": "champion", "credit@1.1.0": "shadow"},
+        "failures": {"fraud@2.0.0": "sha256 mismatch"},
+        "state": "up",
+        "started_at": 1767225600000,
+        "at": 1767225610000,
+        "interval_ms": 10000,
+    },
     "Event": {
         "event_id": "evt-1",
         "entity_id": "cust-9",

@@ -27,9 +27,9 @@ async def test_a_full_backlog_refuses_the_request_before_it_is_scored(settings: 
     refused = sample("scoremesh_api_publish_backpressure_total")
     runtime.sink.inflight = 4  # four predictions await Kafka: no room
     submitted: list[Any] = []
-    runtime.batcher.process = lambda items, first_at: submitted.append(items) or []  # type: ignore[assignment,func-returns-value]
+    runtime.batcher("credit").process = lambda items, first_at: submitted.append(items) or []  # type: ignore[assignment,func-returns-value]
     try:
-        await runtime.predict(events(1))
+        await runtime.predict("credit", events(1))
     except Backlogged as exc:
         assert "4 sync predictions" in str(exc)
     else:
@@ -38,7 +38,7 @@ async def test_a_full_backlog_refuses_the_request_before_it_is_scored(settings: 
         runtime.sink.inflight = 0
         await runtime.stop()
         await runtime.producer.stop()  # created but never started
-    assert submitted == [] and runtime.batcher.pending == 0  # nothing was scored
+    assert submitted == [] and runtime.batcher("credit").pending == 0  # nothing was scored
     assert sample("scoremesh_api_publish_backpressure_total") == refused + 1
 
 

@@ -160,7 +160,7 @@ class SizedBatch:
         self.values: list[bytes] = []
         self.closed = False
 
-    def append(self, *, key: Any, value: bytes, timestamp: Any) -> object | None:
+    def append(self, *, key: Any, value: bytes, timestamp: Any, headers: Any = ()) -> object | None:
         if sum(map(len, self.values)) + len(value) > 100:
             return None
         self.values.append(value)

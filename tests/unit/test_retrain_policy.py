@@ -140,7 +140,7 @@ def test_shadow_beating_the_champion_goes_to_canary_then_champion() -> None:
     for w in range(3):
         book.observe(stats(100, "1.0.0", "champion", 0.70, window=w), "accuracy")
         book.observe(stats(100, "1.1.0", "shadow", 0.90, window=w), "accuracy")
-    (move,) = judge(book, "1.0.0", {"1.1.0": "shadow"}, policy)
+    (move,) = judge(book, "credit", "1.0.0", {"1.1.0": "shadow"}, policy)
     assert (move.action, move.target_stage, move.options) == (
         "promote",
         "canary",
@@ -150,11 +150,13 @@ def test_shadow_beating_the_champion_goes_to_canary_then_champion() -> None:
     for w in range(3, 6):
         book.observe(stats(100, "1.0.0", "champion", 0.70, window=w), "accuracy")
         book.observe(stats(30, "1.1.0", "canary", 0.90, window=w), "accuracy")
-    assert judge(book, "1.0.0", {"1.1.0": "canary"}, policy) == []  # 90 canary labels: too few
+    assert (
+        judge(book, "credit", "1.0.0", {"1.1.0": "canary"}, policy) == []
+    )  # 90 canary labels: too few
     for w in range(6, 12):
         book.observe(stats(100, "1.0.0", "champion", 0.70, window=w), "accuracy")
         book.observe(stats(30, "1.1.0", "canary", 0.90, window=w), "accuracy")
-    (move,) = judge(book, "1.0.0", {"1.1.0": "canary"}, policy)
+    (move,) = judge(book, "credit", "1.0.0", {"1.1.0": "canary"}, policy)
     assert (move.action, move.target_stage) == ("promote", "champion")
 
 
@@ -166,7 +168,8 @@ def test_a_worse_or_flat_challenger_is_retired_or_rolled_back() -> None:
         book.observe(stats(100, "1.1.0", "shadow", 0.60, window=w), "accuracy")
         book.observe(stats(100, "1.2.0", "canary", 0.60, window=w), "accuracy")
     moves = {
-        m.version: m for m in judge(book, "1.0.0", {"1.1.0": "shadow", "1.2.0": "canary"}, policy)
+        m.version: m
+        for m in judge(book, "credit", "1.0.0", {"1.1.0": "shadow", "1.2.0": "canary"}, policy)
     }
     assert moves["1.1.0"].action == "retire" and "significantly worse" in moves["1.1.0"].reason
     assert moves["1.2.0"].action == "rollback"
@@ -174,7 +177,7 @@ def test_a_worse_or_flat_challenger_is_retired_or_rolled_back() -> None:
     for w in range(7):
         flat.observe(stats(100, "1.0.0", "champion", 0.80, window=w), "accuracy")
         flat.observe(stats(100, "1.1.0", "shadow", 0.80, window=w), "accuracy")
-    (move,) = judge(flat, "1.0.0", {"1.1.0": "shadow"}, policy)
+    (move,) = judge(flat, "credit", "1.0.0", {"1.1.0": "shadow"}, policy)
     assert move.action == "retire" and "no significant lift" in move.reason
 
 
@@ -184,7 +187,7 @@ def test_re_emitted_windows_count_once_and_only_shared_windows_compare() -> None
     book.observe(stats(100, "1.0.0", "champion", 0.5, window=0), "accuracy")
     book.observe(stats(100, "1.0.0", "champion", 0.9, window=1), "accuracy")
     book.observe(stats(100, "1.1.0", "shadow", 0.9, window=1), "accuracy")
-    mine, theirs = book.paired(("1.1.0", "shadow"), ("1.0.0", "champion"))
+    mine, theirs = book.paired(("credit@1.1.0", "shadow"), ("credit@1.0.0", "champion"))
     assert (mine.labels, theirs.labels) == (100, 100) and theirs.rate == pytest.approx(0.9)
 
 

@@ -12,19 +12,21 @@ from scoremesh.contract.codec import codec
 from scoremesh.contract.featurespec import RuleSet
 from services.common.settings import Settings
 from services.trainer.datasets import CREDIT_SPEC, credit_events
-from services.validator.service import ValidatorCore, WindowedRate
+from services.validator.service import ValidatorCore
+
+RECORD_TIME = 1767225600123
 
 
 def record(value: bytes | None, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord(
-        "events.raw", 1, offset, 0, 0, b"cust-1", value, None, len(value or b""), 6, []
+        "events.raw", 1, offset, RECORD_TIME, 0, b"cust-1", value, None, len(value or b""), 6, []
     )
 
 
 @pytest.fixture
 def core() -> ValidatorCore:
     c = ValidatorCore(Settings(max_event_bytes=64 * 1024, rejection_keep_bytes=1024))
-    c.set_rules(RuleSet([CREDIT_SPEC], "credit@1.0.0#g2"))
+    c.set_rules({"credit": RuleSet([CREDIT_SPEC], "credit@1.0.0#g2")}, frozenset({"credit"}))
     return c
 
 
@@ -101,19 +103,63 @@ def test_a_bad_event_does_not_affect_its_batch(core: ValidatorCore) -> None:
     assert [o.topic for o in outs].count("events.rejected") == 1
 
 
-def test_windowed_reject_rate() -> None:
-    rate = WindowedRate(window_s=10)
-    rate.add(100, 10, now=1000)
-    assert rate.add(100, 30, now=1005) == pytest.approx(0.2)
-    assert rate.add(100, 0, now=1020) == 0.0  # old buckets expired
-
-
 def test_restamped_avro_is_byte_identical_to_a_fresh_encoding(core: ValidatorCore) -> None:
     events = [good_event(i) for i in range(20)]
     outs = core.process([record(codec("Event").encode(e), i) for i, e in enumerate(events)])
     for event, out in zip(events, outs, strict=True):
-        expected = codec("Event").encode({**event, "rule_set": "credit@1.0.0#g2", "flags": []})
-        assert out.value == expected
+        stamped = {**event, "model": "credit", "rule_set": "credit@1.0.0#g2", "flags": []}
+        assert out.value == codec("Event").encode(stamped)
+        assert out.headers == [("model", b"credit")]
+
+
+def test_events_go_to_their_own_models_rules_and_unknown_models_are_dead_lettered() -> None:
+    fraud_spec = CREDIT_SPEC.model_copy(update={"features": CREDIT_SPEC.features[:3]})
+    core = ValidatorCore(Settings(max_event_bytes=64 * 1024))
+    core.set_rules(
+        {
+            "credit": RuleSet([CREDIT_SPEC], "credit@1.0.0#g2"),
+            "fraud": RuleSet([fraud_spec], "fraud@2.0.0#g5"),
+        },
+        frozenset({"credit", "fraud", "churn"}),
+    )
+    fraud_event = {
+        **good_event(0),
+        "model": "fraud",
+        "features": {r.name: good_event(0)["features"][r.name] for r in fraud_spec.features},
+    }
+    outs = core.process(
+        [
+            record(codec("Event").encode(fraud_event), 0),  # Avro, stamped in place
+            record(orjson.dumps({**good_event(1), "model": "fraud"}), 1),  # credit's features
+            record(orjson.dumps({**good_event(2), "model": "churn"}), 2),  # no champion
+            record(orjson.dumps({**good_event(3), "model": "nope"}), 3),  # never registered
+            record(orjson.dumps({**good_event(4), "model": 7}), 4),
+            record(orjson.dumps(good_event(5)), 5),  # no model: the default
+        ]
+    )
+    valid = codec("Event").decode(outs[0].value)
+    assert valid["model"] == "fraud" and valid["rule_set"] == "fraud@2.0.0#g5"
+    assert outs[0].value == codec("Event").encode({**fraud_event, "rule_set": "fraud@2.0.0#g5"})
+    assert outs[0].headers == [("model", b"fraud")]
+    flagged = codec("Event").decode(outs[1].value)  # fraud's rules, credit's extra features
+    assert flagged["rule_set"] == "fraud@2.0.0#g5" and flagged["flags"] == ["unknown_feature"]
+    codes = [rejection(o)["reasons"][0]["code"] for o in outs[2:5]]
+    assert codes == ["model_unavailable", "unknown_model", "invalid_envelope"]
+    assert "scoremesh dlq replay --model churn" in rejection(outs[2])["reasons"][0]["message"]
+    default = codec("Event").decode(outs[5].value)
+    assert default["model"] == "credit" and outs[5].headers == [("model", b"credit")]
+
+
+def test_a_json_event_without_event_time_takes_the_record_timestamp(core: ValidatorCore) -> None:
+    event = good_event()
+    del event["event_time"]
+    (out,) = core.process([record(orjson.dumps(event))])
+    valid = codec("Event").decode(out.value)
+    assert valid["event_time"] == RECORD_TIME
+    assert valid["flags"] == ["event_time_from_record"]
+    bad = {**good_event(1), "event_time": "yesterday"}
+    (out,) = core.process([record(orjson.dumps(bad))])
+    assert rejection(out)["reasons"][0]["field"] == "event_time"
 
 
 def test_inputs_that_need_normalising_or_carry_a_stamp_are_encoded_again(

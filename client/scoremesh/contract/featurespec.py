@@ -35,6 +35,10 @@ REASONS: dict[str, str] = {
     "unknown_category": "a categorical feature has a value outside its categories",
     "unknown_feature": "a feature the spec does not know",
     "scoring_error": "the model could not score the batch this event was in",
+    "unknown_model": "the event names a model the registry has never had a version of",
+    "model_unavailable": "the event's model has no champion that can be loaded right now",
+    "event_time_from_record": "(flag) the event had no event_time: the Kafka record's "
+    "timestamp was used",
 }
 
 
@@ -197,7 +201,12 @@ class RuleSet:
             if r.categories
         }
 
-    def check(self, raw: Any) -> CheckedEvent:
+    def check(
+        self, raw: Any, *, record_time_ms: int | None = None, model: str | None = None
+    ) -> CheckedEvent:
+        """Check one decoded event. ``record_time_ms``: the Kafka record's timestamp, used
+        (and flagged ``event_time_from_record``) when the event carries no event_time;
+        ``model``: the model the event was routed to, stamped on the checked event."""
         rejections: list[Violation] = []
         flags: list[Violation] = []
         if not isinstance(raw, dict):
@@ -224,7 +233,18 @@ class RuleSet:
                     f"entity_id must be a printable string of 1-{MAX_ID_LEN} chars",
                 )
             )
-        event_time = event_time_ms(raw.get("event_time"))
+        given_time = raw.get("event_time")
+        if given_time is None and record_time_ms is not None and record_time_ms >= 0:
+            event_time: int | None = record_time_ms
+            flags.append(
+                _v(
+                    "event_time_from_record",
+                    "event_time",
+                    "no event_time: the Kafka record's timestamp was used",
+                )
+            )
+        else:
+            event_time = event_time_ms(given_time)
         if event_time is None:
             rejections.append(
                 _v(
@@ -274,6 +294,7 @@ class RuleSet:
                 "event_time": event_time,
                 "features": clean,
                 "attributes": attributes,
+                "model": model,
                 "rule_set": self.version,
                 "flags": sorted({f.code for f in flags}),
             },

@@ -23,6 +23,7 @@ __all__ = [
     "Rejection",
     "RetrainRequest",
     "RetrainResult",
+    "ServingStatus",
     "TrainingExample",
     "UnmatchedLabel",
 ]
@@ -42,6 +43,7 @@ RECORD_VERSIONS: dict[str, int] = {
     "Rejection": 1,
     "RetrainRequest": 1,
     "RetrainResult": 1,
+    "ServingStatus": 1,
     "TrainingExample": 1,
     "UnmatchedLabel": 1,
 }
@@ -303,6 +305,29 @@ class RetrainResult(TypedDict):
     window_end: int
     trainer: str
     at: int
+
+
+class ServingStatus(TypedDict):
+    """ServingStatus v1. What one serving process (a scorer, the query API) serves right now: published at start, on every change and every heartbeat interval; a clean stop publishes state=stopped."""
+
+    instance: str
+    """unique per process: service, host, pid and start time"""
+    service: str
+    """scorer | query"""
+    group: str
+    """the consumer group (a scorer's model subset has its own)"""
+    models: list[str]
+    """the models this process is configured for (SCOREMESH_MODELS); empty = every model"""
+    serving: dict[str, str]
+    """name@version -> variant it is loaded as (champion, shadow, canary)"""
+    failures: NotRequired[dict[str, str]]
+    """name@version -> why it could not be loaded"""
+    state: str
+    """up | stopped"""
+    started_at: int
+    at: int
+    interval_ms: int
+    """heartbeat interval: three missed beats = gone"""
 
 
 class TrainingExample(TypedDict):

@@ -24,6 +24,7 @@ TopicName = Literal[
     "models.commands",
     "models.registry",
     "models.artifacts",
+    "serving.status",
     "deployments.log",
 ]
 """A topic of the catalog, without the deployment's prefix."""
@@ -48,6 +49,7 @@ VALUE_TYPE: dict[TopicName, str] = {
     "models.commands": "ModelCommand",
     "models.registry": "ModelVersion",
     "models.artifacts": "ArtifactChunk",
+    "serving.status": "ServingStatus",
     "deployments.log": "DeploymentEvent",
 }
 
@@ -83,5 +85,7 @@ MODELS_REGISTRY: Final = "models.registry"
 """one live record per version; only the registry service writes"""
 MODELS_ARTIFACTS: Final = "models.artifacts"
 """chunks of ONNX files; artifacts travel through Kafka to every node"""
+SERVING_STATUS: Final = "serving.status"
+"""heartbeats of serving processes (which model versions each scorer and query process has loaded)"""
 DEPLOYMENTS_LOG: Final = "deployments.log"
 """who/what/why/when of every stage change; append-only, never expires"""

@@ -3,14 +3,44 @@ has earned its next stage. Pure data, validated, with defaults a team can start 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SEVERITIES = ("info", "warning", "critical")
 
 
-class RetrainPolicy(BaseModel):
+class PerModel(BaseModel):
+    """A policy with per-model overrides: ``{"min_new_labels": 500, "models": {"fraud":
+    {"min_new_labels": 5000}}}`` gives fraud 5000 and every other model 500."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-model overrides of this policy's fields"
+    )
+
+    @model_validator(mode="after")
+    def _overrides_valid(self) -> Self:
+        for name in self.models:
+            try:
+                self.for_model(name)
+            except ValueError as exc:
+                raise ValueError(f"models.{name}: {exc}") from None
+        return self
+
+    def for_model(self, model: str) -> Self:
+        """This policy with the model's overrides applied (itself when there are none)."""
+        overrides = self.models.get(model)
+        if not overrides:
+            return self
+        if "models" in overrides:
+            raise ValueError("overrides cannot nest 'models'")
+        merged = {**self.model_dump(exclude={"models"}), **overrides}
+        return type(self).model_validate(merged)
+
+
+class RetrainPolicy(PerModel):
     # Decaying performance retrains; input drift alone pages a person (it can be benign, and
     # a detector's false alarm must not train a model on the old concept). Add "drift" to
     # retrain on it too.
@@ -49,10 +79,8 @@ class RetrainPolicy(BaseModel):
         return value
 
 
-class PromotionPolicy(BaseModel):
+class PromotionPolicy(PerModel):
     """Live promotion: shadow -> canary -> champion only on labelled evidence."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
     metric: str = "accuracy"

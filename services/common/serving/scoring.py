@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from scoremesh.contract.records import Event, Prediction
 from services.common.onnx_model import LoadedModel
 from services.common.routing import in_canary
 from services.common.serving.models import ServingSet
@@ -18,7 +18,7 @@ class ScoringError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchResult:
-    predictions: list[dict[str, Any]]
+    predictions: list[Prediction]
     challenger_errors: dict[str, str]
     # model key -> CPU time (all threads of this process) spent vectorising and scoring the
     # batch. CPU, not wall: a preempted call on a busy 2-core host must not look slow.
@@ -26,7 +26,7 @@ class BatchResult:
 
 
 def _predict(
-    model: LoadedModel, events: Sequence[dict[str, Any]]
+    model: LoadedModel, events: Sequence[Event]
 ) -> tuple[list[str], list[float], list[dict[str, float]]]:
     matrix = model.vectoriser.transform([e["features"] for e in events])
     scores = model.predict_matrix(matrix)
@@ -40,7 +40,7 @@ def _predict(
 
 
 def _records(
-    events: Sequence[dict[str, Any]],
+    events: Sequence[Event],
     mv_name: str,
     mv_version: str,
     variant: str,
@@ -49,7 +49,7 @@ def _records(
     source: str,
     latency_ms: float,
     now_ms: int,
-) -> list[dict[str, Any]]:
+) -> list[Prediction]:
     labels, positive, per_class = scored
     return [
         {
@@ -75,7 +75,7 @@ def _records(
 
 def score_events(
     serving: ServingSet,
-    events: Sequence[dict[str, Any]],
+    events: Sequence[Event],
     source: str,
     started: float,
 ) -> BatchResult:

@@ -9,6 +9,7 @@ from redis.exceptions import RedisError
 
 from scoremesh.contract.featurespec import MAX_ID_LEN
 from services.common.query_store import QueryStore
+from services.common.settings import MODEL_NAME_PATTERN
 from services.query.deps import Runtime
 from services.query.problems import Problem
 from services.query.runtime import QueryRuntime
@@ -17,6 +18,7 @@ from services.query.schemas import EntityPredictionsOut, EventPredictionsOut, pr
 router = APIRouter(prefix="/v1", tags=["lookups"])
 
 Id = Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)]
+ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="a model name")]
 
 
 def _store(runtime: QueryRuntime) -> QueryStore:
@@ -40,24 +42,39 @@ def _unavailable(exc: Exception) -> Problem:
 
 @router.get(
     "/predictions/{event_id}",
-    summary="Every variant's latest prediction for an event",
+    summary="Every variant's latest prediction of the default model for an event",
     response_model=EventPredictionsOut,
     responses=problem_responses(404, 503),
 )
 async def prediction(event_id: Id, runtime: Runtime) -> Any:
+    return await _prediction(runtime, runtime.settings.model_name, event_id)
+
+
+@router.get(
+    "/models/{name}/predictions/{event_id}",
+    summary="Every variant's latest prediction of a model for an event",
+    response_model=EventPredictionsOut,
+    responses=problem_responses(404, 503),
+)
+async def model_prediction(name: ModelName, event_id: Id, runtime: Runtime) -> Any:
+    return await _prediction(runtime, name, event_id)
+
+
+async def _prediction(runtime: QueryRuntime, model: str, event_id: str) -> dict[str, Any]:
     store = _store(runtime)
     try:
-        variants = await store.prediction(event_id)
+        variants = await store.prediction(model, event_id)
     except (RedisError, OSError) as exc:
         raise _unavailable(exc) from exc
     if not variants:
         raise Problem(
             404,
             "not-found",
-            f"no prediction for event {event_id!r}: it was never scored, is still on its way "
-            f"through the stream, or expired (kept {runtime.settings.redis_prediction_ttl_s} s)",
+            f"no prediction of model {model!r} for event {event_id!r}: it was never scored, "
+            "is still on its way through the stream, or expired "
+            f"(kept {runtime.settings.redis_prediction_ttl_s} s)",
         )
-    return {"event_id": event_id, "variants": variants}
+    return {"model": model, "event_id": event_id, "variants": variants}
 
 
 @router.get(

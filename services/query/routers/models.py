@@ -104,8 +104,8 @@ async def get_model(name: Name, runtime: Runtime) -> Any:
     versions = _versions(runtime, name)
     champion = runtime.view.state.champion(name)
     serving = None
-    if name == runtime.settings.model_name:
-        current = runtime.holder.current
+    current = runtime.holder.current.models.get(name)
+    if current is not None:
         serving = {
             "champion": current.champion.key if current.champion else None,
             "challengers": [f"{v.key}:{v.stage}" for _, v in current.challengers],

@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
 from scoremesh.contract.featurespec import RuleSet
+from scoremesh.contract.records import Event
 from services.common.serving.scoring import ScoringError
 from services.query.deps import read_access
 from services.query.middleware import PayloadTooLarge, too_large_response
@@ -68,7 +69,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
             }
         },
     },
-    **problem_responses(400, 413, 422, 503),
+    **problem_responses(400, 404, 413, 422, 503),
 }
 
 DOC_MODELS = (EventIn, EventBatchIn, PredictionOut, PredictionBatchOut)
@@ -85,10 +86,10 @@ def _event_errors(index: int, raw: Any, violations: list[dict[str, Any]]) -> lis
 
 
 def _check_events(
-    raws: list[Any], rules: RuleSet, size_limit: int, sizes_known_small: bool
-) -> list[dict[str, Any]]:
+    raws: list[Any], rules: RuleSet, size_limit: int, sizes_known_small: bool, model: str
+) -> list[Event]:
     """Checked events, or a 422 Problem naming every invalid event's reasons."""
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     errors: list[dict[str, Any]] = []
     for index, raw in enumerate(raws):
         if not sizes_known_small:
@@ -106,11 +107,11 @@ def _check_events(
                     ],
                 )
                 continue
-        checked = rules.check(raw)
+        checked = rules.check(raw, model=model)
         if checked.event is None:
             errors += _event_errors(index, raw, [v.as_record() for v in checked.rejections])
         elif not errors:
-            events.append(checked.event)
+            events.append(checked.event)  # type: ignore[arg-type]
     if errors:
         bad = len({e["index"] for e in errors})
         raise Problem(
@@ -124,7 +125,7 @@ def _check_events(
     return events
 
 
-def _out(event: dict[str, Any], variants: EventPredictions) -> dict[str, Any]:
+def _out(event: Event, variants: EventPredictions) -> dict[str, Any]:
     served = next((p for p in variants if p["served"]), variants[0])
     return {
         "event_id": served["event_id"],
@@ -136,7 +137,7 @@ def _out(event: dict[str, Any], variants: EventPredictions) -> dict[str, Any]:
         "model_version": served["model_version"],
         "variant": served["variant"],
         "served": True,
-        "flags": event["flags"],
+        "flags": event.get("flags", []),
     }
 
 
@@ -156,12 +157,63 @@ def _out(event: dict[str, Any], variants: EventPredictions) -> dict[str, Any]:
 async def predict(request: Request) -> Response:
     # The server dispatches POST /v1/predict to PredictEndpoint before FastAPI routing; this
     # route answers when the app is called some other way and documents the operation.
-    body = await predict_body(request.app.state.runtime, await request.body())
+    body = await predict_body(request.app.state.runtime, await request.body(), None)
     return Response(body, media_type=JSON)
 
 
-async def predict_body(runtime: QueryRuntime | None, body: bytes) -> bytes:
-    """The JSON answer to a predict body, or a ``Problem``."""
+@router.post(
+    "/models/{name}/predict",
+    summary="Score one event or a batch with a named model",
+    description=(
+        "As POST /v1/predict, for the model in the path: every event is for this model "
+        "(an event naming another model is refused). POST /v1/predict serves the events' "
+        "own model, else the default model."
+    ),
+    openapi_extra=REQUEST_BODY,
+    responses=RESPONSES,
+    response_class=Response,
+)
+async def predict_model(name: str, request: Request) -> Response:
+    body = await predict_body(request.app.state.runtime, await request.body(), name)
+    return Response(body, media_type=JSON)
+
+
+def _model_of(raws: list[Any], named: str | None, default: str) -> str:
+    """The one model a request is for: the path's, else the events' own, else the default."""
+    given = {raw.get("model") for raw in raws if isinstance(raw, dict) and raw.get("model")}
+    if named is not None:
+        others = sorted(str(m) for m in given - {named})
+        if others:
+            raise Problem(
+                422,
+                "wrong-model",
+                f"this route scores with model {named!r}; events name {', '.join(others)}",
+                errors=[{"code": "wrong_model", "field": "model", "message": "model mismatch"}],
+            )
+        return named
+    if len(given) > 1:
+        raise Problem(
+            422,
+            "mixed-models",
+            "one request scores with one model; these events name "
+            + ", ".join(sorted(map(str, given)))
+            + ": send them to POST /v1/models/{name}/predict per model",
+            errors=[{"code": "mixed_models", "field": "model", "message": "several models"}],
+        )
+    model = given.pop() if given else default
+    if not isinstance(model, str):
+        raise Problem(
+            422,
+            "invalid-request",
+            "model must be a string (a model name)",
+            errors=[{"code": "invalid_envelope", "field": "model", "message": "not a string"}],
+        )
+    return model
+
+
+async def predict_body(runtime: QueryRuntime | None, body: bytes, named: str | None) -> bytes:
+    """The JSON answer to a predict body, or a ``Problem``. ``named``: the model in the
+    path (POST /v1/models/{name}/predict), None for POST /v1/predict."""
     if runtime is None:
         raise Problem(503, "not-ready", "the service is starting; retry in a moment")
     try:
@@ -199,12 +251,19 @@ async def predict_body(runtime: QueryRuntime | None, body: bytes) -> bytes:
             )
     else:
         raws = [payload]
-    serving, rules = runtime.rules()
-    if rules is None or serving.champion is None:
+    model = _model_of(raws, named, runtime.settings.model_name)
+    serving, rules = runtime.rules(model)
+    if rules is None or serving is None:
+        if model not in runtime.holder.current.known and model != runtime.settings.model_name:
+            raise Problem(
+                404,
+                "unknown-model",
+                f"no model {model!r} in the registry; GET /v1/models lists them",
+            )
         raise Problem(
             503,
             "no-model",
-            f"no champion of model {runtime.settings.model_name!r} is loaded yet; promote one "
+            f"no champion of model {model!r} is loaded yet; promote one "
             "(`scoremesh models promote`) or wait for it to load",
             headers={"Retry-After": "5"},
         )
@@ -212,9 +271,9 @@ async def predict_body(runtime: QueryRuntime | None, body: bytes) -> bytes:
         runtime.settings.max_event_bytes,
         rules.spec.max_event_bytes or runtime.settings.max_event_bytes,
     )
-    events = _check_events(raws, rules, size_limit, len(body) <= size_limit)
+    events = _check_events(raws, rules, size_limit, len(body) <= size_limit, model)
     try:
-        results = await runtime.predict(events)
+        results = await runtime.predict(model, events)
     except ScoringError as exc:
         raise Problem(500, "scoring-error", f"the model could not score the events: {exc}") from exc
     except Backlogged as exc:
@@ -232,7 +291,8 @@ async def predict_body(runtime: QueryRuntime | None, body: bytes) -> bytes:
 
 
 class PredictEndpoint:
-    """POST /v1/predict as a plain ASGI app, dispatched before FastAPI's routing.
+    """POST /v1/predict (and /v1/models/{name}/predict) as a plain ASGI app, dispatched
+    before FastAPI's routing.
 
     It does for this one route what FastAPI's stack does (read access, the body, problem
     answers for every error), without the router's matching, dependency solving and
@@ -241,17 +301,23 @@ class PredictEndpoint:
     called without the dispatch.
     """
 
-    def __init__(self, state: State, route: BaseRoute | None) -> None:
+    def __init__(
+        self, state: State, route: BaseRoute | None, model_route: BaseRoute | None = None
+    ) -> None:
         self.state = state
         self.route = route
+        self.model_route = model_route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["route"] = self.route  # for the access log and the latency histogram
+        # for the access log and the latency histogram
+        scope["route"] = self.model_route if scope.get("scoremesh_model") else self.route
         state = self.state
         try:
             if state.config.require_token_for_reads:
                 await read_access(Request(scope, receive))
-            content = await predict_body(state.runtime, await _read_body(receive))
+            content = await predict_body(
+                state.runtime, await _read_body(receive), scope.get("scoremesh_model")
+            )
         except Problem as exc:
             response = response_for(scope, exc)
         except PayloadTooLarge as exc:
