@@ -271,8 +271,11 @@ class Consumer(Generic[R]):
     """Typed records of one catalog topic, in a consumer group.
 
     ``async for record in consumer`` yields each record; its offset is committed once the
-    loop body has finished with it (at the next fetch, on a rebalance and at ``stop``).
-    ``idle_timeout_s`` ends the iteration after that long without a record (default: never).
+    loop body has finished with it (at the next fetch, on a rebalance and at ``stop``); leaving
+    an ``async with`` block normally (``break`` included) counts the last record as done, an
+    exception does not.
+    ``idle_timeout_s`` ends the iteration after that long without a record once partitions are
+    assigned (default: never).
     A record that does not decode raises UndecodableRecord (its offset is not committed),
     unless ``on_undecodable`` takes it. ``overrides`` go to ``AIOKafkaConsumer``.
     """
@@ -310,6 +313,7 @@ class Consumer(Generic[R]):
         opts.update(overrides)
         self._consumer = AIOKafkaConsumer(**opts)
         self._done: dict[TopicPartition, int] = {}
+        self._pending: tuple[TopicPartition, int] | None = None  # yielded, body running
 
     async def start(self) -> None:
         await start_with_retry(
@@ -331,7 +335,9 @@ class Consumer(Generic[R]):
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None and self._pending is not None:  # the body finished with it
+            self._done[self._pending[0]] = self._pending[1]
         await self.stop()
 
     async def commit(self) -> None:
@@ -355,7 +361,9 @@ class Consumer(Generic[R]):
             batches = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
             if not batches:
                 idle = self.idle_timeout_s
-                if idle is not None and time.monotonic() - last_seen >= idle:
+                if not self._consumer.assignment():
+                    last_seen = time.monotonic()  # joining the group is not idleness
+                elif idle is not None and time.monotonic() - last_seen >= idle:
                     return
                 continue
             last_seen = time.monotonic()
@@ -369,7 +377,9 @@ class Consumer(Generic[R]):
                             raise error from exc
                         self.on_undecodable(error)
                     else:
+                        self._pending = (tp, message.offset + 1)
                         yield value
+                        self._pending = None
                     self._done[tp] = message.offset + 1
 
 

@@ -79,9 +79,10 @@ def librdkafka_options(config: ClientConfig) -> dict[str, Any]:
 
 
 def _check_topic(client: Any, topic: str, config: ClientConfig) -> int:
-    """Ask the broker for the topic; its partition count, or a clear error."""
+    """Ask the broker for the topic; its partition count, or a clear error. (All topics
+    are listed, once: a request naming the topic would have some brokers create it.)"""
     try:
-        metadata = client.list_topics(topic, timeout=config.connect_timeout_s)
+        metadata = client.list_topics(timeout=config.connect_timeout_s)
     except KafkaException as exc:
         raise KafkaUnavailable(
             f"Kafka at {config.bootstrap} did not answer for {config.connect_timeout_s:.0f}s "
@@ -231,8 +232,11 @@ class Consumer(Generic[R]):
     """Typed records of one catalog topic, in a consumer group.
 
     ``for record in consumer`` yields each record; its offset is committed once the loop
-    body has finished with it (at the next fetch, on a rebalance and at ``close``).
-    ``idle_timeout_s`` ends the iteration after that long without a record (default: never).
+    body has finished with it (at the next fetch, on a rebalance and at ``close``); leaving a
+    ``with`` block normally (``break`` included) counts the last record as done, an exception
+    does not.
+    ``idle_timeout_s`` ends the iteration after that long without a record once partitions are
+    assigned (default: never).
     A record that does not decode raises UndecodableRecord (its offset is not committed),
     unless ``on_undecodable`` takes it. ``extra`` holds librdkafka settings.
     """
@@ -270,6 +274,7 @@ class Consumer(Generic[R]):
         opts.update(extra or {})
         self._consumer = _Consumer(opts)
         self._done: dict[tuple[str, int], int] = {}
+        self._pending: tuple[tuple[str, int], int] | None = None  # yielded, body running
         self._started = False
 
     def start(self) -> None:
@@ -288,7 +293,9 @@ class Consumer(Generic[R]):
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None and self._pending is not None:  # the body finished with it
+            self._done[self._pending[0]] = self._pending[1]
         self.close()
 
     def _revoked(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -315,7 +322,9 @@ class Consumer(Generic[R]):
             messages = self._consumer.consume(self.max_records, 0.2)
             if not messages:
                 idle = self.idle_timeout_s
-                if idle is not None and time.monotonic() - last_seen >= idle:
+                if not self._consumer.assignment():
+                    last_seen = time.monotonic()  # joining the group is not idleness
+                elif idle is not None and time.monotonic() - last_seen >= idle:
                     return
                 continue
             last_seen = time.monotonic()
@@ -337,7 +346,9 @@ class Consumer(Generic[R]):
                         raise undecodable from exc
                     self.on_undecodable(undecodable)
                 else:
+                    self._pending = ((topic, partition), offset + 1)
                     yield value
+                    self._pending = None
                 self._done[(topic, partition)] = offset + 1
 
 
