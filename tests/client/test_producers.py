@@ -19,6 +19,7 @@ from scoremesh.client import (
     KafkaUnavailable,
     Label,
     Prediction,
+    TopicName,
     UndecodableRecord,
     aio,
     confluent,
@@ -54,7 +55,7 @@ def labels(n: int, tag: str) -> list[Label]:
     ]
 
 
-async def raw_records(settings: Settings, topic: str, n: int) -> list[Any]:
+async def raw_records(settings: Settings, topic: TopicName, n: int) -> list[Any]:
     """The first ``n`` records of a topic as the broker holds them (partition included)."""
     consumer = make_consumer(settings, group_id=None)
     await start_with_retry(consumer.start, "test", settings)
@@ -70,7 +71,7 @@ async def raw_records(settings: Settings, topic: str, n: int) -> list[Any]:
     return out
 
 
-def check_placement(records: list[Any], key_field: str, topic: str) -> None:
+def check_placement(records: list[Any], key_field: str, topic: TopicName) -> None:
     for r in records:
         value = decode(topic, r.value)  # type: ignore[call-overload]
         assert r.key == value[key_field].encode()
@@ -178,7 +179,7 @@ async def test_mistakes_are_refused_with_a_reason(settings: Settings) -> None:
         aio.PredictionConsumer(config, group_id="")
     async with aio.LabelProducer(config) as producer:
         with pytest.raises(EncodeError, match="keyed by 'event_id'"):
-            await producer.send_many([*labels(2, "x"), {"value": "1", "label_time": 1}])  # type: ignore[list-item]
+            await producer.send_many([*labels(2, "x"), {"value": "1", "label_time": 1}])  # type: ignore[typeddict-item]
     with pytest.raises(ClientError, match=r"topic 'nope\.labels' not found"):
         confluent.LabelProducer(config.replace(topic_prefix="nope.", connect_timeout_s=5)).start()
     nowhere = ClientConfig(bootstrap=f"127.0.0.1:{free_port()}", connect_timeout_s=1.0)
