@@ -89,6 +89,7 @@ async def test_the_readme_consumer_prints_served_predictions(
             assert time.monotonic() < deadline, out.read_text()
             await asyncio.sleep(0.1)
     finally:
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
     assert sorted(out.read_text().splitlines()) == expected
