@@ -5,6 +5,8 @@ served predictions at or above its threshold into cases."""
 from __future__ import annotations
 
 import asyncio
+import re
+import shlex
 import sys
 import uuid
 from pathlib import Path
@@ -31,7 +33,7 @@ from tests.contract.samples import SAMPLES
 from tests.helpers import produce, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "faust_cases.py"
+DOC = ROOT / "docs" / "downstream.md"
 THRESHOLD = 0.8
 
 
@@ -50,6 +52,19 @@ def test_records_decode_every_version_and_encode_the_newest() -> None:
     from faust.serializers import codecs
 
     assert codecs.loads("scoremesh.Prediction", data)["event_id"] == "evt-1"
+
+
+def worker_command() -> list[str]:
+    """The worker command docs/downstream.md shows, to run as written (python: this one)."""
+    (line,) = [
+        line
+        for block in re.findall(r"```sh\n(.*?)```", DOC.read_text(), re.S)
+        for line in block.splitlines()
+        if "examples/faust_cases.py" in line
+    ]
+    argv = shlex.split(line)
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
 
 
 def predictions() -> list[Prediction]:
@@ -115,12 +130,16 @@ async def test_the_faust_example_opens_exactly_the_expected_cases(
     assert 3 < len(expected) < len(sent)
 
     group = f"cases-{uuid.uuid4().hex[:6]}"
-    env = {**service_env(settings), "CASES_APP_ID": group, "CASES_THRESHOLD": str(THRESHOLD)}
+    env = {
+        **service_env(settings),
+        "CASES_APP_ID": group,
+        "CASES_THRESHOLD": str(THRESHOLD),
+        "APP_DATADIR": str(tmp_path / "faust"),  # faust's state dir, else <app id>-data here
+    }
     log = (tmp_path / "worker.log").open("wb")
     worker = await asyncio.create_subprocess_exec(
-        sys.executable, str(EXAMPLE), "worker", "--without-web", "-l", "info",
-        env=env, cwd=tmp_path, stdout=log, stderr=log,
-    )  # fmt: skip
+        *worker_command(), env=env, cwd=ROOT, stdout=log, stderr=log
+    )
     try:
         async with asyncio.timeout(120):
             while not await committed(settings, group, ends):
