@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOWNSTREAM = ROOT / "docs" / "downstream.md"
+CLIENT_README = ROOT / "client" / "README.md"
 
 
 def python_blocks(doc: Path) -> list[str]:
@@ -37,6 +38,7 @@ def block(doc: Path, marker: str) -> str:
 def test_every_python_block_is_run_here() -> None:
     assert len(python_blocks(README)) == 2  # the producer and the consumer
     assert len(python_blocks(DOWNSTREAM)) == 3  # alerts, predictions, faust
+    assert len(python_blocks(CLIENT_README)) == 1  # codec and partitioner, no broker
     assert "msg.value()[10:]" not in README.read_text()
 
 
@@ -170,3 +172,7 @@ async def test_the_downstream_faust_snippet_types_the_topic(
         "['SCOREMESH_KAFKA_BOOTSTRAP'].rsplit(':', 1)[1])\nprint('ok')\n"
     )
     assert await run_until(settings, tmp_path, code, ["ok"]) == ["ok"]
+
+
+async def test_the_client_readme_snippet_runs(settings: Settings, tmp_path: Path) -> None:
+    assert await run_until(settings, tmp_path, python_blocks(CLIENT_README)[0], []) == []
