@@ -6,14 +6,15 @@ The typed entry points (``encode``, ``decode``, ``encode_json``) are generated i
 
 from __future__ import annotations
 
-from functools import cache
+from collections.abc import Callable
+from functools import cache, partial
 from typing import Any
 
 import orjson
 
 from scoremesh.client.errors import ClientError
 from scoremesh.contract.catalog import TopicSpec, topic_spec
-from scoremesh.contract.codec import MAGIC, AvroCodec, BadBody, EncodeError, codec
+from scoremesh.contract.codec import MAGIC, AvroCodec, EncodeError, codec, decode_any
 from scoremesh.contract.partitioner import murmur2_batch, partitions_for_keys
 from scoremesh.contract.records import RECORD_VERSIONS
 
@@ -65,13 +66,19 @@ def decode_value(topic: str, data: bytes) -> Any:
     avro = _codec(topic)
     if data[:2] == MAGIC or "json" not in topic_spec(topic).value_formats:
         return avro.decode(data)
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise BadBody(f"{topic}: neither Avro single-object nor JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadBody(f"{topic}: JSON value is a {type(value).__name__}, not an object")
-    return value
+    return decode_any(topic, data)
+
+
+def value_encoder(topic: str, value_format: str) -> Callable[[Any], bytes]:
+    """``encode_value`` or ``encode_json_value`` for a topic, checked now: a producer asked
+    for JSON on a topic that takes none is refused when it is made, not at its first send."""
+    if value_format == "json":
+        _accepts_json(topic)
+        return partial(encode_json_value, topic)
+    if value_format == "avro":
+        _codec(topic)
+        return partial(encode_value, topic)
+    raise ClientError(f"value_format must be 'avro' or 'json', not {value_format!r}")
 
 
 def key_field(topic: str) -> str:

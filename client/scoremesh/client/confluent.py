@@ -27,14 +27,17 @@ from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka import Producer as _Producer
 
-from scoremesh.client._wire import decode_value, encode_json_value, encode_value, key_field
+from scoremesh.client._wire import (
+    decode_value,
+    key_of,
+    value_encoder,
+)
 from scoremesh.client.config import ClientConfig
 from scoremesh.client.errors import (
     ClientConfigError,
     ClientError,
     CodecError,
     DeliveryError,
-    EncodeError,
     KafkaUnavailable,
     UndecodableRecord,
 )
@@ -113,14 +116,7 @@ class Producer(Generic[R]):
     ) -> None:
         self.config = config or ClientConfig.from_env()
         self.destination = self.config.topic(self.topic)
-        self.key_field = key_field(self.topic)
-        if value_format == "json":
-            encode_json_value(self.topic, {})  # refuses a topic that takes no JSON, now
-            self._encode: Callable[[Any], bytes] = lambda r: encode_json_value(self.topic, r)
-        elif value_format == "avro":
-            self._encode = lambda r: encode_value(self.topic, r)
-        else:
-            raise ClientError(f"value_format must be 'avro' or 'json', not {value_format!r}")
+        self._encode = value_encoder(self.topic, value_format)
         extra = dict(extra or {})
         if extra.get("partitioner", PARTITIONER) not in (PARTITIONER, "murmur2"):
             raise ClientConfigError(
@@ -161,15 +157,7 @@ class Producer(Generic[R]):
         self.close()
 
     def _key(self, record: R) -> bytes:
-        try:
-            key = record[self.key_field]  # type: ignore[index]
-        except (KeyError, TypeError):
-            raise EncodeError(
-                f"{self.topic}: records are keyed by {self.key_field!r}, which this one lacks"
-            ) from None
-        if not isinstance(key, str) or not key:
-            raise EncodeError(f"{self.topic}: {self.key_field!r} must be a non-empty string")
-        return key.encode()
+        return key_of(self.topic, record)
 
     def _delivered(self, error: KafkaError | None, message: Message) -> None:
         if error is not None:
