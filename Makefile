@@ -23,13 +23,13 @@ test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check services client tests scripts
-	$(BIN)/ruff format --check services client tests scripts
+	$(BIN)/ruff check services client tests scripts examples
+	$(BIN)/ruff format --check services client tests scripts examples
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format services client tests scripts
-	$(BIN)/ruff check --fix services client tests scripts
+	$(BIN)/ruff format services client tests scripts examples
+	$(BIN)/ruff check --fix services client tests scripts examples
 
 ## re-pin every dependency after changing pyproject.toml
 lock:

@@ -4,6 +4,10 @@
   version of each ``schemas/avro/<Name>.v<N>.avsc``, nested records included).
 - ``client/scoremesh/contract/topics.py``: a constant per catalog topic
   (``schemas/topics.yaml``), the ``TopicName`` literal type and each topic's record type.
+- ``client/scoremesh/client/_typed.py``: ``encode``, ``decode`` and ``encode_json`` typed
+  per topic (an overload per catalog topic whose values are a record of the contract).
+- ``client/scoremesh/client/faust_records.py``: a faust Record per top-level record,
+  serialised by the contract's Avro codec.
 
 TypedDicts, not classes: records are plain dicts at run time (the hot path builds and reads
 millions of them), and mypy checks every field name and type statically.
@@ -28,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas"
 OUT = ROOT / "client" / "scoremesh" / "contract"
+CLIENT_OUT = ROOT / "client" / "scoremesh" / "client"
 _FILE_RE = re.compile(r"^(?P<name>[A-Za-z]+)\.v(?P<version>\d+)\.avsc$")
 _PRIMITIVES = {
     "null": "None",
@@ -148,6 +153,127 @@ def topics_source() -> str:
     )
 
 
+def _catalog_topics() -> dict[str, Any]:
+    topics: dict[str, Any] = yaml.safe_load((SCHEMAS / "topics.yaml").read_text())["topics"]
+    return topics
+
+
+def typed_source() -> str:
+    records = set(newest_schemas())
+    topics = {n: t for n, t in _catalog_topics().items() if t["value"] in records}
+    used = sorted({t["value"] for t in topics.values()})
+    out = [
+        HEADER.format(
+            doc="encode, decode and encode_json, typed per topic.",
+            source="schemas/topics.yaml",
+        ),
+        "\nfrom __future__ import annotations\n\n",
+        "from typing import Any, Literal, overload\n\n",
+        "from scoremesh.client._wire import decode_value, encode_json_value, encode_value\n",
+        "from scoremesh.contract.records import " + ", ".join(used) + "\n",
+        "from scoremesh.contract.topics import TopicName\n\n",
+        "__all__ = ['decode', 'encode', 'encode_json']\n\n",
+    ]
+    for name, spec in topics.items():
+        out.append(
+            f"@overload\ndef encode(topic: Literal[{name!r}], record: {spec['value']}) -> bytes: ...\n"
+        )
+    out.append(
+        "def encode(topic: TopicName, record: Any) -> bytes:\n"
+        '    """A record as its topic\'s Avro single-object bytes (the newest schema version).\n\n'
+        "    Raises EncodeError (a CodecError) saying which field is missing or of the wrong type;\n"
+        '    NotAPublicTopic for a topic whose values are internal to a service."""\n'
+        "    return encode_value(topic, record)\n\n"
+    )
+    for name, spec in topics.items():
+        out.append(
+            f"@overload\ndef decode(topic: Literal[{name!r}], data: bytes) -> {spec['value']}: ...\n"
+        )
+    out.append(
+        "def decode(topic: TopicName, data: bytes) -> Any:\n"
+        '    """A topic\'s value as its record: Avro single-object bytes of any released schema\n'
+        "    version (found by fingerprint, resolved into the newest), or JSON where the topic\n"
+        "    accepts JSON (returned as parsed: the validator is the judge of JSON events).\n\n"
+        "    Raises a CodecError: NotSingleObject, UnknownFingerprint (a schema newer than this\n"
+        '    client: upgrade scoremesh-client), TruncatedMessage or BadBody."""\n'
+        "    return decode_value(topic, data)\n\n"
+    )
+    json_topics = {n: t for n, t in topics.items() if "json" in t.get("value_formats", [])}
+    for name, spec in json_topics.items():
+        out.append(
+            f"@overload\ndef encode_json(topic: Literal[{name!r}], record: {spec['value']}) -> bytes: ...\n"
+        )
+    if len(json_topics) == 1:  # an overload needs a sibling; mypy accepts a plain def
+        out = [line for line in out if not line.startswith("@overload\ndef encode_json")]
+        ((name, spec),) = json_topics.items()
+        signature = f"topic: Literal[{name!r}], record: {spec['value']}"
+    else:
+        signature = "topic: TopicName, record: Any"
+    out.append(
+        f"def encode_json({signature}) -> bytes:\n"
+        '    """A record as JSON bytes, for the topics that accept JSON values\n'
+        "    (" + ", ".join(json_topics) + ').\n\n    Raises ClientError for any other topic."""\n'
+        "    return encode_json_value(topic, record)\n"
+    )
+    return "".join(out)
+
+
+def _faust_default(field: dict[str, Any]) -> str:
+    default = field["default"]
+    if isinstance(default, dict | list):
+        return "None  # the schema's default when encoded"
+    return repr(default)
+
+
+def faust_records_source() -> str:
+    writer = RecordWriter()
+    classes = []
+    nested: set[str] = set()
+    for name, (version, schema) in sorted(newest_schemas().items()):
+        writer.record(schema, version)
+        fields = schema["fields"]
+        lines = [
+            f"class {name}(faust.Record, **_options({name!r})):",
+            f'    """{name} v{version}, as a faust Record (required fields first)."""',
+            "",
+        ]
+        for field in [f for f in fields if "default" not in f] + [
+            f for f in fields if "default" in f
+        ]:
+            py = writer.type_of(field["type"])
+            if "default" in field:
+                if isinstance(field["default"], dict | list):
+                    py = f"{py} | None"
+                lines.append(f"    {field['name']}: {py} = {_faust_default(field)}")
+            else:
+                lines.append(f"    {field['name']}: {py}")
+        classes.append("\n".join(lines))
+        nested |= {n for n in writer.classes if n not in newest_schemas()}
+    imports = ""
+    if nested:
+        imports = "from scoremesh.contract.records import " + ", ".join(sorted(nested)) + "\n"
+    names = ", ".join(repr(n) for n in sorted(newest_schemas()))
+    return (
+        HEADER.format(
+            doc="faust Records for the contract's records, serialised by its Avro codec.\n\n"
+            '``app.topic("predictions", value_type=Prediction)`` decodes every released schema\n'
+            "version of a Prediction into this Record, and sending one encodes it with the\n"
+            "newest. Fields with a map or array default are None here until given; None is\n"
+            "encoded as the schema's default.",
+            source="schemas/avro",
+        )
+        + "\nfrom __future__ import annotations\n\n"
+        + "import faust\n\n"
+        + "from scoremesh.client.faust_codecs import record_options as _options\n"
+        + imports
+        + "\n__all__ = ["
+        + names
+        + "]\n\n\n"
+        + "\n\n\n".join(classes)
+        + "\n"
+    )
+
+
 def formatted(path: Path, text: str) -> str:
     """The text as ``ruff check --fix`` and ``ruff format`` leave it, so the committed file
     passes the lint unchanged."""
@@ -168,7 +294,12 @@ def formatted(path: Path, text: str) -> str:
 
 
 def generated() -> dict[Path, str]:
-    files = {OUT / "records.py": records_source(), OUT / "topics.py": topics_source()}
+    files = {
+        OUT / "records.py": records_source(),
+        OUT / "topics.py": topics_source(),
+        CLIENT_OUT / "_typed.py": typed_source(),
+        CLIENT_OUT / "faust_records.py": faust_records_source(),
+    }
     return {path: formatted(path, text) for path, text in files.items()}
 
 

@@ -7,20 +7,26 @@ helpers that are correct on any broker; product logic never special-cases tansu.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from pydantic import SecretStr
 
+from scoremesh.client.aio import NO_HEADERS as NO_HEADERS
+from scoremesh.client.aio import aiokafka_options
+from scoremesh.client.aio import enqueue_records as enqueue_records
+from scoremesh.client.aio import send_records as send_records
+from scoremesh.client.aio import start_with_retry as retry_start
+from scoremesh.client.config import ENV_NAMES, ClientConfig
+from scoremesh.client.errors import KafkaUnavailable as KafkaUnavailable
 from scoremesh.contract.catalog import TopicSpec, catalog
-from scoremesh.contract.partitioner import partitions_for_keys
 from scoremesh.contract.topics import TopicName
 from services.common.metrics import KAFKA_UP
 from services.common.settings import Settings
@@ -28,36 +34,22 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 
-NO_HEADERS: list[tuple[str, bytes]] = []
-"""Shared by every record without headers (aiokafka's batch builder takes lists only and
-does not change them)."""
-
-
-class KafkaUnavailable(RuntimeError):
-    """The broker did not answer within the configured time."""
+def client_config(settings: Settings) -> ClientConfig:
+    """The client library's view of the settings (one mapping, ``ENV_NAMES``)."""
+    values: dict[str, Any] = {}
+    for name, setting in ENV_NAMES.items():
+        value = getattr(settings, setting)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, Path):
+            value = str(value)
+        values[name] = value
+    values["bootstrap"] = settings.require_bootstrap()
+    return ClientConfig(**values)
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "bootstrap_servers": settings.require_bootstrap(),
-        "client_id": settings.kafka_client_id,
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        opts["ssl_context"] = create_ssl_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
-            certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
-            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
-        )
-    if settings.kafka_security_protocol.startswith("SASL"):
-        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism or "SCRAM-SHA-512"
-        opts["sasl_plain_username"] = settings.kafka_sasl_username
-        opts["sasl_plain_password"] = (
-            settings.kafka_sasl_password.get_secret_value()
-            if settings.kafka_sasl_password
-            else None
-        )
-    return opts
+    return aiokafka_options(client_config(settings))
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
@@ -101,30 +93,7 @@ async def start_with_retry(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Start a client, retrying with capped exponential backoff and saying so in the log."""
-    deadline = time.monotonic() + settings.kafka_connect_timeout_s
-    delay = 0.25
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            await start()
-            if attempt > 1:
-                log.info("connected to Kafka", extra={"client": what, "attempts": attempt})
-            return
-        except (KafkaConnectionError, KafkaError, OSError) as exc:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (stop is not None and stop.is_set()):
-                raise KafkaUnavailable(
-                    f"{what}: Kafka at {settings.kafka_bootstrap} did not answer for "
-                    f"{settings.kafka_connect_timeout_s:.0f}s ({exc}); check "
-                    "SCOREMESH_KAFKA_BOOTSTRAP or run `scoremesh dev up`"
-                ) from exc
-            log.warning(
-                "Kafka not reachable, retrying",
-                extra={"client": what, "error": str(exc), "retry_in_s": round(delay, 2)},
-            )
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 5.0)
+    await retry_start(start, what, settings.kafka_bootstrap, settings.kafka_connect_timeout_s, stop)
 
 
 async def ask_broker(client: Any, topics: Iterable[str] | None = None) -> ClusterMetadata:
@@ -343,108 +312,3 @@ async def true_end_offsets(
         ends.setdefault(tp, approx[tp])
         consumer.seek(tp, ends[tp])
     return ends
-
-
-# One BatchBuilder per partition instead of a send() per record: ~2 µs of client CPU per
-# record instead of ~9 (embedded broker, 300-byte records). Keyed records are placed exactly
-# as send() would place them (murmur2, the Java client's partitioner), so co-partitioning
-# holds; records without a key are spread round-robin.
-_spread = itertools.count()
-
-
-async def send_records(
-    producer: AIOKafkaProducer,
-    records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
-) -> int:
-    """Send (topic, partition or None, key, value) records and wait for every acknowledgement.
-
-    Order is kept within each partition. Returns the number of records sent.
-    """
-    futures, count = await enqueue_records(producer, records)
-    if futures:
-        await asyncio.gather(*futures)
-    return count
-
-
-async def enqueue_records(
-    producer: AIOKafkaProducer,
-    records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
-    *,
-    close_batches: bool = False,
-    on_too_large: Callable[[str, bytes | None], None] | None = None,
-    headers: Sequence[list[tuple[str, bytes]]] | None = None,
-) -> tuple[list[asyncio.Future[Any]], int]:
-    """Hand the records to the producer in per-partition batches; returns the batches'
-    acknowledgement futures (not awaited) and the number of records enqueued.
-
-    Order is kept within each partition, and across calls. ``close_batches``: the records
-    are a complete unit (a processed batch), so the producer sends them at once instead of
-    lingering ``linger_ms`` for more records that will not come. A record larger than an
-    empty batch raises ValueError, or, with ``on_too_large``, is handed to it and skipped.
-    ``headers``: each record's Kafka headers, when any record has some.
-    """
-    batch_records = records if isinstance(records, list) else list(records)
-    placed = await _place(producer, batch_records)
-    open_batches: dict[tuple[str, int], Any] = {}
-    futures: list[asyncio.Future[Any]] = []
-    empty: set[tuple[str, int]] = set()  # open batches holding no record yet
-    enqueued = 0
-    for i, ((topic, _, key, value), partition) in enumerate(
-        zip(batch_records, placed, strict=True)
-    ):
-        tp = (topic, partition)
-        batch = open_batches.get(tp)
-        if batch is None:
-            batch = open_batches[tp] = producer.create_batch()
-            empty.add(tp)
-        extra = NO_HEADERS if headers is None else headers[i]
-        if batch.append(key=key, value=value, timestamp=None, headers=extra) is None:
-            if tp not in empty:  # full: send it, and try the record in a fresh one
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = open_batches[tp] = producer.create_batch()
-                empty.add(tp)
-            if batch.append(key=key, value=value, timestamp=None, headers=extra) is None:
-                if on_too_large is None:
-                    raise ValueError(f"{topic}: a record larger than the producer's batch size")
-                on_too_large(topic, value)
-                continue
-        empty.discard(tp)
-        enqueued += 1
-    for (topic, partition), batch in open_batches.items():
-        if (topic, partition) in empty:
-            continue  # nothing fitted in it
-        if close_batches:
-            batch.close()
-        futures.append(await producer.send_batch(batch, topic, partition=partition))
-    return futures, enqueued
-
-
-async def _place(
-    producer: AIOKafkaProducer,
-    records: list[tuple[str, int | None, bytes | None, bytes | None]],
-) -> list[int]:
-    """Each record's partition: as given, murmur2 of the key, or round-robin without a key."""
-    placed: list[int] = [0] * len(records)
-    keyed: dict[str, list[int]] = {}
-    partitions: dict[str, list[int]] = {}
-    for i, (topic, partition, key, _) in enumerate(records):
-        if partition is not None:
-            placed[i] = partition
-        elif key is None:
-            known = partitions.get(topic) or await _partitions(producer, topic, partitions)
-            placed[i] = known[next(_spread) % len(known)]
-        else:
-            keyed.setdefault(topic, []).append(i)
-    for topic, idx in keyed.items():
-        known = partitions.get(topic) or await _partitions(producer, topic, partitions)
-        keys = [records[i][2] or b"" for i in idx]
-        for i, p in zip(idx, partitions_for_keys(keys, len(known)), strict=True):
-            placed[i] = known[p]
-    return placed
-
-
-async def _partitions(
-    producer: AIOKafkaProducer, topic: str, known: dict[str, list[int]]
-) -> list[int]:
-    known[topic] = sorted(await producer.partitions_for(topic))
-    return known[topic]

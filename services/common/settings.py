@@ -7,7 +7,6 @@ and Redis without any configuration), then the defaults below.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from functools import lru_cache
@@ -22,6 +21,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from scoremesh.client.config import default_home as default_home
+from scoremesh.client.config import dev_stack_file as dev_stack_file
+from scoremesh.client.config import dev_stack_settings
 from scoremesh.contract.topics import TOPICS, TopicName
 from services.common.policies.monitor import MonitorPolicy
 from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
@@ -29,15 +31,6 @@ from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
 ENV_PREFIX = "SCOREMESH_"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _CATALOG_NAMES = frozenset(TOPICS)
-
-
-def default_home() -> Path:
-    """Where scoremesh keeps local state (dev stack, artifact cache)."""
-    return Path(os.environ.get(f"{ENV_PREFIX}HOME", Path.home() / ".scoremesh"))
-
-
-def dev_stack_file(home: Path | None = None) -> Path:
-    return (home or default_home()) / "dev" / "stack.json"
 
 
 def _blank_is_none(value: object) -> object:
@@ -195,18 +188,8 @@ class DevStackSource(PydanticBaseSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        self._values: dict[str, Any] = {}
-        if os.environ.get(f"{ENV_PREFIX}IGNORE_DEV_STACK"):
-            return
-        path = dev_stack_file()
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        settings = data.get("settings", {})
-        if isinstance(settings, dict):
-            nested = nest_flat(settings)
-            self._values = {k: v for k, v in nested.items() if k in settings_cls.model_fields}
+        nested = nest_flat(dev_stack_settings())
+        self._values = {k: v for k, v in nested.items() if k in settings_cls.model_fields}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._values.get(field_name), field_name, False
