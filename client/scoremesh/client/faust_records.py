@@ -29,6 +29,7 @@ __all__ = [
     "Rejection",
     "RetrainRequest",
     "RetrainResult",
+    "ServingStatus",
     "TrainingExample",
     "UnmatchedLabel",
 ]
@@ -238,6 +239,21 @@ class RetrainResult(faust.Record, **_options("RetrainResult")):
     metrics: dict[str, float] | None = None  # the schema's default when encoded
     champion_metrics: dict[str, float] | None = None  # the schema's default when encoded
     examples: int = 0
+
+
+class ServingStatus(faust.Record, **_options("ServingStatus")):
+    """ServingStatus v1, as a faust Record (required fields first)."""
+
+    instance: str
+    service: str
+    group: str
+    models: list[str]
+    serving: dict[str, str]
+    state: str
+    started_at: int
+    at: int
+    interval_ms: int
+    failures: dict[str, str] | None = None  # the schema's default when encoded
 
 
 class TrainingExample(faust.Record, **_options("TrainingExample")):
