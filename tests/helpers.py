@@ -68,8 +68,11 @@ async def register_model(
     spec: FeatureSpec = CREDIT_SPEC,
     sha256: str | None = None,
     metadata: Any = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """Upload an artifact, register it and (optionally) promote it; returns the last outcome."""
+    """Upload an artifact, register it and (optionally) promote it; returns the last outcome.
+    ``model``: the model's name (the default model when not given)."""
+    name = model or settings.model_name
     producer = make_producer(settings)
     await start_with_retry(producer.start, "test-upload", settings)
     try:
@@ -85,14 +88,12 @@ async def register_model(
         **({"metadata": metadata} if metadata is not None else {}),
     )
     outcome = await command(
-        settings,
-        new_command(settings.model_name, "register", "test", proposal=proposal.model_dump_json()),
+        settings, new_command(name, "register", "test", proposal=proposal.model_dump_json())
     )
     if outcome["outcome"] != "applied" or stage is None:
         return outcome
     return await command(
-        settings,
-        new_command(settings.model_name, "promote", "test", version=version, target_stage=stage),
+        settings, new_command(name, "promote", "test", version=version, target_stage=stage)
     )
 
 

@@ -19,19 +19,15 @@ import orjson
 
 from scoremesh.contract.catalog import catalog, topic_name
 from scoremesh.contract.codec import CodecError, decode_any
-from scoremesh.contract.topics import TopicName
 from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
     make_consumer,
     make_producer,
-    read_to_end,
     start_with_retry,
     true_end_offsets,
 )
 from services.common.settings import Settings
-
-REPLAY_HEADER = "scoremesh-replay-of"
 
 
 class InputError(UserError, ValueError):
@@ -100,9 +96,16 @@ def add_parsers(sub: Any) -> None:
     replay = dsub.add_parser(
         "replay",
         help="re-send rejected events to events.raw after a fix",
-        epilog="example: scoremesh dlq replay --reason out_of_range --since 2026-11-25T00:00:00Z",
+        epilog="examples: scoremesh dlq replay --reason out_of_range --since 2026-11-25T00:00:00Z\n"
+        "          scoremesh dlq replay --model fraud --reason model_unavailable",
     )
     replay.add_argument("--reason", action="append", default=[], help="only these reason codes")
+    replay.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="only events for this model (repeatable), e.g. after fixing its champion",
+    )
     replay.add_argument("--since", help="only rejections at or after this ISO-8601 time")
     replay.add_argument("--dry-run", action="store_true", help="count, send nothing")
     replay.add_argument("--json", action="store_true")
@@ -426,111 +429,22 @@ def _parse_since(text: str | None) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
-@dataclass
-class ReplaySummary:
-    matched: int = 0
-    replayed: int = 0
-    already_valid: int = 0
-    already_replayed: int = 0
-    truncated: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
-
-
-async def replay_dlq(
-    settings: Settings, reasons: set[str], since_ms: int | None, dry_run: bool
-) -> ReplaySummary:
-    summary = ReplaySummary()
-    consumer = make_consumer(settings, group_id=None, max_poll_records=5000)
-    await start_with_retry(consumer.start, "dlq-replay", settings)
-    candidates: list[dict[str, Any]] = []
-    valid_ids: set[str] = set()
-    replayed_sources: set[str] = set()
-    try:
-
-        def on_rejected(record: Any) -> None:
-            value = decode_any("events.rejected", record.value or b"")
-            if value["stage"] != "validation":
-                return
-            codes = {r["code"] for r in value["reasons"]}
-            if reasons and not codes & reasons:
-                return
-            if since_ms is not None and value["rejected_at"] < since_ms:
-                return
-            candidates.append(value)
-
-        def on_valid(record: Any) -> None:
-            valid_ids.add(decode_any("events.valid", record.value or b"")["event_id"])
-
-        def on_raw(record: Any) -> None:
-            for key, value in record.headers or ():
-                if key == REPLAY_HEADER:
-                    replayed_sources.add(value.decode())
-
-        handlers: tuple[tuple[TopicName, Any], ...] = (
-            ("events.rejected", on_rejected),
-            ("events.valid", on_valid),
-            ("events.raw", on_raw),
-        )
-        for topic, handler in handlers:
-            tps = await assign_all(consumer, settings.topic(topic))
-            await read_to_end(consumer, tps, handler, timeout_s=300)
-    finally:
-        await consumer.stop()
-    to_send: list[tuple[str, dict[str, Any]]] = []
-    for rejection in candidates:
-        summary.matched += 1
-        source = f"{rejection['source_topic']}/{rejection['source_partition']}/{rejection['source_offset']}"
-        if rejection["truncated"]:
-            summary.truncated += 1
-        elif rejection["event_id"] and rejection["event_id"] in valid_ids:
-            summary.already_valid += 1
-        elif source in replayed_sources:
-            summary.already_replayed += 1
-        else:
-            to_send.append((source, rejection))
-            code = rejection["reasons"][0]["code"]
-            summary.by_reason[code] = summary.by_reason.get(code, 0) + 1
-    if dry_run:
-        summary.replayed = len(to_send)  # what a real run would send
-        return summary
-    if not to_send:
-        return summary
-    producer = make_producer(
-        settings, max_request_size=max(settings.kafka_max_request_bytes, 8 * 1024 * 1024)
-    )
-    await start_with_retry(producer.start, "dlq-replay", settings)
-    try:
-        futures = []
-        for source, rejection in to_send:
-            key = rejection["entity_id"].encode() if rejection["entity_id"] else None
-            futures.append(
-                await producer.send(
-                    settings.topic("events.raw"),
-                    rejection["original"],
-                    key=key,
-                    headers=[
-                        (REPLAY_HEADER, source.encode()),
-                        ("scoremesh-replayed-at", str(int(time.time() * 1000)).encode()),
-                    ],
-                )
-            )
-        await asyncio.gather(*futures)
-        summary.replayed = len(futures)
-    finally:
-        await producer.stop()
-    return summary
-
-
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     since = _parse_since(args.since)
     settings.require_bootstrap()
-    summary = asyncio.run(replay_dlq(settings, set(args.reason), since, args.dry_run))
+    from services.common.dlq import replay_dlq
+
+    summary = asyncio.run(
+        replay_dlq(settings, set(args.reason), since, args.dry_run, models=set(args.model))
+    )
     data = summary.__dict__ | {"dry_run": args.dry_run}
     if args.json:
         print(orjson.dumps(data).decode())
     else:
         verb = "would replay" if args.dry_run else "replayed"
         print(f"{verb} {summary.replayed} of {summary.matched} matching rejection(s) to events.raw")
+        for model, n in sorted(summary.by_model.items()):
+            print(f"  model {model:<14} {n}")
         for code, n in sorted(summary.by_reason.items()):
             print(f"  {code:<20} {n}")
         print(

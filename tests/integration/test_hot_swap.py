@@ -78,7 +78,7 @@ async def test_promote_and_rollback_under_load_switch_between_batches_and_lose_n
             )
             assert promoted["outcome"] == "applied"
             await asyncio.sleep(2.0)
-            assert scorer.holder.current.champion.key == "credit@1.1.0"
+            assert scorer.holder.current.of("credit").champion.key == "credit@1.1.0"
             rolled = await command(
                 settings, new_command("credit", "rollback", "test", reason="test")
             )
@@ -153,7 +153,7 @@ async def test_a_version_that_fails_to_load_leaves_the_old_one_serving(
             ):
                 await asyncio.sleep(0.2)
             assert "credit@9.9.9" in scorer.holder.current.failures
-            assert scorer.holder.current.champion.key == "credit@1.0.0"
+            assert scorer.holder.current.of("credit").champion.key == "credit@1.0.0"
             history: list[dict[str, Any]] = []
             while time.monotonic() < deadline and not any(
                 e["action"] == "load_failed" for e in history
