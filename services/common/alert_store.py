@@ -47,16 +47,37 @@ class AlertReadModel:
         return self.healthy
 
     async def open_alerts(self) -> list[dict[str, Any]]:
+        """Firing alerts, most recently seen first (one pipelined round trip for them all)."""
         keys = await self.client.zrevrange(f"{self.prefix}alerts:open", 0, -1)
-        out: list[dict[str, Any]] = []
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
         for key in keys:
-            body = await self.client.hget(
-                f"{self.prefix}alerts:by-key:{key.decode() if isinstance(key, bytes) else key}",
-                "alert",
-            )
-            if body:
-                out.append(orjson.loads(body))
-        return out
+            name = key.decode() if isinstance(key, bytes) else key
+            pipe.hget(f"{self.prefix}alerts:by-key:{name}", "alert")
+        return [orjson.loads(body) for body in await pipe.execute() if body]
+
+    async def recent_alerts(self) -> list[dict[str, Any]]:
+        """The newest record of each alert in ``alerts:recent`` (firing or resolved).
+
+        The list is newest first and may hold several records of one alert; it keeps the
+        monitor's last ``redis_recent_alerts`` transitions, so older resolved alerts are
+        only on the alerts topic.
+        """
+        raw = await self.client.lrange(f"{self.prefix}alerts:recent", 0, -1)
+        seen: dict[str, dict[str, Any]] = {}
+        for body in raw:
+            record = orjson.loads(body)
+            if isinstance(record, dict):
+                seen.setdefault(str(record.get("alert_key")), record)
+        return list(seen.values())
+
+    async def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
+        """``firing``: the open set; ``resolved`` / ``all``: from the recent transitions."""
+        if state == "firing":
+            return await self.open_alerts()
+        found = await self.recent_alerts()
+        return found if state == "all" else [a for a in found if a.get("state") == state]
 
     async def drift_rows(self) -> list[dict[str, Any]]:
         versions = await self.client.smembers(f"{self.prefix}monitor:versions")
