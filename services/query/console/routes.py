@@ -17,6 +17,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+import orjson
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -98,6 +99,7 @@ class Console:
         self.env.filters["when"] = views.when
         self.env.filters["pct"] = lambda v: "-" if v is None else f"{100 * float(v):.1f}%"
         self.env.filters["num"] = _num
+        self.env.filters["show"] = _show
         self.assets = Assets()
 
     def render(
@@ -108,6 +110,8 @@ class Console:
         cookie = request.cookies.get(COOKIE)
         html = self.env.get_template(template).render(
             request_path=request.url.path,
+            # where signing in returns to: this page, unless it answered a form
+            next_path=request.url.path if request.method == "GET" else PREFIX,
             session=session,
             csrf=csrf_token(token, cookie) if session and token and cookie else "",
             actions_enabled=token is not None,
@@ -123,6 +127,27 @@ def _num(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _show(value: Any) -> str:
+    """A metadata value for people: numbers rounded, structures as compact JSON."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict | list):
+        return orjson.dumps(_rounded(value)).decode()
+    return str(value)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def page_headers() -> dict[str, str]:
