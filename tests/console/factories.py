@@ -124,10 +124,11 @@ def alert_record(
 
 
 async def write_alerts(
-    settings: Settings, records: list[dict[str, Any]], chunk: int = 2000
+    settings: Settings, records: list[dict[str, Any]], chunk: int = 2000, recent: int = 1000
 ) -> None:
-    """Through the monitor's own writer (the Lua script that keeps the open set)."""
-    store = AlertStore(settings, ttl_s=3600, recent=max(1000, len(records)))
+    """Through the monitor's own writer (the Lua script that keeps the open set and the
+    capped list of recent transitions)."""
+    store = AlertStore(settings, ttl_s=3600, recent=recent)
     try:
         for i in range(0, len(records), chunk):
             events = [

@@ -54,7 +54,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 _MODEL = re.compile(MODEL_NAME)
 _SEMVER = re.compile(SEMVER)
 DEPLOYMENTS_SHOWN = 50
-RESOLVED_SHOWN = 20
+ALERTS_SHOWN = 20
 MAX_FORM_BYTES = 16 * 1024
 SECURITY_HEADERS = {
     # Scripts and styles only from this server (no inline script: chart data travels in
@@ -433,10 +433,10 @@ async def model_page(request: Request, name: str) -> Response:
     warnings: list[str] = []
     params = _params(request)
     deployments = [e for e in await _deployments(runtime, warnings) if e["model"] == name]
-    firing = views.filter_alerts(await _alerts(runtime, "firing", warnings), model=name)
-    resolved = [
-        a for a in views.filter_alerts(await _alerts(runtime, "resolved", warnings), model=name)
-    ][:RESOLVED_SHOWN]
+    firing = views.most_severe(
+        views.filter_alerts(await _alerts(runtime, "firing", warnings), model=name)
+    )
+    resolved = views.filter_alerts(await _alerts(runtime, "resolved", warnings), model=name)
     base = _settings(request).runbook_url
     champion = runtime.view.state.champion(name)
     return _console(request).render(
@@ -452,8 +452,9 @@ async def model_page(request: Request, name: str) -> Response:
         deployments_total=len(deployments),
         result=views.find_result(deployments, params.get("result")),
         result_id=params.get("result"),
-        firing=[views.alert_view(a, base) for a in firing],
-        resolved=[views.alert_view(a, base) for a in resolved],
+        firing=[views.alert_view(a, base) for a in firing[:ALERTS_SHOWN]],
+        firing_total=len(firing),
+        resolved=[views.alert_view(a, base) for a in resolved[:ALERTS_SHOWN]],
         warnings=warnings,
         promote_stages=("shadow", "canary", "champion", "retired"),
     )
@@ -479,8 +480,17 @@ async def version_page(request: Request, name: str, version: str) -> Response:
     params = _params(request)
     deployments = [e for e in await _deployments(runtime, warnings) if e["model"] == name]
     mine = [e for e in deployments if e.get("version") == version]
-    firing = views.filter_alerts(await _alerts(runtime, "all", warnings), model=name)
-    firing = [a for a in firing if a.get("model_version") == version][:RESOLVED_SHOWN]
+    firing = views.most_severe(
+        a
+        for a in await _alerts(runtime, "firing", warnings)
+        if a.get("model") == name and a.get("model_version") == version
+    )
+    resolved = [
+        a
+        for a in views.filter_alerts(await _alerts(runtime, "resolved", warnings), model=name)
+        if a.get("model_version") == version
+    ]
+    shown = (firing[:ALERTS_SHOWN] + resolved)[:ALERTS_SHOWN]
     base = _settings(request).runbook_url
     return _console(request).render(
         request,
@@ -495,7 +505,8 @@ async def version_page(request: Request, name: str, version: str) -> Response:
         deployments=views.newest_first(mine),
         result=views.find_result(deployments, params.get("result")),
         result_id=params.get("result"),
-        alerts=[views.alert_view(a, base) for a in firing],
+        alerts=[views.alert_view(a, base) for a in shown],
+        alerts_firing=len(firing),
         warnings=warnings,
         promote_stages=("shadow", "canary", "champion", "retired"),
     )

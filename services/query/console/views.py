@@ -339,3 +339,14 @@ def alert_view(alert: Mapping[str, Any], runbook_base: str | None) -> dict[str, 
         "count": int(alert.get("count") or 1),
         "runbook": runbook_url(alert, runbook_base),
     }
+
+
+def most_severe(alerts: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Critical first, then warning, then info; the most recently seen first within each."""
+    return sorted(
+        alerts,
+        key=lambda a: (
+            SEVERITY_ORDER.get(str(a.get("severity")), 9),
+            -int(a.get("last_seen") or 0),
+        ),
+    )
