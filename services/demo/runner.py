@@ -322,7 +322,7 @@ def stop_services(
 
 
 def console_url(settings: Settings) -> str:
-    return f"http://{settings.api_host}:{settings.api_port}/console"
+    return f"http://{settings.api.host}:{settings.api.port}/console"
 
 
 def run_demo(settings: Settings, options: DemoOptions) -> int:

@@ -160,24 +160,16 @@ async def test_the_console_in_a_browser_during_a_stream(
     from selenium.webdriver.support.ui import Select
 
     port = free_port()
-    settings = settings.model_copy(
-        update={"label_join_tumbling_s": 60, "label_join_publish_interval_s": 0.5}
-    )
+    settings = settings.replace(label_join_tumbling_s=60, label_join_publish_interval_s=0.5)
+    # The query service on its own port, with the token (secrets never travel in the
+    # settings a test hands to a process: see service_env).
+    served = settings.replace(api_host="127.0.0.1", api_port=port, console_refresh_s=2)
     processes = {
         name: ServiceProcess(
             name,
-            settings,
+            served if name == "query" else settings,
             tmp_path,
-            **(
-                {
-                    "SCOREMESH_API_HOST": "127.0.0.1",
-                    "SCOREMESH_API_PORT": str(port),
-                    "SCOREMESH_API_TOKEN": TOKEN,
-                    "SCOREMESH_CONSOLE_REFRESH_S": "2",
-                }
-                if name == "query"
-                else {}
-            ),
+            **({"SCOREMESH_API_TOKEN": TOKEN} if name == "query" else {}),
         )
         for name in SERVICES
     }
@@ -187,7 +179,7 @@ async def test_the_console_in_a_browser_during_a_stream(
             process.start()
         for process in processes.values():
             await wait_for_log(process, "service started", timeout_s=90)
-        auth = settings.model_copy(update={"api_token": SecretStr(TOKEN)})
+        auth = settings.replace(api_token=SecretStr(TOKEN))
         for version, stage in (("1.0.0", "champion"), ("1.1.0", None)):
             outcome = await register_model(
                 auth, trained_model.onnx, version, stage=stage, metadata=trained_model.metadata
