@@ -69,6 +69,8 @@ async def console(module_settings: Settings, trained_model: Any) -> AsyncIterato
         stats += [performance_record("1.0.0", w, 0.7, segment="channel=web") for w in range(6)]
         stats += [drift_record("1.0.0", e, 0.05 * e) for e in range(5)]
         stats.append({**performance_record("1.0.0", 0, 0.5), "window_kind": "sliding"})
+        two_days_ago = int(time.time() * 1000) - 2 * 86_400_000  # before console.history_s
+        stats.append(performance_record("0.9.0", 0, 0.5, emitted_at=two_days_ago))
         await publish_stats(settings, stats)
         await write_alerts(
             settings,
@@ -121,9 +123,10 @@ async def test_charts_follow_metric_segment_and_drift_version(console: Console) 
     body = (
         await console.client.get("/console/models/credit/charts.json?segment=channel%3Dweb")
     ).json()
-    (line,) = body["data"]["performance"]
+    (line,) = body["data"]["performance"]  # neither the sliding window nor 0.9.0's old one
     assert line["name"] == "1.0.0 champion" and {v for _, v in line["data"]} == {0.7}
     body = (await console.client.get("/console/models/credit/charts.json?metric=f1")).json()
+    assert [ln["name"] for ln in body["data"]["performance"]] == ["1.0.0 champion"]
     assert body["data"]["performance"][0]["data"][1][1] == pytest.approx(0.89)
     psi = {ln["name"]: ln["data"] for ln in body["data"]["psi"]}
     assert set(psi) == {"score", "age", "salary", "loan"}
