@@ -32,14 +32,12 @@ os.environ["SCOREMESH_HOME"] = str(BENCH_HOME)
 
 import argparse
 import asyncio
-import contextlib
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -180,64 +178,6 @@ async def fill_alerts_and_stats(settings: Settings) -> int:
     return len(stats)
 
 
-SERVE_QUERY = (
-    "from services.common.lifecycle import run_service\n"
-    "from services.common.settings import Settings\n"
-    "from services.query.service import QueryService\n"
-    "s = Settings()\n"
-    "raise SystemExit(run_service('query', lambda: QueryService(s), s))\n"
-)
-
-
-@contextlib.contextmanager
-def query_server(settings: Settings, port: int) -> Iterator[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
-    env["SCOREMESH_HOME"] = str(BENCH_HOME)
-    values = {
-        "kafka_bootstrap": settings.kafka_bootstrap,
-        "redis_url": settings.redis_url,
-        "redis_key_prefix": settings.redis_key_prefix,
-        "topic_prefix": settings.topic_prefix,
-        "artifact_dir": settings.artifact_dir,
-        "kafka_idempotence": str(settings.kafka_idempotence).lower(),
-        "api_host": "127.0.0.1",
-        "api_port": port,
-        "api_token": TOKEN,
-        "api_access_log": "false",
-        "metrics_port": 0,
-    }
-    env.update({f"SCOREMESH_{k.upper()}": str(v) for k, v in values.items() if v is not None})
-    log_path = BENCH_HOME / "query.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE_QUERY],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"query exited:\n{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"query not ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def wait_for_history(client: httpx.Client, timeout_s: float = 180.0) -> None:
     """Until the query service's history holds every charted series in full."""
     deadline = time.monotonic() + timeout_s
@@ -305,10 +245,11 @@ def measure(base_url: str, rounds: int) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import uuid
 
-    from services.common.devstack import DevStack, free_port
+    from services.common.devstack import DevStack
     from services.common.kafka import ensure_topics
     from services.trainer.datasets import CREDIT_SPEC, credit_events
     from services.trainer.pipeline import train
+    from tests.query.conftest import api_process
 
     stack = DevStack(BENCH_HOME, Settings(kafka_bootstrap=None, redis_url=None))
     say("starting the embedded stack ...")
@@ -338,9 +279,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(register_versions(settings, trained.onnx, trained.metadata))
         say(f"writing {ALERTS} alerts and the chart history ...")
         stats = asyncio.run(fill_alerts_and_stats(settings))
-        with query_server(settings, free_port()) as url:
+        with api_process(
+            settings,
+            BENCH_HOME / "query.log",
+            SCOREMESH_API_TOKEN=TOKEN,
+            SCOREMESH_API_ACCESS_LOG="false",
+        ) as served:
             say("measuring ...")
-            pages = measure(url, args.rounds)
+            pages = measure(served.base_url, args.rounds)
     finally:
         stack.down()
     slowest = max(p["max_ms"] for p in pages.values())

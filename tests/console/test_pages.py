@@ -14,6 +14,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from scoremesh.contract.codec import codec
 from services.common.settings import Settings
 from services.registry.service import RegistryService
 from tests.conftest import Running
@@ -24,7 +25,7 @@ from tests.console.factories import (
     publish_stats,
     write_alerts,
 )
-from tests.helpers import register_model
+from tests.helpers import consume_until, produce, register_model
 from tests.query.conftest import TOKEN, api, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -305,3 +306,59 @@ async def test_reads_can_require_the_token(settings: Settings) -> None:
         assert with_bearer.status_code == 200
         # the login page and the assets stay reachable
         assert (await client.get("/console/login")).status_code == 200
+
+
+async def test_retrain_publishes_a_request_and_shows_the_trainers_answer(console: Console) -> None:
+    client = console.client
+    refused = await client.post("/console/models/credit/retrain", data={"reason": "drift"})
+    assert refused.status_code == 401
+    await client.post("/console/login", data={"name": "bob", "token": TOKEN})
+    try:
+        csrf = _csrf((await client.get("/console/models/credit")).text)
+        bad = await client.post(
+            "/console/models/credit/retrain", data={"window_days": "-3", "csrf": csrf}
+        )
+        assert bad.status_code == 422 and "days above 0" in bad.text
+        sent = await client.post(
+            "/console/models/credit/retrain",
+            data={"reason": "psi.age drifted", "window_days": "2", "csrf": csrf},
+        )
+        assert sent.status_code == 303, sent.text
+        request_id = sent.headers["location"].split("retrain=")[1].split("#")[0]
+        (request,) = [
+            r
+            for r in await consume_until(
+                console.settings,
+                "retrain.requests",
+                lambda rs: any(r["request_id"] == request_id for r in rs),
+            )
+            if r["request_id"] == request_id
+        ]
+        assert request["actor"] == "console:bob" and request["reason"] == "manual: psi.age drifted"
+        assert request["window_end"] - request["window_start"] == 2 * 86_400_000
+        waiting = await client.get(sent.headers["location"])
+        assert (
+            "Retrain requested" in waiting.text and "no answer from the trainer yet" in waiting.text
+        )
+        answer = {
+            "request_id": request_id,
+            "model": "credit",
+            "status": "succeeded",
+            "attempt": 1,
+            "version": "1.2.0",
+            "parent_version": "1.0.0",
+            "detail": "better than the champion on the recent window",
+            "window_start": request["window_start"],
+            "window_end": request["window_end"],
+            "trainer": "test",
+            "at": int(time.time() * 1000),
+        }
+        await produce(
+            console.settings,
+            "retrain.results",
+            [(b"credit", codec("RetrainResult").encode(answer))],
+        )
+        done = await client.get(sent.headers["location"])
+        assert 'class="retrain-status">succeeded<' in done.text and "1.2.0" in done.text
+    finally:
+        client.cookies.clear()

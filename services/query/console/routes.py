@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from services.common.kafka import KafkaUnavailable
 from services.common.model_version import ModelVersion
+from services.common.retraining import latest_result, manual_request, publish_request
 from services.common.settings import ConsoleSettings, Settings
 from services.query.console import views
 from services.query.console.assets import Assets
@@ -53,6 +54,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 _MODEL = re.compile(MODEL_NAME)
 _SEMVER = re.compile(SEMVER)
+_REQUEST_ID = re.compile(r"^[0-9a-f-]{8,64}$")
 DEPLOYMENTS_SHOWN = 50
 ALERTS_SHOWN = 20
 MAX_FORM_BYTES = 16 * 1024
@@ -392,7 +394,7 @@ def _params(request: Request) -> dict[str, str]:
     return {
         k: v
         for k, v in request.query_params.items()
-        if k in ("metric", "segment", "drift", "result")
+        if k in ("metric", "segment", "drift", "result", "retrain")
     }
 
 
@@ -452,6 +454,7 @@ async def model_page(request: Request, name: str) -> Response:
         deployments_total=len(deployments),
         result=views.find_result(deployments, params.get("result")),
         result_id=params.get("result"),
+        retrain=await _retrain_status(runtime, name, params.get("retrain"), warnings),
         firing=[views.alert_view(a, base) for a in firing[:ALERTS_SHOWN]],
         firing_total=len(firing),
         resolved=[views.alert_view(a, base) for a in resolved[:ALERTS_SHOWN]],
@@ -748,3 +751,60 @@ async def rollback(request: Request, name: str) -> Response:
     return await _act(
         request, runtime, name, rollback_command(name, body, session.actor), _back(name, form)
     )
+
+
+@router.post("/models/{name}/retrain")
+async def retrain(request: Request, name: str) -> Response:
+    """A retrain request, as `scoremesh models retrain` and the API send it; the trainer
+    answers on retrain.results and registers its version in the deployment log."""
+    form = await _form(request)
+    session = _authorize(request, form)
+    runtime = _runtime(request)
+    name = _model_name(name)
+    _versions(runtime, name)
+    if runtime.view.state.champion(name) is None:
+        raise ConsoleError(
+            409,
+            "No champion",
+            f"{name} has no champion, and a retrain starts from the champion's recipe; "
+            "promote a version first",
+        )
+    reason = form.get("reason", "")
+    if len(reason) > 500:
+        raise ConsoleError(422, "Not sent", "the reason is at most 500 characters")
+    days_text = form.get("window_days", "").strip()
+    try:
+        days = float(days_text) if days_text else None
+    except ValueError:
+        days = -1.0
+    if days is not None and not 0 < days <= 3650:
+        raise ConsoleError(422, "Not sent", "the window is a number of days above 0 (at most 3650)")
+    now = _now_ms()
+    window_s = days * 86400 if days else runtime.settings.retrain.policy.window_s
+    req = manual_request(name, session.actor, reason, now, window_s, now)
+    try:
+        await publish_request(runtime.settings, req, producer=runtime.producer)
+    except KafkaUnavailable as exc:
+        raise ConsoleError(503, "Not sent", f"Kafka did not take the request: {exc}") from exc
+    log.info(
+        "retrain requested from the console",
+        extra={"request_id": req["request_id"], "model": name, "actor": session.actor},
+    )
+    target = f"{PREFIX}/models/{name}?retrain={quote(req['request_id'])}#retrain"
+    return RedirectResponse(target, status_code=303, headers=page_headers())
+
+
+async def _retrain_status(
+    runtime: QueryRuntime, name: str, request_id: str | None, warnings: list[str]
+) -> dict[str, Any] | None:
+    """What the trainer last said about a retrain request (None: not asked about one)."""
+    if not request_id or not _REQUEST_ID.match(request_id):
+        return None
+    try:
+        result = await latest_result(runtime.settings, request_id)
+    except (KafkaUnavailable, KafkaError, OSError) as exc:
+        warnings.append(f"retrain.results could not be read: {exc}")
+        result = None
+    if result is not None and result["model"] != name:
+        result = None
+    return {"request_id": request_id, "result": result}
