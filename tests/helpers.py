@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from pydantic import SecretStr
 
 from scoremesh.contract.codec import decode_any
 from scoremesh.contract.featurespec import FeatureSpec
@@ -103,9 +104,17 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     env["SCOREMESH_HOME"] = os.environ["SCOREMESH_HOME"]
+    typed = settings.model_dump()
     for name, value in settings.model_dump(mode="json").items():
         if value is None or name in ("kafka_sasl_password", "api_token"):
             continue
+        if isinstance(value, dict):  # a group (api, monitor): secrets and unset values stay
+            # out, so that a flat variable (SCOREMESH_API_TOKEN) given in ``extra`` applies
+            value = {
+                k: v
+                for k, v in value.items()
+                if v is not None and not isinstance(typed[name][k], SecretStr)
+            }
         if isinstance(value, dict | list):
             env[f"SCOREMESH_{name.upper()}"] = orjson.dumps(value).decode()
         else:

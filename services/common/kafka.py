@@ -288,6 +288,32 @@ async def read_to_end(
             raise KafkaError(f"could not read {tps[0].topic} to its end in {timeout_s:.0f}s")
 
 
+async def seek_to_time(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], since_ms: int
+) -> None:
+    """Position each partition at its first record written at or after ``since_ms`` (the
+    records' timestamps), or at its end when there is none.
+
+    A broker that cannot look up by time (it answers timestamp -1, or refuses) leaves the
+    partition at its end, or at the beginning when it refused: a reader that must not see
+    older records checks their own times too.
+    """
+    ends = await true_end_offsets(consumer, tps)  # leaves every partition at its end
+    try:
+        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+    except KafkaError as exc:
+        log.info(
+            "time lookup refused; reading from the beginning",
+            extra={"topic": tps[0].topic if tps else "", "error": str(exc)},
+        )
+        await consumer.seek_to_beginning(*tps)
+        return
+    for tp in tps:
+        hit = found.get(tp)
+        if hit is not None and hit.timestamp >= 0 and hit.offset < ends[tp]:
+            consumer.seek(tp, hit.offset)
+
+
 async def true_end_offsets(
     consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
 ) -> dict[TopicPartition, int]:

@@ -32,6 +32,7 @@ from services.common.kafka import (
     make_consumer,
     make_producer,
     read_to_end,
+    seek_to_time,
     start_with_retry,
 )
 from services.common.settings import Settings
@@ -170,6 +171,9 @@ class TopicFollower:
     or a coroutine function) is called once after the initial fold (when anything was
     folded) and after every fetch that changed the state. ``ready`` is set when the fold
     reached the high watermark.
+
+    ``since_ms`` (a function, asked at start) folds only the records written since then,
+    for state that is a recent window of a long topic (``seek_to_time``).
     """
 
     def __init__(
@@ -180,6 +184,7 @@ class TopicFollower:
         on_change: Callable[[], object] | None = None,
         what: str | None = None,
         fold_timeout_s: float = 60.0,
+        since_ms: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = topic
@@ -187,6 +192,7 @@ class TopicFollower:
         self.on_change = on_change
         self.what = what or f"follow-{topic}"
         self.fold_timeout_s = fold_timeout_s
+        self.since_ms = since_ms
         self.ready = asyncio.Event()
         self.folded = 0
         self._stack: AsyncExitStack | None = None
@@ -198,6 +204,8 @@ class TopicFollower:
         try:
             consumer = await started_consumer(stack, self.settings, self.what)
             self._tps = await assign_all(consumer, self.settings.topic(self.topic))
+            if self.since_ms is not None:
+                await seek_to_time(consumer, self._tps, self.since_ms())
             changed = False
 
             def fold(record: ConsumerRecord[bytes, bytes]) -> None:

@@ -128,6 +128,40 @@ class ApiSettings(_Group):
         return _blank_is_none(value)
 
 
+class ConsoleSettings(_Group):
+    """The web console under /console on the query API."""
+
+    enabled: bool = Field(True, description="serve the web console under /console")
+    history_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="monitoring.stats the console reads back at start (seconds of records)",
+    )
+    history_points: int = Field(
+        240, ge=1, le=100_000, description="points kept per chart series (oldest dropped)"
+    )
+    history_series: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="series kept in all (the least recently updated dropped)",
+    )
+    session_ttl_s: float = Field(8 * 3600.0, gt=0, description="how long a console sign-in lasts")
+    runbook_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="where alert runbooks live (#<alert kind> appended); unset = /console/runbooks",
+    )
+    refresh_s: float = Field(
+        10.0, ge=1, description="how often an open console page refreshes its charts"
+    )
+
+    @field_validator("runbook_url", mode="before")
+    @classmethod
+    def _blank_url_is_unset(cls, value: object) -> object:
+        return _blank_is_none(value)
+
+
 GROUPS: dict[str, type[_Group]] = {
     "canary": CanarySettings,
     "retrain": RetrainSettings,
@@ -135,6 +169,7 @@ GROUPS: dict[str, type[_Group]] = {
     "label_join": LabelJoinSettings,
     "monitor": MonitorSettings,
     "api": ApiSettings,
+    "console": ConsoleSettings,
 }
 
 
@@ -284,6 +319,7 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9400, ge=0, le=65535, description="0 = pick a free port")
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("kafka_bootstrap", "redis_url")

@@ -1,9 +1,10 @@
 """`scoremesh demo`: the loop on the embedded stack, accounted event by event.
 
-Starts the stack (unless one is configured), the registry, validator and scorer as real
-processes, bootstraps a champion, produces events (some deliberately invalid, as Avro and
-as JSON), then waits until every event is accounted for: produced = valid + rejected and
-valid = scored. Exit code 0 only then.
+Starts the stack (unless one is configured), the registry, validator, scorer and query
+service as real processes (the console's address is printed while it runs), bootstraps a
+champion, produces events (some deliberately invalid, as Avro and as JSON), then waits
+until every event is accounted for: produced = valid + rejected and valid = scored. Exit
+code 0 only then.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import orjson
 
 from scoremesh.contract.codec import codec, decode_any
-from services.common.devstack import DevStack, StackState
+from services.common.devstack import DevStack, StackState, free_port
 from services.common.kafka import (
     assign_all,
     ensure_topics,
@@ -39,7 +40,7 @@ from services.demo.story import Observer, markers, story, stream_with_labels
 from services.trainer.bootstrap import bootstrap
 from services.trainer.datasets import credit_events
 
-DEMO_SERVICES = ("registry", "validator", "scorer")
+DEMO_SERVICES = ("registry", "validator", "scorer", "query")
 DEMO_SEED = 2026
 
 
@@ -320,6 +321,10 @@ def stop_services(
     return codes
 
 
+def console_url(settings: Settings) -> str:
+    return f"http://{settings.api.host}:{settings.api.port}/console"
+
+
 def run_demo(settings: Settings, options: DemoOptions) -> int:
     progress = Progress(options.quiet)
     out = Path(options.output)
@@ -337,6 +342,10 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     prefix = settings.topic_prefix or f"demo-{int(time.time())}."
     overrides["topic_prefix"] = prefix
     overrides["artifact_dir"] = str(out / "artifacts")
+    # The query service (and its console) on a free local port, so a second demo or a
+    # running `scoremesh run query` never collides with it.
+    overrides["api_host"] = "127.0.0.1"
+    overrides["api_port"] = free_port()
     if options.closed_loop:
         overrides.update(LOOP_SETTINGS)
     demo_settings = Settings(**{**settings.model_dump(exclude_none=True), **overrides})
@@ -350,6 +359,10 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
         names = DEMO_SERVICES + (LOOP_SERVICES if options.closed_loop else ())
         procs = start_services(demo_settings, overrides, out / "logs", names)
         progress.say("started: " + ", ".join(f"{n} (pid {p.pid})" for n, p in procs.items()))
+        progress.say(
+            f"console: {console_url(demo_settings)}  (live while the demo runs; "
+            "read-only unless SCOREMESH_API_TOKEN is set)"
+        )
         report = asyncio.run(_loop(demo_settings, options, progress, procs))
     finally:
         codes = stop_services(procs) if procs else {}

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import services
 from services.common.settings import Settings
+from services.query.console import routes as console
 from services.query.deps import ReadAuth
 from services.query.middleware import (
     BodyLimitMiddleware,
@@ -165,6 +166,8 @@ def create_app(settings: Settings, runtime: QueryRuntime | None = None) -> FastA
     for router in (predict.router, lookups.router, models.router, monitoring.router):
         app.include_router(router, dependencies=reads)
     app.include_router(health.router)
+    if settings.console.enabled:
+        console.install(app)
     install_handlers(app)
 
     async def on_too_large(request: Request, exc: Exception) -> Response:

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from scoremesh.contract.featurespec import RuleSet
 from scoremesh.contract.records import Event, Prediction
 from scoremesh.contract.topics import TopicName
+from services.common.alert_store import AlertReadModel
 from services.common.commands import read_history
 from services.common.kafka import ask_broker, make_producer, start_with_retry
 from services.common.metrics import BATCH_SIZE, PREDICTION_LATENCY, PREDICTIONS, SCORING_ERRORS
@@ -28,6 +29,8 @@ from services.common.serving.models import ModelHolder, Serving, ServingSet, ser
 from services.common.serving.scoring import ScoringError, score_events
 from services.common.settings import ApiSettings, Settings
 from services.query.batching import AdaptiveBatcher
+from services.query.console.follower import StatsFollower
+from services.query.console.history import StatsHistory
 from services.query.sink import PUBLISH_REFUSED, PredictionSink
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,21 @@ class QueryRuntime:
         self.view = RegistryView(settings, on_change=self.holder.on_registry)
         self.producer = make_producer(settings)
         self.store = QueryStore(settings) if settings.redis_url else None
+        # Reads of the monitor's alert read model (its TTL and cap matter only to writes).
+        self.alerts = (
+            AlertReadModel(settings, ttl_s=1, recent=1, client=self.store.client)
+            if self.store is not None
+            else None
+        )
+        # The console's charts: monitoring.stats folded into memory (Redis has the latest
+        # window only). Followed in the background; readiness never waits for it.
+        console = settings.console
+        self.stats_history = StatsHistory(console.history_points, console.history_series)
+        self.stats_follower = (
+            StatsFollower(settings, self.stats_history, console.history_s)
+            if console.enabled
+            else None
+        )
         self.sink = PredictionSink(
             self.producer,
             settings.topic(PREDICTIONS_TOPIC),
@@ -84,6 +102,8 @@ class QueryRuntime:
         self.sink.start()
         self._tasks.append(asyncio.create_task(self.holder.run(), name="model-holder"))
         await self.view.start()
+        if self.stats_follower is not None:
+            self.stats_follower.start()
         if self.store is not None:
             await self.store.ping()
         log.info(
@@ -103,6 +123,8 @@ class QueryRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.view.stop()
+        if self.stats_follower is not None:
+            await self.stats_follower.stop()
         if self.producer_started:
             await self.producer.stop()
             self.producer_started = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,8 @@ def test_demo_accounts_for_every_event(tmp_path: Path) -> None:
     assert report["rejected"] == 2000 - report["produced_by_kind"]["valid"]
     assert report["model_versions"] == {"1.0.0": report["valid"]}
     assert "every event accounted for" in result.stdout
+    assert re.search(r"^console: http://127\.0\.0\.1:\d+/console ", result.stdout, re.M)
+    assert report["service_exit_codes"]["query"] == 0
     assert not (tmp_path / "dev" / "stack.json").exists()  # the demo stopped what it started
     logs = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".log", ".json", ".html")]
     assert len(logs) >= 4

@@ -155,7 +155,9 @@ async def history(
     return {"model": name, "events": events[-limit:]}
 
 
-async def _command(runtime: QueryRuntime, cmd: dict[str, Any]) -> JSONResponse:
+async def send_and_wait(runtime: QueryRuntime, cmd: dict[str, Any]) -> dict[str, Any]:
+    """Send a command to the registry and return its answer from deployments.log (applied
+    or refused); the API's routes and the console's buttons both go through here."""
     settings = runtime.settings
     try:
         await send_command(settings, cmd, producer=runtime.producer)
@@ -174,8 +176,32 @@ async def _command(runtime: QueryRuntime, cmd: dict[str, Any]) -> JSONResponse:
     runtime.forget_history()
     log.info(
         "registry command answered",
-        extra={k: event.get(k) for k in ("request_id", "model", "action", "outcome", "detail")},
+        extra={
+            k: event.get(k) for k in ("request_id", "model", "action", "outcome", "detail", "actor")
+        },
     )
+    return event
+
+
+def promote_command(name: str, body: PromoteIn, actor: str = ACTOR) -> dict[str, Any]:
+    options = {"percent": str(body.percent)} if body.percent is not None else {}
+    return new_command(
+        name,
+        "promote",
+        actor,
+        version=body.version,
+        target_stage=body.stage,
+        options=options,
+        reason=body.reason,
+    )
+
+
+def rollback_command(name: str, body: RollbackIn, actor: str = ACTOR) -> dict[str, Any]:
+    return new_command(name, "rollback", actor, version=body.version, reason=body.reason)
+
+
+async def _command(runtime: QueryRuntime, cmd: dict[str, Any]) -> JSONResponse:
+    event = await send_and_wait(runtime, cmd)
     if event["outcome"] != "applied":
         raise Problem(409, "command-refused", event.get("detail") or "refused", event=event)
     return JSONResponse(event)
@@ -192,17 +218,7 @@ COMMAND_RESPONSES = problem_responses(401, 403, 409, 422, 503, 504)
     dependencies=[MutationAuth],
 )
 async def promote(name: Name, body: PromoteIn, runtime: Runtime) -> Any:
-    options = {"percent": str(body.percent)} if body.percent is not None else {}
-    cmd = new_command(
-        name,
-        "promote",
-        ACTOR,
-        version=body.version,
-        target_stage=body.stage,
-        options=options,
-        reason=body.reason,
-    )
-    return await _command(runtime, cmd)
+    return await _command(runtime, promote_command(name, body))
 
 
 @router.post(
@@ -215,6 +231,4 @@ async def promote(name: Name, body: PromoteIn, runtime: Runtime) -> Any:
 async def rollback(
     name: Name, runtime: Runtime, body: Annotated[RollbackIn | None, Body()] = None
 ) -> Any:
-    body = body or RollbackIn()
-    cmd = new_command(name, "rollback", ACTOR, version=body.version, reason=body.reason)
-    return await _command(runtime, cmd)
+    return await _command(runtime, rollback_command(name, body or RollbackIn()))

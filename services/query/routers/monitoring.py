@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Path, Query
 from redis.exceptions import RedisError
 
@@ -21,15 +20,11 @@ from services.query.schemas import MODEL_NAME, AlertsOut, MonitoringOut, problem
 
 router = APIRouter(prefix="/v1", tags=["monitoring"])
 
-RECENT_ALERTS = 1000
-
 
 def _alert_store(runtime: QueryRuntime) -> AlertReadModel:
-    store = runtime.store
-    if store is None:
+    if runtime.alerts is None:
         raise Problem(503, "store-unavailable", "this server has no Redis; set SCOREMESH_REDIS_URL")
-    # Reads only: the TTL and cap matter to the monitor, which writes.
-    return AlertReadModel(runtime.settings, ttl_s=1, recent=RECENT_ALERTS, client=store.client)
+    return runtime.alerts
 
 
 def _unavailable(exc: Exception) -> Problem:
@@ -80,11 +75,7 @@ async def alerts(
 ) -> Any:
     store = _alert_store(runtime)
     try:
-        if state == "firing":
-            found = await store.open_alerts()
-        else:
-            raw = await store.client.lrange(f"{store.prefix}alerts:recent", 0, -1)
-            found = _latest_per_key([orjson.loads(r) for r in raw])
+        found = await store.alerts("firing" if state == "firing" else "all")
     except (RedisError, OSError) as exc:
         raise _unavailable(exc) from exc
     picked = [
@@ -99,12 +90,3 @@ async def alerts(
     if not found:
         note = "no alerts recorded: the monitor service writes them once it runs"
     return {"alerts": picked, "note": note}
-
-
-def _latest_per_key(records: list[Any]) -> list[dict[str, Any]]:
-    """``alerts:recent`` is newest first and may hold several records of one alert."""
-    seen: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if isinstance(record, dict):
-            seen.setdefault(str(record.get("alert_key")), record)
-    return list(seen.values())
