@@ -118,7 +118,8 @@ async def test_send_tail_replay_after_a_rule_fix_and_forget(
             ] == "applied"
             deadline = time.monotonic() + 20
             while (
-                "1.1.0" not in (validator.core.rules.version if validator.core.rules else "")
+                "1.1.0"
+                not in (rules.version if (rules := validator.core.rules.get("credit")) else "")
                 and time.monotonic() < deadline
             ):
                 await asyncio.sleep(0.2)

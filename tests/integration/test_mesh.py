@@ -72,7 +72,7 @@ async def test_validator_is_not_ready_and_does_not_consume_without_a_champion(
         await produce(settings, "events.raw", [(b"k", orjson.dumps(events(1)[0]))])
         await asyncio.sleep(2)
         ready, checks = health.readiness()
-        assert not ready and "no champion" in checks["rules"]
+        assert not ready and "no model has a champion" in checks["rules"]
         assert not service.loop.consuming
     assert await consume_until(settings, "events.valid", lambda r: False, timeout_s=1) == []
 
@@ -100,13 +100,13 @@ async def test_scorer_predicts_and_fills_the_query_store(
     assert sample["decision"] in ("0", "1") and 0.0 <= sample["score"] <= 1.0
     assert sample["scores"]["1"] == pytest.approx(sample["score"])
     assert sample["features"] == batch[0]["features"]
-    stored = await store.prediction(batch[0]["event_id"])
+    stored = await store.prediction("credit", batch[0]["event_id"])
     assert stored is not None and stored["champion"]["score"] == pytest.approx(sample["score"])
     entity = batch[0]["entity_id"]
     history = await store.entity_predictions(entity, limit=50)
     assert batch[0]["event_id"] in {h["event_id"] for h in history}
     removed = await store.forget_entity(entity)
-    assert removed >= 2 and await store.prediction(batch[0]["event_id"]) is None
+    assert removed >= 2 and await store.prediction("credit", batch[0]["event_id"]) is None
     await store.close()
 
 

@@ -1,6 +1,6 @@
 """Three models in one mesh: shared topics, every event scored by its own model's champion.
 
-Event ids are unique per model (docs/adr/0012): the three models' events reuse the same ids.
+Event ids are unique per model (docs/adr/0013): the three models' events reuse the same ids.
 """
 
 from __future__ import annotations
@@ -211,3 +211,53 @@ async def test_three_models_one_mesh_promote_rollback_and_a_broken_model_replaye
     assert {v for (m, _), v in served.items() if m == "churn"} == {"1.1.0"}
     again = await replay_dlq(settings, {"model_unavailable"}, None, True, models={"churn"})
     assert again.replayed == 0 and again.already_replayed == N
+
+
+def encode_v1(event: dict[str, Any]) -> bytes:
+    """An Event as the previous release (Event v1) wrote it."""
+    import io
+
+    from fastavro import schemaless_writer
+
+    from scoremesh.contract.codec import MAGIC, all_schema_versions
+
+    v1 = all_schema_versions()["Event"][0]
+    assert v1.version == 1
+    buf = io.BytesIO()
+    buf.write(MAGIC + v1.fingerprint)
+    schemaless_writer(buf, v1.parsed, {k: v for k, v in event.items() if k != "model"})
+    return buf.getvalue()
+
+
+async def test_v1_events_written_before_the_upgrade_and_v2_events_are_both_scored(
+    settings: Settings, trained_model: Any
+) -> None:
+    """The rolling upgrade: Event v1 bytes on events.raw and on events.valid (an old
+    validator's output), and v2 events, all scored by the default model after it."""
+    pairs = list(credit_events(90, seed=47))
+    raw_v1 = [e for e, _ in pairs[:30]]
+    valid_v1 = [{**e, "rule_set": "credit@1.0.0#g1", "flags": []} for e, _ in pairs[30:60]]
+    raw_v2 = [{**e, "model": "credit"} for e, _ in pairs[60:]]
+    async with Running(RegistryService(settings)):
+        assert (await register_model(settings, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
+        producer = make_producer(settings)
+        await start_with_retry(producer.start, "upgrade", settings)
+        try:
+            for topic, events, encode in (
+                ("events.raw", raw_v1, encode_v1),
+                ("events.valid", valid_v1, encode_v1),
+                ("events.raw", raw_v2, codec("Event").encode),
+            ):
+                for event in events:
+                    await producer.send_and_wait(
+                        settings.topic(topic), encode(event), key=event["entity_id"].encode()
+                    )
+        finally:
+            await producer.stop()
+        async with Running(ValidatorService(settings)), Running(ScorerService(settings)):
+            predictions = await consume_until(
+                settings, "predictions", lambda r: len(champions(r)) >= 90, timeout_s=60
+            )
+    served = champions(predictions)
+    assert set(served) == {("credit", e["event_id"]) for e, _ in pairs}
+    assert set(served.values()) == {"1.0.0"}
