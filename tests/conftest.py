@@ -79,11 +79,19 @@ class Running:
 
 def _train(seed: int) -> Any:
     from services.trainer.datasets import CREDIT_SPEC, credit_events
-    from services.trainer.pipeline import train
+    from services.trainer.pipeline import builtin_recipe, train
 
     pairs = list(credit_events(3000, seed=seed))
     rows = [e["features"] for e, _ in pairs]
-    return train(CREDIT_SPEC, rows, [y for _, y in pairs], seed=seed, cv_folds=3, dataset="test")
+    return train(
+        CREDIT_SPEC,
+        rows,
+        [y for _, y in pairs],
+        recipe=builtin_recipe(),
+        seed=seed,
+        cv_folds=3,
+        dataset="test",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,16 @@ def add_parsers(sub: Any) -> None:
             "--spec", type=Path, required=True, help="feature spec JSON (rules, classes, gates)"
         )
         p.add_argument(
-            "--data", type=Path, help="labelled data: JSON lines or CSV with a 'label' column"
+            "--data",
+            type=Path,
+            help="held-out labelled data the model never trained on: JSON lines or CSV with "
+            "a 'label' column"
+            + (
+                "; its metrics, class balance and feature/score distributions become the "
+                "version's monitoring baseline"
+                if name == "register"
+                else ""
+            ),
         )
         p.add_argument(
             "--trust-pickle", action="store_true", help="accept a pickle from your own disk"
@@ -82,6 +91,11 @@ def add_parsers(sub: Any) -> None:
             p.add_argument("--metadata", type=Path, help="extra metadata JSON (limitations, ...)")
             p.add_argument("--stage", choices=STAGE_TARGETS, help="promote right after registering")
             p.add_argument("--reason", default="")
+            p.add_argument(
+                "--recipe",
+                help="how to retrain it: package.module:function (your code, fit(x, y, spec) "
+                "-> estimator) or a pipeline JSON file (scikit-learn steps); trial-run now",
+            )
     p = add(
         "promote", "move a version to a stage", "scoremesh models promote credit 1.1.0 --to shadow"
     )
@@ -281,6 +295,11 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
             metadata = VersionMetadata.model_validate_json(args.metadata.read_bytes())
         except (OSError, ValueError) as exc:
             raise OperationError(f"{args.metadata}: not valid metadata JSON: {exc}") from None
+    recipe = None
+    if args.recipe:
+        from services.common.recipes import recipe_from_argument
+
+        recipe = recipe_from_argument(args.recipe)
     name = args.name or settings.model_name
     result = asyncio.run(
         register_version(
@@ -295,9 +314,18 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
             actor="cli",
             reason=args.reason,
             stage=args.stage,
+            recipe=recipe,
         )
     )
     lines = _print_readiness(result.readiness.report, result.readiness.failures)
+    if result.recipe_trial is not None:
+        trial = result.recipe_trial
+        lines.append(
+            f"recipe trial: fitted on {trial['rows']} rows ({trial['data']}) in "
+            f"{trial['fit_s']:.2f}s, converted ({trial['onnx_bytes']} bytes: "
+            f"{', '.join(trial['operators'])}), scored in onnxruntime"
+        )
+    lines += [f"without: {gap}" for gap in result.gaps]
     if not result.readiness.passed:
         emit({"readiness": result.readiness.report, "outcome": result.outcome}, args.json, lines)
         raise CommandRefused("not registered: readiness gates not met")
@@ -306,7 +334,13 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
     if result.promotion is not None:
         lines.append(describe(result.promotion))
     emit(
-        {"outcome": outcome, "promotion": result.promotion, "readiness": result.readiness.report},
+        {
+            "outcome": outcome,
+            "promotion": result.promotion,
+            "readiness": result.readiness.report,
+            "recipe_trial": result.recipe_trial,
+            "monitoring_gaps": list(result.gaps),
+        },
         args.json,
         lines,
     )

@@ -25,7 +25,7 @@ from scoremesh.client.config import dev_stack_file as dev_stack_file
 from scoremesh.client.config import dev_stack_settings
 from scoremesh.contract.topics import TOPICS, TopicName
 from services.common.policies.monitor import MonitorPolicy
-from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
+from services.common.policies.retrain import PromotionPolicy, RetrainPolicy, TrainingWindowPolicy
 
 ENV_PREFIX = "SCOREMESH_"
 _CATALOG_NAMES = frozenset(TOPICS)
@@ -58,6 +58,18 @@ class CanarySettings(_Group):
 
 class RetrainSettings(_Group):
     policy: RetrainPolicy = Field(default_factory=RetrainPolicy)
+
+
+class TrainerSettings(_Group):
+    window: TrainingWindowPolicy = Field(
+        default_factory=TrainingWindowPolicy,
+        description="what a retrain trains on: the window plus a bounded older sample",
+    )
+    recipe_packages: list[str] = Field(
+        default_factory=list,
+        description="top-level packages the trainer may import recipe entry points from; "
+        "empty = any installed package outside the standard library",
+    )
 
 
 class PromotionSettings(_Group):
@@ -164,6 +176,7 @@ GROUPS: dict[str, type[_Group]] = {
     "canary": CanarySettings,
     "retrain": RetrainSettings,
     "promotion": PromotionSettings,
+    "trainer": TrainerSettings,
     "label_join": LabelJoinSettings,
     "monitor": MonitorSettings,
     "api": ApiSettings,
@@ -283,6 +296,7 @@ class Settings(BaseSettings):
     # --- Retraining and promotion (JSON in the environment) -------------------------
     retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
     promotion: PromotionSettings = Field(default_factory=lambda: PromotionSettings())
+    trainer: TrainerSettings = Field(default_factory=lambda: TrainerSettings())
 
     # --- Label join ------------------------------------------------------------------
     label_join: LabelJoinSettings = Field(default_factory=lambda: LabelJoinSettings())
