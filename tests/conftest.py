@@ -77,6 +77,16 @@ class Running:
         await self.service.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_server(home: Path) -> Iterator[Any]:
+    """moto's S3-compatible server, started once for the tests that ask for it."""
+    from tests.helpers import S3Server
+
+    server = S3Server(home / "moto.log")
+    yield server
+    server.stop()
+
+
 def _train(seed: int) -> Any:
     from services.trainer.datasets import CREDIT_SPEC, credit_events
     from services.trainer.pipeline import builtin_recipe, train

@@ -13,11 +13,10 @@ import orjson
 from pydantic import ValidationError
 
 from scoremesh.contract.featurespec import FeatureSpec
-from services.common.artifacts import upload_artifact
+from services.common.artifacts import store_artifact
 from services.common.commands import command, new_command
 from services.common.errors import UserError
 from services.common.evaluation import reference_distributions
-from services.common.kafka import make_producer, start_with_retry
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
 from services.common.readiness import ReadinessReport, load_candidate, validate_model
 from services.common.recipes import (
@@ -229,12 +228,7 @@ async def register_version(
         meta = meta.model_copy(update={k: v for k, v in profile.items() if not getattr(meta, k)})
     gaps = monitoring_gaps(meta, spec)
     meta = meta.model_copy(update={"monitoring_gaps": gaps})
-    producer = make_producer(settings)
-    await start_with_retry(producer.start, "register-producer", settings)
-    try:
-        ref = await upload_artifact(producer, settings, onnx)
-    finally:
-        await producer.stop()
+    ref = await store_artifact(settings, onnx, model, version)
     proposal = VersionProposal(
         version=version,
         artifact_uri=ref.uri,

@@ -72,6 +72,26 @@ class TrainerSettings(_Group):
     )
 
 
+class S3Settings(_Group):
+    """S3-compatible object storage for artifacts (``artifact_store=s3://...``); unset
+    credentials fall back to boto3's own chain (environment, shared files, a role)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, ...); unset = AWS"
+    )
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    path_style: bool = Field(
+        False, description="path-style addressing (most S3-compatible servers want it)"
+    )
+
+    @field_validator("endpoint_url", "access_key_id", "secret_access_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return _blank_is_none(value)
+
+
 class PromotionSettings(_Group):
     policy: PromotionPolicy = Field(default_factory=PromotionPolicy)
 
@@ -177,6 +197,7 @@ GROUPS: dict[str, type[_Group]] = {
     "retrain": RetrainSettings,
     "promotion": PromotionSettings,
     "trainer": TrainerSettings,
+    "s3": S3Settings,
     "label_join": LabelJoinSettings,
     "monitor": MonitorSettings,
     "api": ApiSettings,
@@ -289,6 +310,13 @@ class Settings(BaseSettings):
     model_name: str = Field("credit", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     artifact_dir: Path = Field(default_factory=lambda: default_home() / "artifacts")
     artifact_chunk_bytes: int = Field(512 * 1024, ge=1024)
+    artifact_store: str = Field(
+        "kafka://models.artifacts",
+        pattern=r"^(kafka://models\.artifacts|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?)$",
+        description="where new artifacts go: kafka://models.artifacts, or "
+        "s3://<bucket>/<prefix> (versions load from wherever their URI points)",
+    )
+    s3: S3Settings = Field(default_factory=lambda: S3Settings())
     onnx_threads: int = Field(1, ge=1, le=64)
 
     canary: CanarySettings = Field(default_factory=lambda: CanarySettings())
@@ -324,6 +352,11 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
 
     @field_validator("kafka_bootstrap", "redis_url")
     @classmethod
