@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
 from scoremesh.contract.featurespec import FeatureSpec
@@ -17,6 +16,7 @@ from services.common.artifacts import store_artifact
 from services.common.commands import command, new_command
 from services.common.errors import UserError
 from services.common.evaluation import reference_distributions
+from services.common.labelled_lines import labelled_objects
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
 from services.common.readiness import ReadinessReport, load_candidate, validate_model
 from services.common.recipes import (
@@ -115,15 +115,7 @@ def load_labelled_data(
                 raise OperationError(f"{path.name}:{lineno}: {exc}") from None
             labels.append(str(raw[label_field]))
         return rows, labels
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise OperationError(f"{path.name}:{lineno}: not JSON: {exc}") from None
-        if not isinstance(obj, dict) or label_field not in obj:
-            raise OperationError(f"{path.name}:{lineno}: expected an object with a {label_field!r}")
+    for _, obj in labelled_objects(path.name, text, label_field, OperationError):
         features = obj.get("features", obj)
         rows.append({n: features.get(n) for n in dtypes})
         labels.append(str(obj[label_field]))

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
 from scoremesh.contract.featurespec import FeatureRule, FeatureSpec, LatencyGate, ReadinessGates
 from services.common.errors import UserError
+from services.common.labelled_lines import labelled_objects
 
 MAX_STRING_CATEGORIES = 100
 POSITIVE_NAMES = ("1", "true", "yes", "positive", "fraud", "default", "churn")
@@ -80,17 +80,7 @@ def read_table(path: Path, label: str) -> tuple[list[str], list[dict[str, Any]],
             rows.append({c: _parse_cell(raw.get(c) or "") for c in columns})
             labels.append(str(raw[label]))
     else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise SpecInferenceError(f"{path.name}:{lineno}: not JSON: {exc}") from None
-            if not isinstance(obj, dict) or obj.get(label) is None:
-                raise SpecInferenceError(
-                    f"{path.name}:{lineno}: expected an object with a {label!r}"
-                )
+        for _, obj in labelled_objects(path.name, text, label, SpecInferenceError):
             nested = obj.get("features")
             features = nested if isinstance(nested, dict) else obj
             row = {k: v for k, v in features.items() if k != label}

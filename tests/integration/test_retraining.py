@@ -141,13 +141,11 @@ async def test_a_trainer_killed_mid_run_leaves_no_half_registered_version(
     assert (await versions(settings)) == {"1.0.0": "champion", "1.1.0": "shadow"}
 
 
-async def test_a_version_without_a_recipe_needs_a_person_and_gets_no_new_version(
-    settings: Settings, trained_model: Any
-) -> None:
+async def retrain_of(settings: Settings, onnx: bytes, metadata: Any) -> dict[str, Any]:
+    """Register 1.0.0 with this metadata, ask for a retrain, return its final result."""
     start, end = await drifted_examples(settings, 600)
-    no_recipe = trained_model.metadata.model_copy(update={"recipe": None})
     async with Running(RegistryService(settings)):
-        assert (await register_model(settings, trained_model.onnx, "1.0.0", metadata=no_recipe))[
+        assert (await register_model(settings, onnx, "1.0.0", metadata=metadata))[
             "outcome"
         ] == "applied"
         async with Running(TrainerService(settings)):
@@ -155,7 +153,14 @@ async def test_a_version_without_a_recipe_needs_a_person_and_gets_no_new_version
                 "credit", "test", "drift", end, (end - start) / 1000 + 1, int(time.time() * 1000)
             )
             await publish_request(settings, request)
-            result = await wait_for_result(settings, request["request_id"], timeout_s=120)
+            return await wait_for_result(settings, request["request_id"], timeout_s=120)
+
+
+async def test_a_version_without_a_recipe_needs_a_person_and_gets_no_new_version(
+    settings: Settings, trained_model: Any
+) -> None:
+    no_recipe = trained_model.metadata.model_copy(update={"recipe": None})
+    result = await retrain_of(settings, trained_model.onnx, no_recipe)
     assert result["status"] == "needs_person"
     assert "has no training recipe" in result["detail"] and "credit@1.0.0" in result["detail"]
     assert (await versions(settings)) == {"1.0.0": "champion"}
@@ -164,21 +169,11 @@ async def test_a_version_without_a_recipe_needs_a_person_and_gets_no_new_version
 async def test_a_recipe_whose_code_changed_is_refused_with_the_reason(
     settings: Settings, trained_model: Any
 ) -> None:
-    start, end = await drifted_examples(settings, 600)
     recipe = trained_model.metadata.recipe
     tampered = trained_model.metadata.model_copy(
         update={"recipe": recipe.model_copy(update={"code_sha256": "0" * 64})}
     )
-    async with Running(RegistryService(settings)):
-        assert (await register_model(settings, trained_model.onnx, "1.0.0", metadata=tampered))[
-            "outcome"
-        ] == "applied"
-        async with Running(TrainerService(settings)):
-            request = manual_request(
-                "credit", "test", "drift", end, (end - start) / 1000 + 1, int(time.time() * 1000)
-            )
-            await publish_request(settings, request)
-            result = await wait_for_result(settings, request["request_id"], timeout_s=120)
+    result = await retrain_of(settings, trained_model.onnx, tampered)
     assert result["status"] == "needs_person"
     assert "the recipe's code changed" in result["detail"] and "000000000000" in result["detail"]
     assert (await versions(settings)) == {"1.0.0": "champion"}
