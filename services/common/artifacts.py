@@ -126,7 +126,7 @@ async def store_artifact(
     if target.startswith("s3://"):
         from services.common.artifacts_s3 import S3Store
 
-        return await S3Store.from_settings(settings).put(data, model, version)
+        return await S3Store.from_settings(settings).put(target, data, model, version)
     if producer is not None:
         return await upload_artifact(producer, settings, data)
     from services.common.kafka import make_producer

@@ -66,13 +66,12 @@ def _error_code(exc: Exception) -> str:
 
 @dataclass(frozen=True)
 class S3Store:
-    bucket: str
-    prefix: str
+    """An S3 client configured from settings; buckets come from the URIs it is given."""
+
     client: Any
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Store:
-        bucket, prefix = parse_s3_uri(settings.artifact_store + "/")
         s3 = settings.s3
         secret = s3.secret_access_key
         client = _client(
@@ -82,24 +81,24 @@ class S3Store:
             secret.get_secret_value() if secret is not None else None,
             s3.path_style,
         )
-        return cls(bucket, prefix.strip("/"), client)
+        return cls(client)
 
-    def key_for(self, model: str, version: str, sha256: str) -> str:
-        name = f"models/{model}/{version}/{sha256}.onnx"
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    async def put(self, data: bytes, model: str, version: str) -> ArtifactRef:
+    async def put(self, target: str, data: bytes, model: str, version: str) -> ArtifactRef:
+        """Store under ``target`` (``s3://<bucket>/<prefix>``), named by model, version and
+        sha256."""
+        bucket, prefix = parse_s3_uri(target + "/")
         digest = sha256_of(data)
-        key = self.key_for(model, version, digest)
-        uri = f"s3://{self.bucket}/{key}"
-        await asyncio.to_thread(self._put, key, uri, data, digest)
+        name = f"models/{model}/{version}/{digest}.onnx"
+        key = f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
+        uri = f"s3://{bucket}/{key}"
+        await asyncio.to_thread(self._put, bucket, key, uri, data, digest)
         return ArtifactRef(uri=uri, sha256=digest, size=len(data))
 
-    def _put(self, key: str, uri: str, data: bytes, digest: str) -> None:
+    def _put(self, bucket: str, key: str, uri: str, data: bytes, digest: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            head = self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if _error_code(exc) not in MISSING:
                 raise ArtifactError(f"cannot check {uri}: {_error_code(exc) or exc}") from None
@@ -115,7 +114,7 @@ class S3Store:
             )
         try:
             self.client.put_object(
-                Bucket=self.bucket,
+                Bucket=bucket,
                 Key=key,
                 Body=data,
                 ContentType="application/octet-stream",

@@ -43,6 +43,11 @@ async def test_an_artifact_is_stored_by_name_verified_on_load_and_never_overwrit
     assert ref.uri == f"s3://{bucket}/teams/credit/models/credit/1.2.0/{digest}.onnx"
     assert ref.sha256 == digest and ref.size == len(data)
     assert (await fetch_artifact(s3, ref.uri, digest)).read_bytes() == data
+    # A reader whose own new artifacts go to the topic still loads what lives in S3.
+    reader = s3.model_copy(
+        update={"artifact_store": "kafka://models.artifacts", "artifact_dir": tmp_path / "r"}
+    )
+    assert (await fetch_artifact(reader, ref.uri, digest)).read_bytes() == data
     # Written once: the same bytes again are the same object; other bytes under the name are
     # refused, and nothing was deleted or replaced.
     assert (await store_artifact(s3, data, "credit", "1.2.0")).uri == ref.uri
