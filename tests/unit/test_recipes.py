@@ -202,3 +202,25 @@ def test_the_older_sample_is_bounded_uniform_and_keeps_the_latest_label() -> Non
     times = sorted(e["event_time"] for e in reservoir.items.values() if e["event_time"] >= 0)
     assert len(reservoir.items) == 100 and reservoir.seen == 10_000
     assert times[0] < 2_000 and times[-1] > 8_000, "drawn from the whole span"
+
+
+def test_a_version_registered_without_data_or_recipe_is_told_what_it_will_not_get() -> None:
+    from services.common.model_version import VersionMetadata
+    from services.common.registration import monitoring_gaps
+
+    gaps = monitoring_gaps(VersionMetadata(), CREDIT_SPEC)
+    text = "\n".join(gaps)
+    assert len(gaps) == 5
+    assert "no holdout metrics: performance alerts relative to training" in text
+    assert "no reference distributions: PSI/KS drift" in text
+    assert "predicted-class shift is not measured" in text
+    assert "metric gates f1 >= 0.8, roc_auc >= 0.85 were not evaluated" in text
+    assert "no training recipe: a retrain will not run" in text
+    full = VersionMetadata(
+        holdout_metrics={"f1": 0.9},
+        class_balance={"0": 0.4, "1": 0.6},
+        reference={"features": {"salary": {}}},
+        validation={"metrics": {"f1": 0.9}},
+        recipe=pin(BUILTIN_RECIPE),
+    )
+    assert monitoring_gaps(full, CREDIT_SPEC) == []
