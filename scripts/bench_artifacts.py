@@ -148,6 +148,9 @@ async def artifacts(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     server = S3Server(BENCH_HOME / "moto.log")
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     run_id = str(int(time.time()))
+    s3 = server.settings(bucket, "bench")
+    # Every store's settings can read S3 (the registry loads whatever a URI points at).
+    base = base.model_copy(update={k: v for k, v in s3.items() if k != "artifact_store"})
     stores = {
         "kafka": base.model_copy(
             update={
@@ -158,7 +161,7 @@ async def artifacts(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
         ),
         "s3": base.model_copy(
             update={
-                **server.settings(bucket, "bench"),
+                "artifact_store": s3["artifact_store"],
                 "topic_prefix": f"bart-{run_id}.",
                 "artifact_dir": BENCH_HOME / "registry-s3",
             }
