@@ -150,7 +150,7 @@ async def artifacts(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     run_id = str(int(time.time()))
     s3 = server.settings(bucket, "bench")
     # Every store's settings can read S3 (the registry loads whatever a URI points at).
-    base = base.model_copy(update={k: v for k, v in s3.items() if k != "artifact_store"})
+    base = base.replace(**{k: v for k, v in s3.items() if k != "artifact_store"})
     stores = {
         "kafka": base.model_copy(
             update={

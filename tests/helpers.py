@@ -341,14 +341,15 @@ class S3Server:
             time.sleep(0.05)
 
     def settings(self, bucket: str, prefix: str = "scoremesh") -> dict[str, Any]:
-        """Settings that store new artifacts in ``bucket`` (created here)."""
+        """Settings (flat names, for ``Settings.replace``) that store new artifacts in
+        ``bucket`` (created here)."""
         self.client().create_bucket(Bucket=bucket)
         return {
             "artifact_store": f"s3://{bucket}/{prefix}",
             "s3_endpoint_url": self.endpoint,
             "s3_region": "us-east-1",
             "s3_access_key_id": "test",
-            "s3_secret_access_key": SecretStr("test"),
+            "s3_secret_access_key": "test",
             "s3_path_style": True,
         }
 

@@ -1,6 +1,6 @@
 """Model artifacts: stored once, found by URI, verified on every load, cached locally.
 
-Two stores, chosen by the URI scheme (docs/adr/0012-artifact-stores.md):
+Two stores, chosen by the URI scheme (docs/adr/0014-artifact-stores.md):
 
 - ``kafka://`` (the default, nothing but Kafka needed): an artifact is cut into chunks
   keyed ``sha256:index`` and written to one partition of ``models.artifacts``; its URI

@@ -63,7 +63,7 @@ class VersionMetadata(BaseModel):
     code_version: str = ""
     validation: dict[str, Any] = Field(default_factory=dict)
     recipe: Recipe | None = Field(
-        None, description="how to train it again: the trainer runs exactly this (docs/adr/0011)"
+        None, description="how to train it again: the trainer runs exactly this (docs/adr/0013)"
     )
     training_window: dict[str, Any] = Field(
         default_factory=dict,

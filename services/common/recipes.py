@@ -13,7 +13,7 @@ A recipe is either
 
 ``pin`` computes the hash when a recipe is recorded (`models register --recipe`, the
 bootstrap); ``resolve`` recomputes it wherever a recipe is about to run and refuses, saying
-what differs, when the code found is not the code recorded. See docs/adr/0011.
+what differs, when the code found is not the code recorded. See docs/adr/0013.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ async def test_a_teams_own_model_goes_around_the_loop(
             "promotion_policy": {"min_labels": 300, "skip_canary": True, "max_labels": 8000},
         },
         monitor_policy={"window": {"size": 1000, "hop": 250, "min_samples": 500}},
-        training_window={"older_ratio": 0.25, "older_max_examples": 2000},
+        trainer_window={"older_ratio": 0.25, "older_max_examples": 2000},
     )
     await ensure_topics(settings)
     work = tmp_path / "team"

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.integration
 
 def s3_settings(settings: Settings, s3_server: Any, tmp_path: Path, name: str) -> Settings:
     bucket = f"sm-{uuid.uuid4().hex[:12]}"
-    return settings.model_copy(
-        update={**s3_server.settings(bucket, "teams/credit"), "artifact_dir": tmp_path / name}
+    return settings.replace(
+        **s3_server.settings(bucket, "teams/credit"), artifact_dir=tmp_path / name
     )
 
 
