@@ -3,7 +3,7 @@
 The recipe recorded with the champion is what runs, after its code hash is checked; a
 champion without one, or whose code changed, is not trained as something else: the
 result is ``needs_person``. The training set is the requested window plus a bounded
-random sample of older labelled data (``Settings.training_window``). Registration is a
+random sample of older labelled data (``Settings.trainer.window``). Registration is a
 single command at the very end, after the artifact is uploaded, so a crash at any point
 leaves no half-registered version (an uploaded artifact without a registry record is inert).
 """
