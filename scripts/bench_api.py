@@ -399,7 +399,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from services.common.devstack import DevStack
     from services.trainer.datasets import CREDIT_SPEC, credit_events
-    from services.trainer.pipeline import train
+    from services.trainer.pipeline import builtin_recipe, train
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
@@ -424,6 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             CREDIT_SPEC,
             [e["features"] for e, _ in pairs],
             [y for _, y in pairs],
+            recipe=builtin_recipe(),
             seed=11,
             cv_folds=3,
             dataset="bench",

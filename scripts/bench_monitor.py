@@ -69,7 +69,7 @@ from services.common.settings import Settings
 from services.monitor.service import MonitorService
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
-from services.trainer.pipeline import train
+from services.trainer.pipeline import builtin_recipe, train
 
 log = logging.getLogger("bench_monitor")
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,7 +381,13 @@ async def run_all(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     say("training the 20-feature model ...")
     rows, labels = events(4_000, seed=SEED)
     trained = train(
-        SPEC, [e["features"] for e in rows], labels, seed=SEED, cv_folds=2, dataset="bench"
+        SPEC,
+        [e["features"] for e in rows],
+        labels,
+        recipe=builtin_recipe(),
+        seed=SEED,
+        cv_folds=2,
+        dataset="bench",
     )
     settings = base.model_copy(update={"topic_prefix": f"bmon-{run_id}.a."})
     await ensure_topics(settings)

@@ -45,7 +45,7 @@ from services.common.settings import Settings
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.datasets import CREDIT_SPEC, credit_events
-from services.trainer.pipeline import train
+from services.trainer.pipeline import builtin_recipe, train
 
 TARGET_EPS = 20_000
 TARGET_RATIO = 0.5
@@ -260,14 +260,15 @@ async def hot_swaps(settings: Settings, n: int, rate: float, timeout_s: float) -
     await bp.bootstrap_champion(settings)
     pairs = list(credit_events(3000, seed=5))
     other = await asyncio.to_thread(
-        train,
-        CREDIT_SPEC,
-        [e["features"] for e, _ in pairs],
-        [y for _, y in pairs],
-        5,
-        "bench",
-        None,
-        3,
+        lambda: train(
+            CREDIT_SPEC,
+            [e["features"] for e, _ in pairs],
+            [y for _, y in pairs],
+            recipe=builtin_recipe(),
+            seed=5,
+            dataset="bench",
+            cv_folds=3,
+        )
     )
     from services.common.registration import register_version
 

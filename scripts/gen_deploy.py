@@ -92,6 +92,7 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
             "monitoring.stats",
             "models.registry",
             "deployments.log",
+            "retrain.results",
             "alerts",
             "serving.status",
         ),
@@ -143,7 +144,8 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
   (services/registry/client.py: wait_for_outcome);
 - scorer writes models.commands: its canary guard asks for a rollback and it reports
   versions it cannot load (services/scorer/service.py: _send_command);
-- monitor reads deployments.log (one of its sources) and alerts (it restores its alert
+- monitor reads deployments.log and retrain.results (sources: a refused load, a retrain that
+  needs a person become alerts) and alerts (it restores its alert
   state from them), and describes every topic and group to export consumer lag
   (services/monitor/core.py SOURCES, services/monitor/lag.py).
 """

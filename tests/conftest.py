@@ -77,13 +77,31 @@ class Running:
         await self.service.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_server(home: Path) -> Iterator[Any]:
+    """moto's S3-compatible server, started once for the tests that ask for it."""
+    from tests.helpers import S3Server
+
+    server = S3Server(home / "moto.log")
+    yield server
+    server.stop()
+
+
 def _train(seed: int) -> Any:
     from services.trainer.datasets import CREDIT_SPEC, credit_events
-    from services.trainer.pipeline import train
+    from services.trainer.pipeline import builtin_recipe, train
 
     pairs = list(credit_events(3000, seed=seed))
     rows = [e["features"] for e, _ in pairs]
-    return train(CREDIT_SPEC, rows, [y for _, y in pairs], seed=seed, cv_folds=3, dataset="test")
+    return train(
+        CREDIT_SPEC,
+        rows,
+        [y for _, y in pairs],
+        recipe=builtin_recipe(),
+        seed=seed,
+        cv_folds=3,
+        dataset="test",
+    )
 
 
 @pytest.fixture(scope="session")

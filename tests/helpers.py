@@ -317,3 +317,59 @@ class TcpProxy:
 
         await asyncio.gather(pipe(client_r, broker_w), pipe(broker_r, client_w))
         self.connections -= {client_w, broker_w}
+
+
+class S3Server:
+    """A real S3-compatible server: moto's server mode as a subprocess on a free port."""
+
+    def __init__(self, log: Path) -> None:
+        import sys
+
+        from services.common.devstack import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"moto server did not start; see {log}")
+            time.sleep(0.05)
+
+    def settings(self, bucket: str, prefix: str = "scoremesh") -> dict[str, Any]:
+        """Settings (flat names, for ``Settings.replace``) that store new artifacts in
+        ``bucket`` (created here)."""
+        self.client().create_bucket(Bucket=bucket)
+        return {
+            "artifact_store": f"s3://{bucket}/{prefix}",
+            "s3_endpoint_url": self.endpoint,
+            "s3_region": "us-east-1",
+            "s3_access_key_id": "test",
+            "s3_secret_access_key": "test",
+            "s3_path_style": True,
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

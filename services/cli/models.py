@@ -71,7 +71,16 @@ def add_parsers(sub: Any) -> None:
             "--spec", type=Path, required=True, help="feature spec JSON (rules, classes, gates)"
         )
         p.add_argument(
-            "--data", type=Path, help="labelled data: JSON lines or CSV with a 'label' column"
+            "--data",
+            type=Path,
+            help="held-out labelled data the model never trained on: JSON lines or CSV with "
+            "a 'label' column"
+            + (
+                "; its metrics, class balance and feature/score distributions become the "
+                "version's monitoring baseline"
+                if name == "register"
+                else ""
+            ),
         )
         p.add_argument(
             "--trust-pickle", action="store_true", help="accept a pickle from your own disk"
@@ -82,6 +91,35 @@ def add_parsers(sub: Any) -> None:
             p.add_argument("--metadata", type=Path, help="extra metadata JSON (limitations, ...)")
             p.add_argument("--stage", choices=STAGE_TARGETS, help="promote right after registering")
             p.add_argument("--reason", default="")
+            p.add_argument(
+                "--recipe",
+                help="how to retrain it: package.module:function (your code, fit(x, y, spec) "
+                "-> estimator) or a pipeline JSON file (scikit-learn steps); trial-run now",
+            )
+    spec = msub.add_parser(
+        "spec",
+        help="feature specs: infer a first one from data",
+        epilog="example: scoremesh models spec init --data train.csv --label label",
+    )
+    spec_sub = spec.add_subparsers(dest="spec_action", required=True)
+    p = spec_sub.add_parser(
+        "init",
+        help="infer names, types, ranges, categories, nullability and classes from data "
+        "and write spec.json to edit",
+        epilog="example: scoremesh models spec init --data train.csv --label label --out spec.json",
+    )
+    p.add_argument("--data", type=Path, required=True, help="CSV with a header, or JSON lines")
+    p.add_argument("--label", required=True, help="the label column")
+    p.add_argument("--out", type=Path, default=Path("spec.json"), help="default spec.json")
+    p.add_argument("--margin", type=float, default=0.1, help="ranges widened by this share")
+    p.add_argument(
+        "--max-categories",
+        type=int,
+        default=12,
+        help="whole-number columns with at most this many values become categories",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add(
         "promote", "move a version to a stage", "scoremesh models promote credit 1.1.0 --to shadow"
     )
@@ -135,6 +173,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     action = args.action
     if action == "validate":
         return _validate(args, settings)
+    if action == "spec":
+        return _spec_init(args)
     settings.require_bootstrap()
     if action == "bootstrap":
         from services.trainer.bootstrap import bootstrap
@@ -281,6 +321,16 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
             metadata = VersionMetadata.model_validate_json(args.metadata.read_bytes())
         except (OSError, ValueError) as exc:
             raise OperationError(f"{args.metadata}: not valid metadata JSON: {exc}") from None
+    recipe = None
+    if args.recipe:
+        import os
+
+        from services.common.recipes import recipe_from_argument
+
+        # Like uvicorn's --app-dir: a recipe module in the current directory is found.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        recipe = recipe_from_argument(args.recipe)
     name = args.name or settings.model_name
     result = asyncio.run(
         register_version(
@@ -295,9 +345,18 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
             actor="cli",
             reason=args.reason,
             stage=args.stage,
+            recipe=recipe,
         )
     )
     lines = _print_readiness(result.readiness.report, result.readiness.failures)
+    if result.recipe_trial is not None:
+        trial = result.recipe_trial
+        lines.append(
+            f"recipe trial: fitted on {trial['rows']} rows ({trial['data']}) in "
+            f"{trial['fit_s']:.2f}s, converted ({trial['onnx_bytes']} bytes: "
+            f"{', '.join(trial['operators'])}), scored in onnxruntime"
+        )
+    lines += [f"without: {gap}" for gap in result.gaps]
     if not result.readiness.passed:
         emit({"readiness": result.readiness.report, "outcome": result.outcome}, args.json, lines)
         raise CommandRefused("not registered: readiness gates not met")
@@ -306,7 +365,13 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
     if result.promotion is not None:
         lines.append(describe(result.promotion))
     emit(
-        {"outcome": outcome, "promotion": result.promotion, "readiness": result.readiness.report},
+        {
+            "outcome": outcome,
+            "promotion": result.promotion,
+            "readiness": result.readiness.report,
+            "recipe_trial": result.recipe_trial,
+            "monitoring_gaps": list(result.gaps),
+        },
         args.json,
         lines,
     )
@@ -343,3 +408,43 @@ def _retrain(args: argparse.Namespace, settings: Settings) -> int:
     if result["status"] != "succeeded":
         raise CommandRefused(f"retrain {result['status']}: {result['detail']}")
     return 0
+
+
+def _spec_init(args: argparse.Namespace) -> int:
+    from services.common.spec_inference import spec_from_file
+
+    if args.out.exists() and not args.force:
+        raise CommandRefused(f"{args.out} exists; edit it, or pass --force to replace it")
+    inferred = spec_from_file(args.data, args.label, args.margin, args.max_categories)
+    args.out.write_text(inferred.spec.model_dump_json(indent=2, exclude_defaults=True) + "\n")
+    spec = inferred.spec
+    lines = [
+        f"wrote {args.out}: {len(spec.features)} features, classes {spec.classes} "
+        f"(positive {spec.positive!r}) from {inferred.rows} rows of {args.data.name}",
+        *[f"  {rule.name}: {_describe_rule(rule)}" for rule in spec.features],
+        "check, then edit:",
+        *[f"  - {note}" for note in inferred.notes],
+        "schema: schemas/featurespec.schema.json; next: scoremesh models validate "
+        f"MODEL.onnx --spec {args.out} --data HOLDOUT",
+    ]
+    emit(
+        {
+            "spec": orjson.loads(spec.model_dump_json()),
+            "notes": inferred.notes,
+            "out": str(args.out),
+        },
+        args.json,
+        lines,
+    )
+    return 0
+
+
+def _describe_rule(rule: Any) -> str:
+    parts = [rule.dtype]
+    if rule.categories:
+        parts.append(f"{len(rule.categories)} categories")
+    elif rule.min is not None or rule.max is not None:
+        parts.append(f"[{rule.min:g}, {rule.max:g}]")
+    if rule.nullable:
+        parts.append(f"nullable (impute {rule.impute:g})")
+    return ", ".join(parts)

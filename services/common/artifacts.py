@@ -1,9 +1,17 @@
-"""Model artifacts travel through Kafka (models.artifacts) and land in a local cache.
+"""Model artifacts: stored once, found by URI, verified on every load, cached locally.
 
-An artifact is cut into chunks keyed ``sha256:index`` and written to one partition;
-its URI records where: ``kafka://models.artifacts/<partition>/<first offset>?chunks=N``.
-A reader fetches exactly those records, checks every chunk belongs to the artifact,
-verifies the sha256 of the whole, and only then writes it into the cache.
+Two stores, chosen by the URI scheme (docs/adr/0014-artifact-stores.md):
+
+- ``kafka://`` (the default, nothing but Kafka needed): an artifact is cut into chunks
+  keyed ``sha256:index`` and written to one partition of ``models.artifacts``; its URI
+  records where: ``kafka://models.artifacts/<partition>/<first offset>?chunks=N``. A reader
+  fetches exactly those records and checks every chunk belongs to the artifact;
+- ``s3://`` (S3-compatible object storage, ``services/common/artifacts_s3.py``):
+  ``s3://<bucket>/<prefix>/models/<name>/<version>/<sha256>.onnx``.
+
+``SCOREMESH_ARTIFACT_STORE`` says where new artifacts go; any version loads from where its
+URI points. Whatever the store, the sha256 of the whole is verified before the bytes reach
+the cache or a model. scoremesh never deletes or overwrites a stored artifact.
 """
 
 from __future__ import annotations
@@ -104,13 +112,66 @@ def verify_file(path: Path, sha256: str) -> bool:
         return False
 
 
+async def store_artifact(
+    settings: Settings,
+    data: bytes,
+    model: str,
+    version: str,
+    producer: AIOKafkaProducer | None = None,
+) -> ArtifactRef:
+    """Store a new artifact where ``settings.artifact_store`` says."""
+    if not data:
+        raise ArtifactError("refusing to upload an empty artifact")
+    target = settings.artifact_store
+    if target.startswith("s3://"):
+        from services.common.artifacts_s3 import S3Store
+
+        return await S3Store.from_settings(settings).put(target, data, model, version)
+    if producer is not None:
+        return await upload_artifact(producer, settings, data)
+    from services.common.kafka import make_producer
+
+    own = make_producer(settings)
+    await start_with_retry(own.start, "artifact-upload", settings)
+    try:
+        return await upload_artifact(own, settings, data)
+    finally:
+        await own.stop()
+
+
 async def fetch_artifact(
     settings: Settings, uri: str, sha256: str, timeout_s: float = 60.0
 ) -> Path:
-    """Return a local path to the verified artifact, fetching it from Kafka if needed."""
+    """Return a local path to the verified artifact, fetching it from its store if needed."""
     path = cached_path(settings, sha256)
     if verify_file(path, sha256):
         return path
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        from services.common.artifacts_s3 import S3Store
+
+        data = await S3Store.from_settings(settings).get(uri)
+    elif scheme == "kafka":
+        data = await _fetch_from_topic(settings, uri, sha256, timeout_s)
+    else:
+        raise ArtifactError(
+            f"artifact URI {uri!r}: unknown store {scheme!r}; scoremesh reads kafka:// and s3://"
+        )
+    actual = sha256_of(data)
+    if actual != sha256:
+        raise ArtifactError(
+            f"artifact checksum mismatch: registry says {sha256[:12]}..., the bytes at {uri} "
+            f"are {actual[:12]}...; refusing to load it"
+        )
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=settings.artifact_dir, suffix=".part")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+async def _fetch_from_topic(settings: Settings, uri: str, sha256: str, timeout_s: float) -> bytes:
     partition, offset, total = _parse_uri(uri)
     consumer = make_consumer(settings, group_id=None, max_poll_records=64)
     await start_with_retry(consumer.start, "artifact-fetch", settings)
@@ -150,16 +211,4 @@ async def fetch_artifact(
                 )
     finally:
         await consumer.stop()
-    data = b"".join(pieces[i] for i in range(total))
-    actual = sha256_of(data)
-    if actual != sha256:
-        raise ArtifactError(
-            f"artifact checksum mismatch: registry says {sha256[:12]}..., bytes are "
-            f"{actual[:12]}...; refusing to load it"
-        )
-    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=settings.artifact_dir, suffix=".part")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return path
+    return b"".join(pieces[i] for i in range(total))

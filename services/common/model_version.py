@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scoremesh.contract.featurespec import FeatureSpec
 from scoremesh.contract.records import ModelVersion as ModelVersionRecord
+from services.common.recipes import Recipe
 
 Stage = Literal["registered", "shadow", "canary", "champion", "retired", "rolled_back"]
 STAGES: tuple[str, ...] = ("registered", "shadow", "canary", "champion", "retired", "rolled_back")
@@ -61,6 +62,17 @@ class VersionMetadata(BaseModel):
     onnx_opset: int | None = None
     code_version: str = ""
     validation: dict[str, Any] = Field(default_factory=dict)
+    recipe: Recipe | None = Field(
+        None, description="how to train it again: the trainer runs exactly this (docs/adr/0013)"
+    )
+    training_window: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what a retrain trained on: the window since the change, the older sample",
+    )
+    onnx_operators: list[str] = Field(default_factory=list, description="the graph's op types")
+    monitoring_gaps: list[str] = Field(
+        default_factory=list, description="checks this version does not get, and why"
+    )
 
 
 class VersionProposal(BaseModel):

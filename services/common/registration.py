@@ -9,16 +9,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
 from scoremesh.contract.featurespec import FeatureSpec
-from services.common.artifacts import upload_artifact
+from services.common.artifacts import store_artifact
 from services.common.commands import command, new_command
 from services.common.errors import UserError
-from services.common.kafka import make_producer, start_with_retry
+from services.common.evaluation import reference_distributions
+from services.common.labelled_lines import labelled_objects
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
-from services.common.readiness import ReadinessReport, validate_model
+from services.common.readiness import ReadinessReport, load_candidate, validate_model
+from services.common.recipes import (
+    EntryPointRecipe,
+    PipelineRecipe,
+    RecipeError,
+    to_onnx,
+    trial_run,
+)
 from services.common.settings import Settings
 
 
@@ -60,25 +67,15 @@ def load_model_bytes(path: Path, spec: FeatureSpec, trust_pickle: bool = False) 
 
 
 def sklearn_pickle_to_onnx(data: bytes, spec: FeatureSpec) -> bytes:
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
     estimator = pickle.loads(data)
     if not hasattr(estimator, "predict_proba"):
         raise OperationError(
             "the pickled object has no predict_proba: scoremesh serves classifiers"
         )
-    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
     try:
-        onnx_model = convert_sklearn(
-            estimator,
-            initial_types=[(spec.input_name, FloatTensorType([None, len(spec.features)]))],
-            options={id(final): {"zipmap": False}},
-            target_opset=17,
-        )
-    except Exception as exc:  # skl2onnx raises many types for unsupported estimators
-        raise OperationError(f"skl2onnx could not convert the pickle: {exc}") from exc
-    return bytes(onnx_model.SerializeToString())
+        return to_onnx(estimator, spec)
+    except RecipeError as exc:
+        raise OperationError(f"could not convert the pickle: {exc}") from None
 
 
 def _coerce(value: str, dtype: str) -> Any:
@@ -118,15 +115,7 @@ def load_labelled_data(
                 raise OperationError(f"{path.name}:{lineno}: {exc}") from None
             labels.append(str(raw[label_field]))
         return rows, labels
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise OperationError(f"{path.name}:{lineno}: not JSON: {exc}") from None
-        if not isinstance(obj, dict) or label_field not in obj:
-            raise OperationError(f"{path.name}:{lineno}: expected an object with a {label_field!r}")
+    for _, obj in labelled_objects(path.name, text, label_field, OperationError):
         features = obj.get("features", obj)
         rows.append({n: features.get(n) for n in dtypes})
         labels.append(str(obj[label_field]))
@@ -135,11 +124,59 @@ def load_labelled_data(
     return rows, labels
 
 
+def monitoring_gaps(metadata: VersionMetadata, spec: FeatureSpec) -> list[str]:
+    """The checks a version will not get, in words, from what its metadata lacks."""
+    gaps = []
+    if not metadata.holdout_metrics:
+        gaps.append(
+            "no holdout metrics: performance alerts relative to training (a metric more than "
+            "X below its holdout value) will not fire; only the error-rate detector watches "
+            "labelled predictions (register with --data HOLDOUT to get them)"
+        )
+    if not metadata.reference.get("features"):
+        gaps.append(
+            "no reference distributions: PSI/KS drift of the features, the score and the "
+            "confidence against training data is not measured; stream detectors still "
+            "compare the stream with its own past"
+        )
+    if not metadata.class_balance and not metadata.reference.get("decisions"):
+        gaps.append("no class balance: the predicted-class shift is not measured")
+    if spec.gates.min_metrics and not metadata.validation.get("metrics"):
+        gaps.append(
+            "metric gates "
+            + ", ".join(f"{k} >= {v}" for k, v in spec.gates.min_metrics.items())
+            + " were not evaluated (no labelled data)"
+        )
+    if metadata.recipe is None:
+        gaps.append(
+            "no training recipe: a retrain will not run; it is reported as needing a person "
+            "(register with --recipe package.module:function or a pipeline JSON)"
+        )
+    return gaps
+
+
+def holdout_profile(
+    onnx: bytes, spec: FeatureSpec, rows: list[dict[str, Any]], readiness: ReadinessReport
+) -> dict[str, Any]:
+    """What monitoring reads, measured on labelled held-out data with the model itself:
+    holdout metrics, class balance and reference distributions (as the trainer records)."""
+    model = load_candidate(onnx, spec)
+    matrix = model.vectoriser.transform(rows)
+    probabilities = model.predict_matrix(matrix).probabilities
+    return {
+        "holdout_metrics": readiness.report.get("metrics", {}),
+        "class_balance": readiness.report.get("class_balance", {}),
+        "reference": reference_distributions(matrix, spec, probabilities, rows),
+    }
+
+
 @dataclass(frozen=True)
 class RegisterResult:
     outcome: dict[str, Any]
     readiness: ReadinessReport
     promotion: dict[str, Any] | None = None
+    gaps: tuple[str, ...] = ()
+    recipe_trial: dict[str, Any] | None = None
 
 
 async def register_version(
@@ -154,8 +191,15 @@ async def register_version(
     actor: str = "cli",
     reason: str = "",
     stage: str | None = None,
+    recipe: PipelineRecipe | EntryPointRecipe | None = None,
 ) -> RegisterResult:
-    """Validate, upload, register and optionally promote. Nothing is sent if a gate fails."""
+    """Validate, upload, register and optionally promote. Nothing is sent if a gate fails.
+
+    With labelled ``rows`` (held-out data), the fields monitoring reads are filled from
+    them where ``metadata`` leaves them empty: holdout metrics, class balance, reference
+    distributions. A ``recipe`` is trial-run first (fit on a sample, converted, loaded) and
+    recorded, pinned to the hash of its code.
+    """
     try:
         parse_semver(version)
     except ValueError as exc:
@@ -166,12 +210,17 @@ async def register_version(
             {"outcome": "refused", "detail": "; ".join(readiness.failures)}, readiness
         )
     meta = (metadata or VersionMetadata()).model_copy(update={"validation": readiness.report})
-    producer = make_producer(settings)
-    await start_with_retry(producer.start, "register-producer", settings)
-    try:
-        ref = await upload_artifact(producer, settings, onnx)
-    finally:
-        await producer.stop()
+    trial = None
+    if recipe is not None:
+        run = trial_run(recipe, spec, rows, labels)
+        trial = run.report
+        meta = meta.model_copy(update={"recipe": run.recipe})
+    if rows and labels:
+        profile = holdout_profile(onnx, spec, rows, readiness)
+        meta = meta.model_copy(update={k: v for k, v in profile.items() if not getattr(meta, k)})
+    gaps = monitoring_gaps(meta, spec)
+    meta = meta.model_copy(update={"monitoring_gaps": gaps})
+    ref = await store_artifact(settings, onnx, model, version)
     proposal = VersionProposal(
         version=version,
         artifact_uri=ref.uri,
@@ -192,4 +241,4 @@ async def register_version(
                 model, "promote", actor, version=version, target_stage=stage, reason=reason
             ),
         )
-    return RegisterResult(outcome, readiness, promotion)
+    return RegisterResult(outcome, readiness, promotion, tuple(gaps), trial)

@@ -26,7 +26,7 @@ from scoremesh.client.config import dev_stack_file as dev_stack_file
 from scoremesh.client.config import dev_stack_settings
 from scoremesh.contract.topics import TOPICS, TopicName
 from services.common.policies.monitor import MonitorPolicy
-from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
+from services.common.policies.retrain import PromotionPolicy, RetrainPolicy, TrainingWindowPolicy
 
 ENV_PREFIX = "SCOREMESH_"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -60,6 +60,38 @@ class CanarySettings(_Group):
 
 class RetrainSettings(_Group):
     policy: RetrainPolicy = Field(default_factory=RetrainPolicy)
+
+
+class TrainerSettings(_Group):
+    window: TrainingWindowPolicy = Field(
+        default_factory=TrainingWindowPolicy,
+        description="what a retrain trains on: the window plus a bounded older sample",
+    )
+    recipe_packages: list[str] = Field(
+        default_factory=list,
+        description="top-level packages the trainer may import recipe entry points from; "
+        "empty = any installed package outside the standard library",
+    )
+
+
+class S3Settings(_Group):
+    """S3-compatible object storage for artifacts (``artifact_store=s3://...``); unset
+    credentials fall back to boto3's own chain (environment, shared files, a role)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, ...); unset = AWS"
+    )
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    path_style: bool = Field(
+        False, description="path-style addressing (most S3-compatible servers want it)"
+    )
+
+    @field_validator("endpoint_url", "access_key_id", "secret_access_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return _blank_is_none(value)
 
 
 class PromotionSettings(_Group):
@@ -166,6 +198,8 @@ GROUPS: dict[str, type[_Group]] = {
     "canary": CanarySettings,
     "retrain": RetrainSettings,
     "promotion": PromotionSettings,
+    "trainer": TrainerSettings,
+    "s3": S3Settings,
     "label_join": LabelJoinSettings,
     "monitor": MonitorSettings,
     "api": ApiSettings,
@@ -287,6 +321,13 @@ class Settings(BaseSettings):
     )
     artifact_dir: Path = Field(default_factory=lambda: default_home() / "artifacts")
     artifact_chunk_bytes: int = Field(512 * 1024, ge=1024)
+    artifact_store: str = Field(
+        "kafka://models.artifacts",
+        pattern=r"^(kafka://models\.artifacts|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?)$",
+        description="where new artifacts go: kafka://models.artifacts, or "
+        "s3://<bucket>/<prefix> (versions load from wherever their URI points)",
+    )
+    s3: S3Settings = Field(default_factory=lambda: S3Settings())
     onnx_threads: int = Field(1, ge=1, le=64)
 
     canary: CanarySettings = Field(default_factory=lambda: CanarySettings())
@@ -294,6 +335,7 @@ class Settings(BaseSettings):
     # --- Retraining and promotion (JSON in the environment) -------------------------
     retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
     promotion: PromotionSettings = Field(default_factory=lambda: PromotionSettings())
+    trainer: TrainerSettings = Field(default_factory=lambda: TrainerSettings())
 
     # --- Label join ------------------------------------------------------------------
     label_join: LabelJoinSettings = Field(default_factory=lambda: LabelJoinSettings())
@@ -321,6 +363,11 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
 
     @field_validator("kafka_bootstrap", "redis_url")
     @classmethod

@@ -14,7 +14,7 @@ import heapq
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +195,11 @@ async def stream_with_labels(
     invalid_value: Any,
     invalid_kinds: tuple[str, ...],
     progress: Any,
+    events: Iterator[tuple[int, dict[str, Any], str]] | None = None,
+    stop_when: Callable[[Observer], bool] | None = None,
 ) -> StreamStats:
+    """``events``: another (index, event, label) stream than the demo's (``stream``);
+    ``stop_when``: end the stream early once the observer has seen what it waits for."""
     producer = make_producer(settings, max_request_size=8 * 1024 * 1024)
     await start_with_retry(producer.start, "demo-stream", settings)
     rng = np.random.default_rng(seed)
@@ -205,7 +209,7 @@ async def stream_with_labels(
     stats = StreamStats(started=time.time())
     futures: list[Any] = []
     try:
-        for i, event, label in stream(seed, drift_at):
+        for i, event, label in events if events is not None else stream(seed, drift_at):
             if rng.random() < invalid_share:
                 kind = invalid_kinds[int(rng.integers(len(invalid_kinds)))]
                 value = invalid_value(kind, event)
@@ -255,6 +259,8 @@ async def stream_with_labels(
                 )
             progress.bar("stream", stats.produced, min(target, maximum))
             if stats.produced >= min(target, maximum):
+                break
+            if stop_when is not None and i % 200 == 199 and stop_when(observer):
                 break
         while due:  # the rest of the labels arrive after the stream ends
             _, event_id, label_value = heapq.heappop(due)

@@ -43,7 +43,7 @@ def time_domain(signal: str) -> str:
         return "labels"
     if signal.startswith("performance."):
         return "stats"
-    if signal.startswith(("deployment_refused", "model_load")):
+    if signal.startswith(("deployment_refused", "model_load", "retrain.")):
         return "wall"
     return "events"
 

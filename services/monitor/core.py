@@ -39,8 +39,10 @@ PREDICTIONS: TopicName = "predictions"
 LABELED: TopicName = "predictions.labeled"
 STATS: TopicName = "monitoring.stats"
 DEPLOYMENTS: TopicName = "deployments.log"
+RETRAIN_RESULTS: TopicName = "retrain.results"
 ALERTS: TopicName = "alerts"
-SOURCES = (PREDICTIONS, LABELED, STATS, DEPLOYMENTS)
+SOURCES = (PREDICTIONS, LABELED, STATS, DEPLOYMENTS, RETRAIN_RESULTS)
+NEEDS_PERSON = "retrain.needs_person"
 REPLAYED_SOURCES = (PREDICTIONS, LABELED)  # detector state lives on these
 
 
@@ -146,6 +148,7 @@ class MonitorCore:
             LABELED: codec("LabeledPrediction"),
             STATS: codec("MonitoringStats"),
             DEPLOYMENTS: codec("DeploymentEvent"),
+            RETRAIN_RESULTS: codec("RetrainResult"),
         }
         self._alert_codec = codec("Alert")
 
@@ -217,6 +220,8 @@ class MonitorCore:
                 self._stats(by_topic[STATS], conditions, clears)
             if by_topic.get(DEPLOYMENTS):
                 self._deployments(by_topic[DEPLOYMENTS], conditions)
+            if by_topic.get(RETRAIN_RESULTS):
+                self._retrain_results(by_topic[RETRAIN_RESULTS], conditions, clears)
             self.clocks["wall"] = int(time.time() * 1000)
             transitions = self.apply(conditions, clears)
             result.transitions = transitions
@@ -554,6 +559,42 @@ class MonitorCore:
                         evidence=evidence,
                     )
                 )
+
+    def _retrain_results(
+        self, records: list[Record], conditions: list[Condition], clears: list[tuple[str, int]]
+    ) -> None:
+        """The trainer refused a retrain a person must take over (it never writes alerts):
+        open until a later retrain of that version succeeds."""
+        policy = self.policy.alerts
+        oldest = int((time.time() - policy.deployment_max_age_s) * 1000)
+        for _, result in self._decode(RETRAIN_RESULTS, records):
+            at = int(result["at"])
+            model, version = result["model"], result.get("parent_version")
+            key = alert_key(model, version, NEEDS_PERSON)
+            if result["status"] == "succeeded":
+                clears.append((key, at))
+            if result["status"] != "needs_person" or at < oldest:
+                continue
+            conditions.append(
+                Condition(
+                    model=model,
+                    version=version,
+                    signal=NEEDS_PERSON,
+                    kind="retrain",
+                    severity=policy.retrain_needs_person_severity,
+                    summary=f"{model} {version or ''}: a retrain needs a person: "
+                    f"{result['detail']}",
+                    at_ms=at,
+                    subject=_subject(model, version, NEEDS_PERSON, None),
+                    evidence={
+                        "request_id": result["request_id"],
+                        "detail": result["detail"][:1000],
+                        "trainer": result.get("trainer", ""),
+                        "at": iso(at),
+                    },
+                    explicit_clear=True,
+                )
+            )
 
     # --- metrics --------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from services.common.registration import register_version
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
 from services.trainer.datasets import CREDIT_SPEC, DATASET, credit_events
-from services.trainer.pipeline import train
+from services.trainer.pipeline import builtin_recipe, train
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ async def bootstrap(settings: Settings, actor: str = "bootstrap") -> BootstrapRe
         CREDIT_SPEC,
         rows,
         labels,
+        recipe=builtin_recipe(),
         seed=BOOTSTRAP_SEED,
         dataset=f"{DATASET}(classification_function=0, seed={BOOTSTRAP_SEED})",
         window=DataWindow(start=pairs[0][0]["event_time"], end=pairs[-1][0]["event_time"]),

@@ -40,10 +40,17 @@ def commands() -> list[str]:
     return out
 
 
+def python_files() -> dict[str, str]:
+    """Each Python block, by the file name its first line gives (``# train.py``)."""
+    return {block.splitlines()[0].removeprefix("# ").strip(): block for block in blocks("python")}
+
+
 def test_tutorial_commands_are_what_the_test_runs() -> None:
     assert commands()[0] == "scoremesh models bootstrap"
-    assert "python train.py" in commands()
-    assert len(blocks("python")) == 1
+    assert {"python make_data.py", "python train.py"} <= set(commands())
+    assert set(python_files()) == {"make_data.py", "train.py"}
+    for block in blocks("python"):
+        assert "services" not in block, "the tutorial needs no project internals"
 
 
 async def test_the_tutorial_works_as_written(stack: StackState, tmp_path: Path) -> None:
@@ -54,9 +61,10 @@ async def test_the_tutorial_works_as_written(stack: StackState, tmp_path: Path) 
         artifact_dir=tmp_path / "artifacts",
     )
     env = service_env(settings)
-    env["PYTHONPATH"] = str(TUTORIAL.parents[1])
+    env.pop("PYTHONPATH", None)  # the tutorial's code imports only installed packages
     await ensure_topics(settings)
-    (tmp_path / "train.py").write_text(blocks("python")[0])
+    for name, block in python_files().items():
+        (tmp_path / name).write_text(block)
     services = [
         ServiceProcess(name, settings, tmp_path) for name in ("registry", "validator", "scorer")
     ]
@@ -90,8 +98,12 @@ async def test_the_tutorial_works_as_written(stack: StackState, tmp_path: Path) 
                 service.terminate()
     validate = next(v for k, v in outputs.items() if k.startswith("scoremesh models validate"))
     assert "gates: passed" in validate
+    spec_init = next(v for k, v in outputs.items() if k.startswith("scoremesh models spec init"))
+    assert "wrote spec.json: 9 features, classes ['0', '1']" in spec_init
     register = next(v for k, v in outputs.items() if k.startswith("scoremesh models register"))
     assert "registered credit@2.0.0" in register and "registered -> shadow" in register
+    assert "recipe trial: fitted on" in register and "TreeEnsembleClassifier" in register
+    assert "without:" not in register, "holdout data and a recipe: no check is missing"
     tail = next(v for k, v in outputs.items() if k.startswith("scoremesh tail"))
     assert (
         len(tail.splitlines()) == 3

@@ -1,6 +1,6 @@
 """Three models in one mesh: shared topics, every event scored by its own model's champion.
 
-Event ids are unique per model (docs/adr/0013): the three models' events reuse the same ids.
+Event ids are unique per model (docs/adr/0015): the three models' events reuse the same ids.
 """
 
 from __future__ import annotations

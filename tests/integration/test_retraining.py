@@ -48,7 +48,11 @@ async def test_retrain_on_drifted_data_registers_a_better_version_in_shadow(
 ) -> None:
     start, end = await drifted_examples(settings, 3000)
     async with Running(RegistryService(settings)):
-        assert (await register_model(settings, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
+        assert (
+            await register_model(
+                settings, trained_model.onnx, "1.0.0", metadata=trained_model.metadata
+            )
+        )["outcome"] == "applied"
         async with Running(TrainerService(settings)):
             request = manual_request(
                 "credit", "test", "drift", end, (end - start) / 1000 + 1, int(time.time() * 1000)
@@ -60,6 +64,12 @@ async def test_retrain_on_drifted_data_registers_a_better_version_in_shadow(
         assert result["metrics"]["accuracy"] > result["champion_metrics"]["accuracy"] + 0.1
         assert result["examples"] == 3000
         assert (await versions(settings)) == {"1.0.0": "champion", "1.1.0": "shadow"}
+        view = RegistryView(settings)
+        await view.start()
+        await view.stop()
+        retrained = view.state.versions["credit@1.1.0"].metadata
+        assert retrained.recipe == trained_model.metadata.recipe, "the same recipe, same hash"
+        assert retrained.onnx_operators == trained_model.metadata.onnx_operators
         # Requests are idempotent: the same request again changes nothing.
         async with Running(TrainerService(settings)):
             await publish_request(settings, request)
@@ -74,7 +84,11 @@ async def test_retrain_on_drifted_data_registers_a_better_version_in_shadow(
 async def test_too_little_data_is_a_clear_rejection(settings: Settings, trained_model: Any) -> None:
     _, end = await drifted_examples(settings, 100)
     async with Running(RegistryService(settings)):
-        assert (await register_model(settings, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
+        assert (
+            await register_model(
+                settings, trained_model.onnx, "1.0.0", metadata=trained_model.metadata
+            )
+        )["outcome"] == "applied"
         async with Running(TrainerService(settings)):
             request = manual_request("credit", "test", "", end, 3600, int(time.time() * 1000))
             await publish_request(settings, request)
@@ -88,7 +102,11 @@ async def test_a_trainer_killed_mid_run_leaves_no_half_registered_version(
 ) -> None:
     start, end = await drifted_examples(settings, 6000)
     async with Running(RegistryService(settings)):
-        assert (await register_model(settings, trained_model.onnx, "1.0.0"))["outcome"] == "applied"
+        assert (
+            await register_model(
+                settings, trained_model.onnx, "1.0.0", metadata=trained_model.metadata
+            )
+        )["outcome"] == "applied"
         trainer = ServiceProcess("trainer", settings, tmp_path)
         trainer.start()
         try:
@@ -121,3 +139,41 @@ async def test_a_trainer_killed_mid_run_leaves_no_half_registered_version(
     assert result["status"] == "succeeded", result["detail"] + trainer.log()[-2000:]
     assert result["attempt"] == 2
     assert (await versions(settings)) == {"1.0.0": "champion", "1.1.0": "shadow"}
+
+
+async def retrain_of(settings: Settings, onnx: bytes, metadata: Any) -> dict[str, Any]:
+    """Register 1.0.0 with this metadata, ask for a retrain, return its final result."""
+    start, end = await drifted_examples(settings, 600)
+    async with Running(RegistryService(settings)):
+        assert (await register_model(settings, onnx, "1.0.0", metadata=metadata))[
+            "outcome"
+        ] == "applied"
+        async with Running(TrainerService(settings)):
+            request = manual_request(
+                "credit", "test", "drift", end, (end - start) / 1000 + 1, int(time.time() * 1000)
+            )
+            await publish_request(settings, request)
+            return await wait_for_result(settings, request["request_id"], timeout_s=120)
+
+
+async def test_a_version_without_a_recipe_needs_a_person_and_gets_no_new_version(
+    settings: Settings, trained_model: Any
+) -> None:
+    no_recipe = trained_model.metadata.model_copy(update={"recipe": None})
+    result = await retrain_of(settings, trained_model.onnx, no_recipe)
+    assert result["status"] == "needs_person"
+    assert "has no training recipe" in result["detail"] and "credit@1.0.0" in result["detail"]
+    assert (await versions(settings)) == {"1.0.0": "champion"}
+
+
+async def test_a_recipe_whose_code_changed_is_refused_with_the_reason(
+    settings: Settings, trained_model: Any
+) -> None:
+    recipe = trained_model.metadata.recipe
+    tampered = trained_model.metadata.model_copy(
+        update={"recipe": recipe.model_copy(update={"code_sha256": "0" * 64})}
+    )
+    result = await retrain_of(settings, trained_model.onnx, tampered)
+    assert result["status"] == "needs_person"
+    assert "the recipe's code changed" in result["detail"] and "000000000000" in result["detail"]
+    assert (await versions(settings)) == {"1.0.0": "champion"}

@@ -213,3 +213,54 @@ def test_refused_commands_and_load_failures_from_deployments_log_alert(model: An
         ("credit/2.0.0/deployment_refused.promote", "deployment", "warning"),
         ("credit/1.1.0/model_load", "model_load", "critical"),
     }
+
+
+def test_a_retrain_that_needs_a_person_alerts_until_a_retrain_succeeds(model: Any) -> None:
+    import time
+
+    core = make_core(model)
+    now = int(time.time() * 1000)
+    base = {
+        "model": "credit",
+        "attempt": 1,
+        "version": None,
+        "parent_version": "1.0.0",
+        "metrics": {},
+        "champion_metrics": {},
+        "examples": 0,
+        "window_start": 0,
+        "window_end": 1,
+        "trainer": "trainer:t",
+    }
+    topic = core.settings.topic("retrain.results")
+
+    def results(*values: dict[str, Any]) -> list[Any]:
+        keyed = [{**v, "event_id": v["request_id"], "variant": "-"} for v in values]
+        return core.process(as_records(topic, "RetrainResult", keyed, partitions=1)).transitions
+
+    opened = results(
+        {**base, "request_id": "r1", "status": "started", "detail": "received", "at": now},
+        {
+            **base,
+            "request_id": "r1",
+            "status": "needs_person",
+            "detail": "credit@1.0.0 has no training recipe",
+            "at": now,
+        },
+    )
+    assert [(t.event, t.key, t.record["kind"]) for t in opened] == [
+        ("opened", "credit/1.0.0/retrain.needs_person", "retrain")
+    ]
+    assert "needs a person: credit@1.0.0 has no training recipe" in opened[0].record["summary"]
+    # A later retrain of that version succeeded: clear, and resolved after the cooldown.
+    assert (
+        results(
+            {**base, "request_id": "r2", "status": "succeeded", "detail": "ok", "at": now + 1000}
+        )
+        == []
+    )
+    cooldown = int(core.policy.alerts.cooldown_s * 1000)
+    resolved = core.manager.sweep({"wall": now + 1000 + cooldown})
+    assert [(t.event, t.key) for t in resolved] == [
+        ("resolved", "credit/1.0.0/retrain.needs_person")
+    ]

@@ -27,3 +27,22 @@ def test_readme_first_two_commands_are_demo_and_test() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_feature_spec_schema_is_current_and_accepts_the_shipped_spec() -> None:
+    import json
+
+    import gen_featurespec_schema
+    import jsonschema
+
+    target = gen_featurespec_schema.TARGET
+    assert target.read_text() == gen_featurespec_schema.render(), (
+        "run: python scripts/gen_featurespec_schema.py"
+    )
+    from services.trainer.datasets import CREDIT_SPEC
+
+    schema = json.loads(target.read_text())
+    jsonschema.Draft202012Validator(schema).validate(json.loads(CREDIT_SPEC.model_dump_json()))
+    bad = {"features": [{"name": "x", "dtype": "float"}], "classes": ["0", "1"]}
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(bad))
+    assert errors and "float" in errors[0].message

@@ -289,7 +289,7 @@ class RetrainResult(TypedDict):
     request_id: str
     model: str
     status: str
-    """started | succeeded | rejected | failed"""
+    """started | succeeded | rejected | failed | needs_person (no recipe, or its code changed: a person must act)"""
     attempt: int
     version: NotRequired[str | None]
     """the version registered, when succeeded"""

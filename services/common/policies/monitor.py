@@ -173,6 +173,10 @@ class AlertPolicy(_Frozen):
     rules: tuple[SeverityRule, ...] = DEFAULT_RULES
     deployment_refused_severity: Severity = "warning"
     model_load_failed_severity: Severity = "critical"
+    retrain_needs_person_severity: Severity = Field(
+        "warning",
+        description="a retrain the trainer refused to run (no recipe, or its code changed)",
+    )
     deployment_max_age_s: float = Field(
         86_400.0, gt=0, description="older deployments.log records never alert (first start)"
     )

@@ -79,6 +79,30 @@ class RetrainPolicy(PerModel):
         return value
 
 
+class TrainingWindowPolicy(BaseModel):
+    """What a retrain trains on: the requested window (after a change: the labelled data
+    since it) plus a bounded random sample of older labelled data, so a retrain neither
+    forgets everything before the change nor overfits the last minutes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    older_ratio: float = Field(
+        0.25, ge=0, le=10, description="older examples per example of the window, at most"
+    )
+    older_max_examples: int = Field(5_000, ge=0, description="cap on the older sample")
+    older_lookback_s: float = Field(
+        30 * 86400.0, ge=0, description="how far before the window the sample may reach"
+    )
+    recent_share: float = Field(
+        0.2, gt=0, lt=1, description="newest share of the window kept to compare with the champion"
+    )
+    min_examples: int = Field(500, ge=50, description="labelled examples the window needs")
+    seed: int = 0
+
+    def older_cap(self, window_examples: int) -> int:
+        return min(self.older_max_examples, round(self.older_ratio * window_examples))
+
+
 class PromotionPolicy(PerModel):
     """Live promotion: shadow -> canary -> champion only on labelled evidence."""
 
