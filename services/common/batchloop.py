@@ -158,7 +158,9 @@ class BatchLoop:
         try:
             while not stop.is_set():
                 fetch = asyncio.ensure_future(
-                    consumer.getmany(timeout_ms=1000, max_records=self.max_records)
+                    consumer.getmany(
+                        timeout_ms=self.settings.batch_timeout_ms, max_records=self.max_records
+                    )
                 )
                 done, _ = await asyncio.wait(
                     {fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED

@@ -22,8 +22,9 @@ from typing import Any
 
 from services.common.settings import ConfigError, Settings, dev_stack_file
 
-# What the embedded broker lacks or does slowly (MEASURED.md): no idempotent producer,
-# JoinGroup waits ~half the session timeout, fetch waits ~max_wait/2 even with data.
+# What the embedded broker lacks or does slowly (docs/benchmarks/embedded-broker.md): no
+# idempotent producer, JoinGroup waits ~half the session timeout, fetch waits ~max_wait/2
+# even with data.
 DEV_KAFKA_SETTINGS: dict[str, Any] = {
     "kafka_idempotence": False,
     "kafka_fetch_max_wait_ms": 20,

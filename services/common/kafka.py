@@ -266,7 +266,7 @@ async def read_to_end(
     """Consume assigned partitions until each position reaches its high watermark.
 
     Uses the high watermark a fetch response reports rather than ``end_offsets()``,
-    which some Kafka-compatible brokers answer wrongly (see MEASURED.md).
+    which some Kafka-compatible brokers answer wrongly (docs/benchmarks/embedded-broker.md).
     """
     deadline = time.monotonic() + timeout_s
     count = 0
@@ -317,7 +317,7 @@ async def seek_to_time(
 async def true_end_offsets(
     consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
 ) -> dict[TopicPartition, int]:
-    """End offsets from fetch high watermarks (``end_offsets()`` can be wrong, MEASURED.md).
+    """End offsets from fetch high watermarks (``end_offsets()`` can be wrong: docs/benchmarks/embedded-broker.md).
 
     Leaves the consumer positioned at those ends.
     """

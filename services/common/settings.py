@@ -352,7 +352,12 @@ class Settings(BaseSettings):
         description="batches of the validator and scorer awaiting acknowledgement while the "
         "next is processed (0: each batch waits for its own)",
     )
-    batch_timeout_ms: int = Field(20, ge=0, le=10_000)
+    batch_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        le=10_000,
+        description="how long a batch loop waits for records when none are buffered",
+    )
     max_event_bytes: int = Field(64 * 1024, ge=256, description="validator size limit")
     rejection_keep_bytes: int = Field(4 * 1024, ge=0, description="original bytes kept in DLQ")
     shutdown_deadline_s: float = Field(20.0, gt=0)
