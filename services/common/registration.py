@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,6 @@ from services.common.artifacts import store_artifact
 from services.common.commands import command, new_command
 from services.common.errors import UserError
 from services.common.evaluation import reference_distributions
-from services.common.labelled_lines import labelled_objects
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
 from services.common.readiness import ReadinessReport, load_candidate, validate_model
 from services.common.recipes import (
@@ -27,6 +24,7 @@ from services.common.recipes import (
     trial_run,
 )
 from services.common.settings import Settings
+from services.common.tabular import csv_header, detect, label_text, read_file, read_rows
 
 
 class OperationError(UserError, ValueError):
@@ -78,47 +76,49 @@ def sklearn_pickle_to_onnx(data: bytes, spec: FeatureSpec) -> bytes:
         raise OperationError(f"could not convert the pickle: {exc}") from None
 
 
-def _coerce(value: str, dtype: str) -> Any:
-    if value == "":
+def _coerce(value: Any, dtype: str) -> Any:
+    """A CSV cell (already typed by ``parse_cell``) as the spec's dtype wants it."""
+    if value is None:
         return None
     if dtype == "double":
         return float(value)
     if dtype == "long":
-        return int(float(value))
+        return int(value) if isinstance(value, int) else int(float(value))
     if dtype == "boolean":
-        if value.lower() not in ("true", "false", "1", "0"):
+        if value not in (True, False, 1, 0):
             raise ValueError(f"{value!r} is not a boolean")
-        return value.lower() in ("true", "1")
-    return value
+        return bool(value)
+    return str(value)
 
 
 def load_labelled_data(
     path: Path, spec: FeatureSpec, label_field: str = "label"
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows and labels from JSON lines (events or flat objects) or CSV with a header."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OperationError(f"cannot read data {path}: {exc}") from None
+    text = read_file(path, OperationError)
     rows: list[dict[str, Any]] = []
     labels: list[str] = []
     dtypes = {r.name: r.dtype for r in spec.features}
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        missing = [n for n in [*dtypes, label_field] if n not in (reader.fieldnames or [])]
+    csv_input = detect(text, path.name) == "csv"
+    if csv_input:
+        missing = [n for n in [*dtypes, label_field] if n not in csv_header(text)]
         if missing:
             raise OperationError(f"{path.name}: the CSV header lacks {missing}")
-        for lineno, raw in enumerate(reader, start=2):
+    for row in read_rows(text, path.name):
+        if row.values is None:
+            raise OperationError(f"{path.name}:{row.line}: {row.problem}")
+        obj = row.values
+        if obj.get(label_field) is None:
+            raise OperationError(f"{path.name}:{row.line}: expected a {label_field!r}")
+        if csv_input:
             try:
-                rows.append({n: _coerce(raw[n], dtypes[n]) for n in dtypes})
+                rows.append({n: _coerce(obj[n], dtypes[n]) for n in dtypes})
             except ValueError as exc:
-                raise OperationError(f"{path.name}:{lineno}: {exc}") from None
-            labels.append(str(raw[label_field]))
-        return rows, labels
-    for _, obj in labelled_objects(path.name, text, label_field, OperationError):
-        features = obj.get("features", obj)
-        rows.append({n: features.get(n) for n in dtypes})
-        labels.append(str(obj[label_field]))
+                raise OperationError(f"{path.name}:{row.line}: {exc}") from None
+        else:
+            features = obj.get("features", obj)
+            rows.append({n: features.get(n) for n in dtypes})
+        labels.append(label_text(obj[label_field]))
     if not rows:
         raise OperationError(f"{path.name}: no rows")
     return rows, labels

@@ -11,8 +11,6 @@ returned as a note.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from pydantic import ValidationError
 
 from scoremesh.contract.featurespec import FeatureRule, FeatureSpec, LatencyGate, ReadinessGates
 from services.common.errors import UserError
-from services.common.labelled_lines import labelled_objects
+from services.common.tabular import csv_header, detect, label_text, read_file, read_rows
 
 MAX_STRING_CATEGORIES = 100
 POSITIVE_NAMES = ("1", "true", "yes", "positive", "fraud", "default", "churn")
@@ -40,54 +38,28 @@ class InferredSpec:
     rows: int
 
 
-def _parse_cell(text: str) -> Any:
-    if text == "":
-        return None
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return value if math.isfinite(value) else text
-
-
 def read_table(path: Path, label: str) -> tuple[list[str], list[dict[str, Any]], list[str]]:
     """(feature columns in file order, rows, labels as strings)."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecInferenceError(f"cannot read {path}: {exc}") from None
+    text = read_file(path, SpecInferenceError)
+    if detect(text, path.name) == "csv" and label not in (header := csv_header(text)):
+        raise SpecInferenceError(
+            f"{path.name}: no column {label!r} in the header ({', '.join(header)})"
+        )
     rows: list[dict[str, Any]] = []
     labels: list[str] = []
     columns: dict[str, None] = {}
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        header = reader.fieldnames or []
-        if label not in header:
-            raise SpecInferenceError(
-                f"{path.name}: no column {label!r} in the header ({', '.join(header)})"
-            )
-        columns = dict.fromkeys(c for c in header if c != label)
-        for lineno, raw in enumerate(reader, start=2):
-            if raw.get(label) in (None, ""):
-                raise SpecInferenceError(f"{path.name}:{lineno}: the label {label!r} is empty")
-            rows.append({c: _parse_cell(raw.get(c) or "") for c in columns})
-            labels.append(str(raw[label]))
-    else:
-        for _, obj in labelled_objects(path.name, text, label, SpecInferenceError):
-            nested = obj.get("features")
-            features = nested if isinstance(nested, dict) else obj
-            row = {k: v for k, v in features.items() if k != label}
-            columns.update(dict.fromkeys(row))
-            rows.append(row)
-            value = obj[label]
-            labels.append(str(int(value)) if isinstance(value, bool) else str(value))
+    for row in read_rows(text, path.name):
+        if row.values is None:
+            raise SpecInferenceError(f"{path.name}:{row.line}: {row.problem}")
+        obj = row.values
+        if obj.get(label) in (None, ""):
+            raise SpecInferenceError(f"{path.name}:{row.line}: the label {label!r} is empty")
+        nested = obj.get("features")
+        features = nested if isinstance(nested, dict) else obj
+        values = {k: v for k, v in features.items() if k != label}
+        columns.update(dict.fromkeys(values))
+        rows.append(values)
+        labels.append(label_text(obj[label]))
     if not rows:
         raise SpecInferenceError(f"{path.name}: no rows")
     return list(columns), rows, labels
