@@ -8,23 +8,26 @@ id; at start the trainer folds that topic and resumes requests a crash interrupt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from contextlib import AsyncExitStack
 from typing import Any
+
+from aiokafka import ConsumerRecord
 
 from scoremesh.contract.codec import CodecError, codec
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.health import HealthServer
-from services.common.kafka import (
-    assign_all,
-    make_consumer,
-    make_producer,
-    read_to_end,
-    start_with_retry,
-)
+from services.common.kafka import make_producer
 from services.common.registry_view import RegistryView
+from services.common.service import (
+    StreamService,
+    enter_client,
+    fold_topics,
+    in_background,
+    on_exit,
+)
 from services.common.settings import Settings
 from services.trainer.job import Outcome, run_request
 
@@ -36,11 +39,14 @@ MAX_ATTEMPTS = 2
 TERMINAL = ("succeeded", "rejected", "failed", "needs_person")
 
 
-class TrainerService:
+class TrainerService(StreamService):
+    """Consumes retrain.requests; core ``run_request`` (off the loop); produces
+    models.artifacts, register commands and retrain.results."""
+
     name = "trainer"
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.view = RegistryView(settings)
         self.producer = make_producer(settings)
         self.loop = BatchLoop(
@@ -56,7 +62,7 @@ class TrainerService:
         self.current: str | None = None
         self._request_codec = codec("RetrainRequest")
         self._result_codec = codec("RetrainResult")
-        self._worker: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[object] | None = None
         self.completed = 0
 
     def register_checks(self, health: HealthServer) -> None:
@@ -70,24 +76,23 @@ class TrainerService:
             ),
         )
 
-    async def start(self) -> None:
-        await start_with_retry(self.producer.start, "trainer-producer", self.settings)
+    async def setup(self, stack: AsyncExitStack) -> None:
+        await enter_client(stack, self.producer, "trainer-producer", self.settings)
         await self.view.start()
+        on_exit(stack, self.view.stop)
         await self._resume()
-        self._worker = asyncio.create_task(self._work(), name="trainer-worker")
+        self._worker = in_background(stack, self._work(), "trainer-worker")
+        on_exit(stack, self.loop.stop)  # first out
 
     async def _resume(self) -> None:
-        consumer = make_consumer(self.settings, group_id=None)
-        await start_with_retry(consumer.start, "trainer-results", self.settings)
         last: dict[str, dict[str, Any]] = {}
-        try:
-            tps = await assign_all(consumer, self.settings.topic(RESULTS))
-            decode = self._result_codec.decode
-            await read_to_end(
-                consumer, tps, lambda r: last.__setitem__((v := decode(r.value))["request_id"], v)
-            )
-        finally:
-            await consumer.stop()
+        decode = self._result_codec.decode
+
+        def keep(record: ConsumerRecord[bytes, bytes]) -> None:
+            result = decode(record.value or b"")
+            last[result["request_id"]] = result
+
+        await fold_topics(self.settings, [(RESULTS, keep)], "trainer-results")
         for request_id, result in last.items():
             self.status[request_id] = result["status"]
             if result["status"] != "started":
@@ -201,12 +206,3 @@ class TrainerService:
     async def _publish(self, result: dict[str, Any]) -> None:
         out = self._out(result)
         await self.producer.send_and_wait(out.topic, out.value, key=out.key)
-
-    async def stop(self) -> None:
-        await self.loop.stop()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        await self.view.stop()
-        await self.producer.stop()
