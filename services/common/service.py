@@ -45,25 +45,15 @@ Apply = Callable[[ConsumerRecord[bytes, bytes]], bool]
 """Folds one record into a state; True when the state changed."""
 
 
-class StreamService(abc.ABC):
-    """The lifecycle the runner (``services.common.lifecycle.serve``) drives."""
+class Lifecycle(abc.ABC):
+    """start() enters what ``setup`` needs on one exit stack; stop() closes it, once, in
+    reverse order. A failure half-way through ``setup`` closes what was entered."""
 
-    name: ClassVar[str]
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._stack: AsyncExitStack | None = None
+    _stack: AsyncExitStack | None = None
 
     @abc.abstractmethod
     async def setup(self, stack: AsyncExitStack) -> None:
-        """Start what the service needs, entering each on ``stack`` (see the helpers)."""
-
-    @abc.abstractmethod
-    async def run(self, stop: asyncio.Event) -> None:
-        """Do the work until ``stop`` is set."""
-
-    def register_checks(self, health: HealthServer) -> None:  # noqa: B027 (optional hook)
-        """Readiness checks; none by default."""
+        """Start what is needed, entering each on ``stack`` (see the helpers below)."""
 
     async def start(self) -> None:
         stack = AsyncExitStack()
@@ -78,6 +68,22 @@ class StreamService(abc.ABC):
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
+
+
+class StreamService(Lifecycle):
+    """The lifecycle the runner (``services.common.lifecycle.serve``) drives."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    async def run(self, stop: asyncio.Event) -> None:
+        """Do the work until ``stop`` is set."""
+
+    def register_checks(self, health: HealthServer) -> None:
+        """Readiness checks; none by default."""
 
 
 class _Client(Protocol):
@@ -164,7 +170,7 @@ async def fold_topics(
         return count
 
 
-class TopicFollower:
+class TopicFollower(Lifecycle):
     """Fold a topic to its end, then follow it: the one way state is rebuilt from a topic.
 
     ``apply`` folds a record and says whether the state changed; ``on_change`` (a function
@@ -195,38 +201,26 @@ class TopicFollower:
         self.since_ms = since_ms
         self.ready = asyncio.Event()
         self.folded = 0
-        self._stack: AsyncExitStack | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._tps: list[TopicPartition] = []
 
-    async def start(self) -> None:
-        stack = AsyncExitStack()
-        try:
-            consumer = await started_consumer(stack, self.settings, self.what)
-            self._tps = await assign_all(consumer, self.settings.topic(self.topic))
-            if self.since_ms is not None:
-                await seek_to_time(consumer, self._tps, self.since_ms())
-            changed = False
+    async def setup(self, stack: AsyncExitStack) -> None:
+        consumer = await started_consumer(stack, self.settings, self.what)
+        self._tps = await assign_all(consumer, self.settings.topic(self.topic))
+        if self.since_ms is not None:
+            await seek_to_time(consumer, self._tps, self.since_ms())
+        changed = False
 
-            def fold(record: ConsumerRecord[bytes, bytes]) -> None:
-                nonlocal changed
-                changed |= self.apply(record)
+        def fold(record: ConsumerRecord[bytes, bytes]) -> None:
+            nonlocal changed
+            changed |= self.apply(record)
 
-            self.folded = await read_to_end(consumer, self._tps, fold, self.fold_timeout_s)
-            self._consumer = consumer
-            self.ready.set()
-            if changed:
-                await self._changed()
-            in_background(stack, self._follow(consumer), self.what)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-
-    async def stop(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+        self.folded = await read_to_end(consumer, self._tps, fold, self.fold_timeout_s)
+        self._consumer = consumer
+        self.ready.set()
+        if changed:
+            await self._changed()
+        in_background(stack, self._follow(consumer), self.what)
 
     async def __aenter__(self) -> TopicFollower:
         await self.start()
