@@ -114,10 +114,12 @@ class ScorerService(StreamService):
             await self.store.ping()
 
     async def _say_stopped(self) -> None:
+        """A clean stop says so (readers need not wait three beats); bounded, since a stop
+        must not hang on a broker that is gone."""
         try:
-            await self.heartbeat.stopped()
-        except KafkaError as exc:
-            log.warning("could not publish the stop heartbeat", extra={"error": str(exc)})
+            await asyncio.wait_for(self.heartbeat.stopped(), STOP_HEARTBEAT_S)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("could not publish the stop heartbeat", extra={"error": repr(exc)})
 
     async def _settle_store_write(self) -> None:
         if self._store_write is not None:
@@ -301,6 +303,7 @@ class ScorerService(StreamService):
         return Out(self._rejected, record.key, self._rejection_codec.encode(rec))
 
 
+STOP_HEARTBEAT_S = 2.0
 LOAD_WAIT_S = 5.0
 """How long a batch waits for a model load in progress before dead-lettering its events."""
 

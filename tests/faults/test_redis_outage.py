@@ -98,8 +98,8 @@ async def test_redis_outage(settings: Settings, trained_model: Any, tmp_path: Pa
                     await asyncio.sleep(0.2)
                 assert health.readiness()[0], "did not recover without a restart"
                 store = QueryStore(s)
-                assert await store.prediction(after[-1]) is not None
-                assert await store.prediction(before[0]) is None  # Redis restarted empty
+                assert await store.prediction("credit", after[-1]) is not None
+                assert await store.prediction("credit", before[0]) is None  # Redis restarted empty
                 await store.close()
     finally:
         redis.terminate()

@@ -130,12 +130,14 @@ async def test_a_scorer_hot_loads_from_s3_and_refuses_missing_or_tampered_object
         await register(trained_model.onnx, "1.0.0", "champion")
         async with Running(ScorerService(scorer_settings)) as scorer:
             holder = scorer.holder
-            assert await wait_for(lambda: holder.current.champion is not None)
-            assert holder.current.champion.key == "credit@1.0.0"
+            assert await wait_for(lambda: holder.current.of("credit") is not None)
+            assert holder.current.of("credit").champion.key == "credit@1.0.0"
             # A new version whose artifact lives in S3, hot-loaded while the scorer runs.
             await register(trained_model_b.onnx, "1.1.0", None)
             await promote("1.1.0")
-            assert await wait_for(lambda: holder.current.champion.key == "credit@1.1.0")
+            assert await wait_for(
+                lambda: holder.current.of("credit").champion.key == "credit@1.1.0"
+            )
             assert (tmp_path / "scorer").glob("*.onnx")
 
             # An object lost from the bucket after registration: refused, 1.1.0 serves on.
@@ -147,7 +149,7 @@ async def test_a_scorer_hot_loads_from_s3_and_refuses_missing_or_tampered_object
             missing = await load_failure(registry_settings, "1.2.0")
             assert "missing from the store (NoSuchKey)" in missing["detail"], missing
             assert missing["new_champion"] == "1.1.0" and missing["actor"].startswith("scorer:")
-            assert holder.current.champion.key == "credit@1.1.0"
+            assert holder.current.of("credit").champion.key == "credit@1.1.0"
 
             # An object whose bytes were replaced: the checksum refuses it.
             onnx_d = relabelled(trained_model_b.onnx, "1.3.0")
@@ -157,5 +159,5 @@ async def test_a_scorer_hot_loads_from_s3_and_refuses_missing_or_tampered_object
             await promote("1.3.0")
             tampered = await load_failure(registry_settings, "1.3.0")
             assert "checksum mismatch" in tampered["detail"], tampered
-            assert holder.current.champion.key == "credit@1.1.0"
+            assert holder.current.of("credit").champion.key == "credit@1.1.0"
             assert {"credit@1.2.0", "credit@1.3.0"} <= set(holder.current.failures)
