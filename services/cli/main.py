@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -105,23 +106,56 @@ def cmd_dev(args: argparse.Namespace) -> int:
         _print(data, args.json, human)
         return 0
     if args.action == "down":
+        left = stack.services()
         stopped = stack.down()
         _print(
-            {"stopped": stopped},
+            {"stopped": stopped, "services_still_running": [r.to_json() for r in left]},
             args.json,
             lambda: print("stopped: " + ", ".join(stopped) if stopped else "nothing was running"),
         )
+        if left:
+            print(
+                "still running against it (they keep retrying; stop them with kill PID): "
+                + ", ".join(f"{r.service} (pid {r.pid})" for r in left),
+                file=sys.stderr,
+            )
         return 0
     running = stack.running()
     if running is None:
         _print({"running": False}, args.json, lambda: print("dev stack not running"))
         return 1
+    from services.common.devstack import readiness
+
+    services = [(record, readiness(record)) for record in stack.services()]
     _print(
-        {"running": True, **running.to_json()},
+        {
+            "running": True,
+            **running.to_json(),
+            "services": [{**r.to_json(), "readiness": ready} for r, ready in services],
+        },
         args.json,
-        lambda: print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}"),
+        lambda: _print_status(running, services),
     )
     return 0
+
+
+def _print_status(running: Any, services: list[tuple[Any, str]]) -> None:
+    print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}")
+    if not services:
+        print("no services running on it yet (start one with: scoremesh run registry &)")
+        return
+    rows = [("SERVICE", "PID", "HEALTH AND METRICS", "READY")] + [
+        (
+            r.service + (f" (API :{r.api_port})" if r.api_port else ""),
+            str(r.pid),
+            r.metrics_url,
+            ready,
+        )
+        for r, ready in services
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3]]))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -272,6 +306,9 @@ def _share(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # aiokafka logs what it retries or raises at ERROR; the error we raise says it once, with
+    # the cause and the fix (services do the same in logs.configure_logging).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
