@@ -9,9 +9,10 @@ import signal
 from collections.abc import Callable
 from typing import Protocol
 
+from services.common.devstack import announce_service, withdraw_service
 from services.common.health import HealthServer
 from services.common.logs import configure_logging
-from services.common.settings import Settings
+from services.common.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,15 @@ async def serve(make: Callable[[], Service], settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     health = HealthServer(service.name, settings.metrics_host, settings.metrics_port)
     service.register_checks(health)
-    await health.start()
     exit_code = 0
+    announced = None
     try:
+        await health.start()
+        announced = announce_service(service.name, health.port, settings)
         await service.start()
+        api_port = getattr(service, "port", None)  # a service with its own listener (query)
+        if isinstance(api_port, int):
+            announced = announce_service(service.name, health.port, settings, api_port)
         # Start-up objects (models, schemas, libraries) live for the whole process: move them
         # out of the collector's way so full collections stop adding 10-20 ms to the tail.
         gc.collect()
@@ -52,10 +58,15 @@ async def serve(make: Callable[[], Service], settings: Settings) -> int:
             gc.set_threshold(*thresholds)
         log.info("service started", extra={"topic_prefix": settings.topic_prefix})
         await service.run(stop)
+    except ConfigError as exc:
+        # A setting to change (a port taken, a broker feature refused): one line says which.
+        log.error(str(exc))
+        exit_code = 1
     except Exception:
         log.exception("service failed")
         exit_code = 1
     finally:
+        withdraw_service(announced)
         try:
             await asyncio.wait_for(service.stop(), settings.shutdown_deadline_s)
         except TimeoutError:
