@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,27 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--reason", default="")
+    p = add(
+        "retrain",
+        "ask the trainer for a new version trained on recent labelled events",
+        "scoremesh models retrain credit --wait",
+    )
+    p.add_argument("name", help="the model to retrain (its champion is the starting point)")
+    p.add_argument("--reason", default="", help="why, for the deployment log")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the trainer's outcome; exit 1 unless a new version was registered",
+    )
+    p.add_argument(
+        "--window-days",
+        type=float,
+        help="event-time span of the training data (default: the retrain policy's window_s)",
+    )
+    p.add_argument("--window-end", help="ISO-8601 end of that span (default: now)")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)"
+    )
     p = add(
         "flag",
         "switch a challenger variant off or on instantly",
@@ -319,27 +341,62 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
 def _retrain(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from services.cli.stream import _parse_since
-    from services.retrain.requests import publish_request, wait_for_result
-    from services.retrain.trigger import manual_request
+    from services.cli.stream import parse_time
+    from services.common.retraining import (
+        RetrainTimeout,
+        manual_request,
+        publish_request,
+        wait_for_result,
+    )
 
     now = int(time.time() * 1000)
-    end = _parse_since(args.window_end) if args.window_end else now
+    end = parse_time(args.window_end, "--window-end") or now
+    if args.window_days is not None and args.window_days <= 0:
+        raise CommandRefused(f"--window-days must be positive, got {args.window_days}")
     window_s = args.window_days * 86400 if args.window_days else settings.retrain.policy.window_s
-    if window_s <= 0:
-        raise CommandRefused("--window-days must be positive")
-    request = manual_request(args.name, "cli", args.reason, end or now, window_s, now)
+    request = manual_request(args.name, "cli", args.reason, end, window_s, now)
     asyncio.run(publish_request(settings, request))
     lines = [
-        f"retrain requested: {request['request_id']} ({args.name}, window "
-        f"{request['window_start']}..{request['window_end']})"
+        f"retrain requested: {request['request_id']} ({args.name}, events from "
+        f"{_when(request['window_start'])} to {_when(request['window_end'])})"
     ]
     if not args.wait:
-        emit(request, args.json, lines)
+        follow = (
+            "its outcome: scoremesh tail retrain.results --from-beginning "
+            f"--filter request_id={request['request_id']}"
+        )
+        emit(request, args.json, [*lines, follow])
         return 0
-    result = asyncio.run(wait_for_result(settings, request["request_id"]))
+    print(lines[0], file=sys.stderr)  # now, not after the wait; stdout gets the outcome
+
+    def progress(result: dict[str, Any]) -> None:
+        if result["status"] == "started":
+            print(
+                f"trainer {result['trainer']} started it (attempt {result['attempt']})",
+                file=sys.stderr,
+            )
+
+    try:
+        result = asyncio.run(
+            wait_for_result(settings, request["request_id"], args.timeout, on_progress=progress)
+        )
+    except RetrainTimeout as exc:
+        raise CommandRefused(str(exc)) from None
     lines.append(f"{result['status']}: {result['detail']}")
-    emit({"request": request, "result": result}, args.json, lines)
+    if result["metrics"]:
+        lines.append(
+            "on the most recent events: "
+            + ", ".join(
+                f"{k} {v:.3f} (champion {result['champion_metrics'].get(k, float('nan')):.3f})"
+                for k, v in sorted(result["metrics"].items())
+            )
+        )
+    emit({"request": request, "result": result}, args.json, lines[1:])
     if result["status"] != "succeeded":
         raise CommandRefused(f"retrain {result['status']}: {result['detail']}")
     return 0
+
+
+def _when(ms: int) -> str:
+    """Epoch milliseconds as people read them (UTC, to the second)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")

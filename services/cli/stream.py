@@ -415,22 +415,23 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
 # --- dlq replay ------------------------------------------------------------------------
 
 
-def _parse_since(text: str | None) -> int | None:
+def parse_time(text: str | None, option: str) -> int | None:
+    """An ISO-8601 time with a zone, as epoch milliseconds; ``option`` names it in errors."""
     if text is None:
         return None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise InputError(
-            f"--since {text!r}: use ISO-8601 with a zone, e.g. 2026-11-25T08:00:00Z"
+            f"{option} {text!r}: use ISO-8601 with a zone, e.g. 2026-11-25T08:00:00Z"
         ) from None
     if moment.tzinfo is None:
-        raise InputError(f"--since {text!r}: add a time zone, e.g. Z for UTC")
+        raise InputError(f"{option} {text!r}: add a time zone, e.g. Z for UTC")
     return int(moment.timestamp() * 1000)
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    since = _parse_since(args.since)
+    since = parse_time(args.since, "--since")
     settings.require_bootstrap()
     from services.common.dlq import replay_dlq
 

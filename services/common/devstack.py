@@ -120,11 +120,7 @@ class StackState:
     logs: dict[str, str] = field(default_factory=dict)
 
     def settings_overrides(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "kafka_bootstrap": self.kafka_bootstrap,
-            "redis_url": self.redis_url,
-            **DEV_SERVICE_SETTINGS,
-        }
+        out: dict[str, Any] = {"kafka_bootstrap": self.kafka_bootstrap, "redis_url": self.redis_url}
         if "broker" in self.started:
             out.update(DEV_KAFKA_SETTINGS)
         return out
@@ -135,7 +131,7 @@ class StackState:
             "redis_url": self.redis_url,
             "started": self.started,
             "logs": self.logs,
-            "settings": self.settings_overrides(),
+            "settings": {**self.settings_overrides(), **DEV_SERVICE_SETTINGS},
         }
 
 
