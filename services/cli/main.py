@@ -140,22 +140,22 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def _print_status(running: Any, services: list[tuple[Any, str]]) -> None:
+    from services.common.tables import format_table
+
     print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}")
     if not services:
         print("no services running on it yet (start one with: scoremesh run registry &)")
         return
-    rows = [("SERVICE", "PID", "HEALTH AND METRICS", "READY")] + [
-        (
-            r.service + (f" (API :{r.api_port})" if r.api_port else ""),
-            str(r.pid),
-            r.metrics_url,
-            ready,
-        )
+    rows = [
+        {
+            "service": r.service + (f" (API :{r.api_port})" if r.api_port else ""),
+            "pid": r.pid,
+            "health and metrics": r.metrics_url,
+            "ready": ready,
+        }
         for r, ready in services
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3]]))
+    print(format_table(rows, ("service", "pid", "health and metrics", "ready"), width=100))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -184,7 +184,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from services.monitor.status import ALERT_COLUMNS, DRIFT_COLUMNS, format_table, monitor_status
+    from services.common.tables import format_table
+    from services.monitor.status import ALERT_COLUMNS, DRIFT_COLUMNS, monitor_status
 
     settings.require_bootstrap()
     status = asyncio.run(monitor_status(settings, alerts_from=args.alerts_from))

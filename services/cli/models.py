@@ -205,7 +205,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if action == "history":
         events = asyncio.run(read_history(settings, args.name))
-        emit(events, args.json, [describe(e) for e in events] or [f"no history for {args.name!r}"])
+        lines = history_table(events) if events else [f"no history for {args.name!r}"]
+        emit(events, args.json, lines)
         return 0
     if action == "register":
         return _register(args, settings)
@@ -239,6 +240,37 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         raise CommandRefused(f"unknown action {action!r}")
     return _answer(asyncio.run(command(settings, cmd)), args.json)
+
+
+HISTORY_COLUMNS = ("time (utc)", "actor", "action", "version", "change", "reason")
+
+
+def history_table(events: list[dict[str, Any]]) -> list[str]:
+    """The deployment log for people: when, who, what (versions and stages) and why."""
+    from services.common.tables import format_table
+
+    rows = []
+    for e in events:
+        if e["outcome"] != "applied":
+            change = f"refused: {e['detail']}"
+        elif e["action"] == "register":
+            change = "registered"
+        else:
+            change = f"{e.get('from_stage')} -> {e.get('to_stage')}"
+            previous = e.get("previous_champion")
+            if previous and previous != e.get("version"):
+                change += f" (previous champion {previous})"
+        rows.append(
+            {
+                "time (utc)": _when(e["at"]),
+                "actor": e["actor"],
+                "action": e["action"],
+                "version": e.get("version") or "-",
+                "change": change,
+                "reason": e["reason"] or "-",
+            }
+        )
+    return format_table(rows, HISTORY_COLUMNS, width=80).splitlines()
 
 
 def _inputs(
