@@ -326,10 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scoremesh: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # one line for people; the traceback helps nobody at a prompt
+        from aiokafka.errors import KafkaError
+
         from services.common.devstack import DevStackError
         from services.common.kafka import KafkaUnavailable
 
         if isinstance(exc, DevStackError | KafkaUnavailable):
             print(f"scoremesh: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, KafkaError):  # e.g. a topic that does not exist
+            print(f"scoremesh: Kafka: {exc}", file=sys.stderr)
             return 1
         raise

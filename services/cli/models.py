@@ -11,12 +11,14 @@ from typing import Any
 
 import orjson
 
+from services.cli.target import announce_kafka
 from services.common.commands import command, describe, new_command, read_history
 from services.common.errors import UserError
 from services.common.model_version import STAGES, VersionMetadata
 from services.common.settings import Settings
 
 STAGE_TARGETS = [s for s in STAGES if s not in ("registered", "rolled_back")]
+MUTATING = frozenset({"bootstrap", "register", "promote", "rollback", "retire", "flag", "retrain"})
 
 
 class CommandRefused(UserError):
@@ -158,6 +160,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if action == "validate":
         return _validate(args, settings)
     settings.require_bootstrap()
+    if action in MUTATING:
+        announce_kafka(settings)
     if action == "bootstrap":
         from services.trainer.bootstrap import bootstrap
 

@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from scoremesh.contract.codec import codec
 from scoremesh.contract.topics import TopicName
+from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
     make_consumer,
@@ -23,8 +24,8 @@ COMMANDS_TOPIC: TopicName = "models.commands"
 DEPLOYMENTS_TOPIC: TopicName = "deployments.log"
 
 
-class RegistryTimeout(RuntimeError):
-    pass
+class RegistryTimeout(UserError, TimeoutError):
+    """No answer from the registry in time; the message says what to check."""
 
 
 def new_command(

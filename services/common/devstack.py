@@ -397,21 +397,20 @@ def readiness(record: ServiceRecord, timeout: float = 1.0) -> str:
     return "not ready: " + (failing[0] if failing else "starting")
 
 
-def cluster_origin(settings: Settings) -> str:
-    """Where the Kafka bootstrap in use came from, for people: the environment variable,
-    the dev stack (and its file), or the program's own settings."""
-    from_env = any(k.upper() == "SCOREMESH_KAFKA_BOOTSTRAP" for k in os.environ)
+def setting_origin(settings: Settings, name: str) -> str:
+    """Where a setting's value in use came from, for people: "from SCOREMESH_<NAME>" (the
+    environment wins), "from the dev stack (<its file>)", or "" (given by the program)."""
+    variable = f"SCOREMESH_{name.upper()}"
+    value = getattr(settings, name)
     stack = dev_stack_file()
     try:
-        dev_bootstrap = json.loads(stack.read_text()).get("kafka_bootstrap")
+        dev_value = json.loads(stack.read_text()).get("settings", {}).get(name)
     except (OSError, ValueError, AttributeError):
-        dev_bootstrap = None
-    is_dev = dev_bootstrap is not None and dev_bootstrap == settings.kafka_bootstrap
-    if from_env:
-        return "SCOREMESH_KAFKA_BOOTSTRAP" + (", the dev stack's broker" if is_dev else "")
-    if is_dev:
-        return f"dev stack: {stack}"
-    return "settings"
+        dev_value = None
+    is_dev = dev_value is not None and dev_value == value
+    if any(k.upper() == variable for k in os.environ):
+        return f"from {variable}" + (" (the dev stack's)" if is_dev else "")
+    return f"from the dev stack ({stack})" if is_dev else ""
 
 
 def _terminate(pid: int, timeout: float = 5.0) -> bool:

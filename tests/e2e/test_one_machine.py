@@ -30,9 +30,11 @@ def env(stack: StackState, home: Path, tmp_path: Path) -> dict[str, str]:
     """A new shell after `scoremesh dev up`: nothing configured but the home the stack file
     is in (and a topic prefix of its own, so tests do not share topics)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
+    tag = uuid.uuid4().hex[:8]
     environ.update(
         SCOREMESH_HOME=str(home),
-        SCOREMESH_TOPIC_PREFIX=f"one-{uuid.uuid4().hex[:8]}.",
+        SCOREMESH_TOPIC_PREFIX=f"one-{tag}.",
+        SCOREMESH_REDIS_KEY_PREFIX=f"test:{tag}:",
         SCOREMESH_ARTIFACT_DIR=str(tmp_path / "artifacts"),
     )
     ensure_topics_sync(environ)
@@ -162,3 +164,29 @@ def test_a_broker_without_idempotent_producers_is_named_not_called_unreachable(
     line = cli.stderr.strip().splitlines()[-1]
     assert line.startswith("scoremesh: events-send: Kafka at ") and "answered but refused" in line
     assert "SCOREMESH_KAFKA_IDEMPOTENCE=false" in line and "not reachable" not in cli.stderr
+
+
+def test_mutating_commands_say_which_cluster_on_stderr(
+    env: dict[str, str], stack: StackState, home: Path, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"event_id": "e-1", "entity_id": "c-1", "features": {"age": 30}}\n')
+    prefix = env["SCOREMESH_TOPIC_PREFIX"]
+    sent = scoremesh(env, "events", "send", str(events), "--json")
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["sent"] == 1  # stdout stays machine-readable
+    assert sent.stderr.splitlines() == [
+        f"cluster: Kafka {stack.kafka_bootstrap} from the dev stack "
+        f"({home / 'dev' / 'stack.json'}), topics prefixed {prefix!r}"
+    ]
+    exported = {**env, "SCOREMESH_KAFKA_BOOTSTRAP": stack.kafka_bootstrap}
+    again = scoremesh(exported, "events", "send", str(events))
+    assert (
+        f"cluster: Kafka {stack.kafka_bootstrap} from SCOREMESH_KAFKA_BOOTSTRAP (the dev stack's)"
+        in again.stderr
+    )
+    forgot = scoremesh(env, "forget", "c-1", "--json")
+    assert forgot.returncode == 0 and json.loads(forgot.stdout)["entity_id"] == "c-1"
+    assert forgot.stderr.startswith(f"cluster: Redis {stack.redis_url} from the dev stack")
+    read = scoremesh(env, "models", "list", "--json")
+    assert read.returncode == 0 and "cluster:" not in read.stderr  # reading changes nothing
