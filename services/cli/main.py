@@ -254,11 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from services.cli import models as cli_models
+    from services.cli import sample as cli_sample
     from services.cli import stream as cli_stream
 
     cli_models.add_parsers(sub)
     sub.choices["models"].set_defaults(func=cmd_models)
     cli_stream.add_parsers(sub)
+    cli_sample.add_parser(sub)
+    sub.choices["sample"].set_defaults(func=cli_sample.cmd_sample)
     monitor = sub.add_parser(
         "monitor",
         help="drift state and open alerts",
