@@ -274,7 +274,7 @@ def history_table(events: list[dict[str, Any]]) -> list[str]:
                 "reason": e["reason"] or "-",
             }
         )
-    return format_table(rows, HISTORY_COLUMNS, width=80).splitlines()
+    return format_table(rows, HISTORY_COLUMNS, width=100).splitlines()
 
 
 def _inputs(
