@@ -14,8 +14,8 @@ from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
     make_consumer,
-    make_producer,
     read_to_end,
+    send_one,
     start_with_retry,
 )
 from services.common.settings import Settings
@@ -55,19 +55,14 @@ def new_command(
 async def send_command(
     settings: Settings, command: dict[str, Any], producer: AIOKafkaProducer | None = None
 ) -> None:
-    own = producer is None
-    producer = producer or make_producer(settings)
-    if own:
-        await start_with_retry(producer.start, "command-producer", settings)
-    try:
-        await producer.send_and_wait(
-            settings.topic(COMMANDS_TOPIC),
-            codec("ModelCommand").encode(command),
-            key=command["model"].encode(),
-        )
-    finally:
-        if own:
-            await producer.stop()
+    await send_one(
+        settings,
+        settings.topic(COMMANDS_TOPIC),
+        codec("ModelCommand").encode(command),
+        command["model"].encode(),
+        "command-producer",
+        producer,
+    )
 
 
 async def wait_for_outcome(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.settings import ConfigError, Settings, dev_stack_file
+from services.common.settings import ConfigError, Settings, dev_stack_file, in_environment
 
 # What the embedded broker lacks or does slowly (MEASURED.md): no idempotent producer,
 # JoinGroup waits ~half the session timeout, fetch waits ~max_wait/2 even with data.
@@ -408,7 +408,7 @@ def setting_origin(settings: Settings, name: str) -> str:
     except (OSError, ValueError, AttributeError):
         dev_value = None
     is_dev = dev_value is not None and dev_value == value
-    if any(k.upper() == variable for k in os.environ):
+    if in_environment(name):
         return f"from {variable}" + (" (the dev stack's)" if is_dev else "")
     return f"from the dev stack ({stack})" if is_dev else ""
 

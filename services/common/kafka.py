@@ -354,6 +354,27 @@ async def delete_topics(settings: Settings, names: Sequence[TopicName]) -> None:
         await admin.close()
 
 
+async def send_one(
+    settings: Settings,
+    topic: str,
+    value: bytes,
+    key: bytes | None,
+    what: str,
+    producer: AIOKafkaProducer | None = None,
+) -> None:
+    """Send one record and wait for its acknowledgement: with ``producer``, or with a
+    producer of its own started (``what`` names it in errors) and stopped around it."""
+    if producer is not None:
+        await producer.send_and_wait(topic, value, key=key)
+        return
+    own = make_producer(settings)
+    await start_with_retry(own.start, what, settings)
+    try:
+        await own.send_and_wait(topic, value, key=key)
+    finally:
+        await own.stop()
+
+
 def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     parts = consumer.partitions_for_topic(topic)
     if not parts:

@@ -33,6 +33,12 @@ MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _CATALOG_NAMES = frozenset(TOPICS)
 
 
+def in_environment(name: str) -> bool:
+    """Whether the environment sets ``SCOREMESH_<NAME>`` (it wins over the dev stack file)."""
+    variable = f"{ENV_PREFIX}{name}".upper()
+    return any(key.upper() == variable for key in os.environ)
+
+
 def _blank_is_none(value: object) -> object:
     # `SCOREMESH_API_TOKEN=` must disable mutating routes, not set an empty token.
     return None if isinstance(value, str) and not value.strip() else value

@@ -19,6 +19,7 @@ import pytest
 
 from services.common.devstack import StackState
 from services.trainer.datasets import CREDIT_SPEC, credit_events
+from tests.helpers import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -59,14 +60,7 @@ def registry(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[b
 
 
 def sm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return cli(env, *args)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 
 from services.common.devstack import StackState
 from tests.conftest import ensure_topics_sync
+from tests.helpers import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -41,17 +42,8 @@ def env(stack: StackState, home: Path, tmp_path: Path) -> dict[str, str]:
     return environ
 
 
-def scoremesh(
-    env: dict[str, str], *args: str, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def scoremesh(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return cli(env, *args, timeout=60)
 
 
 @pytest.fixture
