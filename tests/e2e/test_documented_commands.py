@@ -47,11 +47,11 @@ SH: dict[str, list[str]] = {
         ". .venv/bin/activate",
         "mkdir -p try && cd try",
         "scoremesh dev up",
-        "scoremesh run registry &",
-        "scoremesh run validator &",
-        "scoremesh run scorer &",
-        "scoremesh run label-join &",
-        "scoremesh run trainer &",
+        "scoremesh run registry >registry.log 2>&1 &",
+        "scoremesh run validator >validator.log 2>&1 &",
+        "scoremesh run scorer >scorer.log 2>&1 &",
+        "scoremesh run label-join >label-join.log 2>&1 &",
+        "scoremesh run trainer >trainer.log 2>&1 &",
         "scoremesh models bootstrap",
         "scoremesh dev status",
         "scoremesh models list",
@@ -69,19 +69,20 @@ SH: dict[str, list[str]] = {
         "scoremesh models history credit",
         "scoremesh dlq replay --reason out_of_range --dry-run",
         "scoremesh forget cust-1",
-        "scoremesh run query &",
+        "scoremesh run query >query.log 2>&1 &",
         "curl -s --retry 30 --retry-connrefused --retry-delay 1 "
         "localhost:${SCOREMESH_API_PORT:-8080}/readyz | jq -c .ready",
         "curl -s localhost:${SCOREMESH_API_PORT:-8080}/v1/models/credit | jq -c "
         "'{champion, challengers: [.challengers[].version]}'",
         "kill $(jobs -p) && wait",
+        """grep -h '"service stopped"' *.log | jq -c '{service, exit_code}'""",
         "scoremesh dev down",
     ],
     "docs/tutorial.md": [
         "scoremesh dev up",
-        "scoremesh run registry &",
-        "scoremesh run validator &",
-        "scoremesh run scorer &",
+        "scoremesh run registry >registry.log 2>&1 &",
+        "scoremesh run validator >validator.log 2>&1 &",
+        "scoremesh run scorer >scorer.log 2>&1 &",
         "scoremesh models bootstrap",
         "file train.py",
         "python train.py",
@@ -253,7 +254,7 @@ class Ran:
     command: str
     stdout: str
     stderr: str
-    log: Path | None = None  # a background service's output
+    log: Path | None = None  # a background service's log file
 
 
 class Shell:
@@ -349,6 +350,21 @@ def history(*expected: str) -> Check:
     return check
 
 
+def the(doc: str, prefix: str) -> str:
+    """The one command of ``doc`` that starts with ``prefix``."""
+    (found,) = [c for c in SH[doc] if c.startswith(prefix)]
+    return found
+
+
+def stopped_cleanly(*services: str) -> Check:
+    def check(ran: Ran) -> None:
+        records = [json.loads(line) for line in lines(ran.stdout)]
+        assert sorted(r["service"] for r in records) == sorted(services), ran.stdout
+        assert {r["exit_code"] for r in records} == {0}, ran.stdout
+
+    return check
+
+
 def mutates(inner: Check) -> Check:
     def check(ran: Ran) -> None:
         cluster_line(ran)
@@ -372,19 +388,23 @@ CHECKS: dict[tuple[str, str], Check] = {
         "wrote 3000 events to events.jsonl"
     ),
     ("README.md", "scoremesh events send events.jsonl"): mutates(contains("sent 3000, failed 0")),
-    ("README.md", SH["README.md"][16]): json_lines(3, model_version="1.0.0", variant="champion"),
-    ("README.md", SH["README.md"][17]): lambda r: (
+    ("README.md", the("README.md", "scoremesh tail predictions")): json_lines(
+        3, model_version="1.0.0", variant="champion"
+    ),
+    ("README.md", the("README.md", "scoremesh tail events.rejected")): lambda r: (
         json.loads(r.stdout)["reasons"][0]["code"] or pytest.fail(r.stdout)
     ),
     ("README.md", "scoremesh labels send labels.csv"): mutates(contains("bad 0")),
-    ("README.md", SH["README.md"][19]): mutates(
+    ("README.md", the("README.md", "scoremesh models retrain")): mutates(
         contains("succeeded: registered credit@1.1.0 in shadow", "champion")
     ),
-    ("README.md", SH["README.md"][20]): mutates(contains("promote: credit@1.1.0 shadow -> canary")),
-    ("README.md", SH["README.md"][21]): mutates(
+    ("README.md", the("README.md", "scoremesh models promote credit 1.1.0 --to canary")): mutates(
+        contains("promote: credit@1.1.0 shadow -> canary")
+    ),
+    ("README.md", the("README.md", "scoremesh models promote credit 1.1.0 --to champion")): mutates(
         contains("credit@1.1.0 canary -> champion (previous champion 1.0.0)")
     ),
-    ("README.md", SH["README.md"][22]): mutates(
+    ("README.md", the("README.md", "scoremesh models rollback")): mutates(
         contains("rollback: credit@1.0.0 retired -> champion (previous champion 1.1.0)")
     ),
     ("README.md", "scoremesh models history credit"): history(
@@ -397,17 +417,22 @@ CHECKS: dict[tuple[str, str], Check] = {
         "would replay", "out_of_range"
     ),
     ("README.md", "scoremesh forget cust-1"): contains("removed", "cust-1"),
-    ("README.md", SH["README.md"][27]): contains("true"),
-    ("README.md", SH["README.md"][28]): contains('{"champion":"1.0.0","challengers":[]}'),
+    ("README.md", the("README.md", "curl -s --retry")): contains("true"),
+    ("README.md", the("README.md", "curl -s localhost")): contains(
+        '{"champion":"1.0.0","challengers":[]}'
+    ),
+    ("README.md", the("README.md", "grep -h")): stopped_cleanly(
+        "label-join", "query", "registry", "scorer", "trainer", "validator"
+    ),
     ("README.md", "scoremesh dev down"): contains("stopped: broker"),
     (
         "docs/tutorial.md",
         "scoremesh models validate model.onnx --spec spec.json --data holdout.jsonl",
     ): (contains("gates: passed")),
-    ("docs/tutorial.md", SH["docs/tutorial.md"][8]): mutates(
+    ("docs/tutorial.md", the("docs/tutorial.md", "scoremesh models register")): mutates(
         contains("registered credit@2.0.0", "promote: credit@2.0.0 registered -> shadow")
     ),
-    ("docs/tutorial.md", SH["docs/tutorial.md"][11]): json_lines(
+    ("docs/tutorial.md", the("docs/tutorial.md", "scoremesh tail predictions")): json_lines(
         3, variant="shadow", model_version="2.0.0"
     ),
     ("docs/tutorial.md", "scoremesh models history credit"): history(
@@ -464,21 +489,23 @@ def test_the_documented_commands_run_as_written(session: tuple[Shell, dict[str, 
             if step.command.startswith("file "):
                 (shell.cwd() / step.command.split()[1]).write_text(step.text)
                 continue
+            if step.command.endswith("&"):  # a service, its output where the docs send it
+                target = re.search(r">\s*(\S+)", step.command)
+                assert target, f"{step.command}: a background service without a log file"
+                background.append(Ran(step.command, "", "", shell.cwd() / target.group(1)))
             started = time.monotonic()
-            rc, stdout, stderr, out_file = shell.run(step.text)
+            rc, stdout, stderr, _ = shell.run(step.text)
             timings.append((f"{doc}: {step.command}", time.monotonic() - started))
             ran = Ran(step.command, stdout, stderr)
             assert rc == 0, f"{doc}: {step.command} exited {rc}\n{stdout[-3000:]}\n{stderr[-3000:]}"
-            if step.command.endswith("&"):
-                background.append(Ran(step.command, "", "", out_file))
             check = CHECKS.get((doc, step.command))
             if check is not None:
                 check(ran)
     print("\n".join(f"{t:6.1f}s  {c}" for c, t in sorted(timings, key=lambda x: -x[1])[:10]))
-    assert {r.command for r in background} == {c for c in SH["README.md"] if c.endswith("&")}
-    for service in background:
+    assert len(background) == 9  # six services in the README, three in the tutorial
+    for service in background:  # the tutorial's logs replace the README's of the same name
         assert service.log is not None
-        log = service.log.read_text() + service.log.with_suffix(".err").read_text()
+        log = service.log.read_text()
         assert "Traceback" not in log, f"{service.command}:\n{log[-3000:]}"
         stopped = [json.loads(x) for x in log.splitlines() if '"service stopped"' in x]
         assert [s["exit_code"] for s in stopped] == [0], f"{service.command}:\n{log[-3000:]}"
