@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.settings import ConfigError, Settings, dev_stack_file, in_environment
+from services.common.settings import (
+    ConfigError,
+    Settings,
+    dev_stack_file,
+    dev_stack_settings,
+    in_environment,
+)
 
 # What the embedded broker lacks or does slowly (MEASURED.md): no idempotent producer,
 # JoinGroup waits ~half the session timeout, fetch waits ~max_wait/2 even with data.
@@ -324,14 +330,10 @@ def announce_service(
     Only when the dev stack's broker is the one in use: containers and other clusters get
     no file (their root file system may be read-only, and nothing there reads it).
     """
-    stack = dev_stack_file()
-    try:
-        bootstrap = json.loads(stack.read_text()).get("kafka_bootstrap")
-    except (OSError, ValueError, AttributeError):
-        return None
+    bootstrap = dev_stack_settings().get("kafka_bootstrap")
     if not bootstrap or bootstrap != settings.kafka_bootstrap:
         return None
-    path = stack.parent / "services" / f"{name}-{os.getpid()}.json"
+    path = dev_stack_file().parent / "services" / f"{name}-{os.getpid()}.json"
     record = ServiceRecord(
         name, os.getpid(), settings.metrics_host, metrics_port, api_port, settings.topic_prefix
     )
@@ -402,15 +404,11 @@ def setting_origin(settings: Settings, name: str) -> str:
     environment wins), "from the dev stack (<its file>)", or "" (given by the program)."""
     variable = f"SCOREMESH_{name.upper()}"
     value = getattr(settings, name)
-    stack = dev_stack_file()
-    try:
-        dev_value = json.loads(stack.read_text()).get("settings", {}).get(name)
-    except (OSError, ValueError, AttributeError):
-        dev_value = None
+    dev_value = dev_stack_settings().get(name)
     is_dev = dev_value is not None and dev_value == value
     if in_environment(name):
         return f"from {variable}" + (" (the dev stack's)" if is_dev else "")
-    return f"from the dev stack ({stack})" if is_dev else ""
+    return f"from the dev stack ({dev_stack_file()})" if is_dev else ""
 
 
 def _terminate(pid: int, timeout: float = 5.0) -> bool:

@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 from scoremesh.client.config import default_home as default_home
 from scoremesh.client.config import dev_stack_file as dev_stack_file
-from scoremesh.client.config import dev_stack_settings
+from scoremesh.client.config import dev_stack_settings as dev_stack_settings
 from scoremesh.contract.topics import TOPICS, TopicName
 from services.common.policies.monitor import MonitorPolicy
 from services.common.policies.retrain import PromotionPolicy, RetrainPolicy
