@@ -50,6 +50,8 @@ class HealthServer:
         self._checks[name] = check
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
+        if not self._checks:  # listening before the service has said what "ready" means
+            return False, {"service": "not ready: starting"}
         details: dict[str, str] = {}
         ready = True
         for name, check in self._checks.items():

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from services.common.devstack import announce_service, withdraw_service
-from services.common.health import HealthServer
+from services.common.health import CannotListen, HealthServer
 from services.common.logs import configure_logging
 from services.common.settings import ConfigError, Settings
 
@@ -29,19 +29,24 @@ class Service(Protocol):
     def register_checks(self, health: HealthServer) -> None: ...
 
 
-async def serve(make: Callable[[], Service], settings: Settings) -> int:
+async def serve(make: Callable[[], Service], settings: Settings, name: str) -> int:
     """Run a service until SIGTERM/SIGINT; finish the in-flight batch and close in time."""
+    health = HealthServer(name, settings.metrics_host, settings.metrics_port)
+    try:
+        await health.start()  # first: a taken port then leaves no client to close
+    except CannotListen as exc:  # one line naming the setting, not a traceback
+        log.error(str(exc))
+        log.info("service stopped", extra={"exit_code": 1})
+        return 1
     service = make()  # clients bind to the running loop, so build inside it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    health = HealthServer(service.name, settings.metrics_host, settings.metrics_port)
     service.register_checks(health)
     exit_code = 0
     announced = None
     try:
-        await health.start()
         announced = announce_service(service.name, health.port, settings)
         await service.start()
         api_port = getattr(service, "port", None)  # a service with its own listener (query)
@@ -84,5 +89,5 @@ def run_service(name: str, make: Callable[[], Service], settings: Settings) -> i
     try:
         import uvloop
     except ImportError:  # optional: the stdlib loop works, a little slower
-        return asyncio.run(serve(make, settings))
-    return int(uvloop.run(serve(make, settings)))
+        return asyncio.run(serve(make, settings, name))
+    return int(uvloop.run(serve(make, settings, name)))
