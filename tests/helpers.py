@@ -98,6 +98,20 @@ async def register_model(
     )
 
 
+def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`scoremesh ARGS` as a process with exactly this environment."""
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a `scoremesh run` subprocess needs to share a test's settings."""
     import os

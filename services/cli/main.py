@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -105,23 +106,56 @@ def cmd_dev(args: argparse.Namespace) -> int:
         _print(data, args.json, human)
         return 0
     if args.action == "down":
+        left = stack.services()
         stopped = stack.down()
         _print(
-            {"stopped": stopped},
+            {"stopped": stopped, "services_still_running": [r.to_json() for r in left]},
             args.json,
             lambda: print("stopped: " + ", ".join(stopped) if stopped else "nothing was running"),
         )
+        if left:
+            print(
+                "still running against it (they keep retrying; stop them with kill PID): "
+                + ", ".join(f"{r.service} (pid {r.pid})" for r in left),
+                file=sys.stderr,
+            )
         return 0
     running = stack.running()
     if running is None:
         _print({"running": False}, args.json, lambda: print("dev stack not running"))
         return 1
+    from services.common.devstack import readiness
+
+    services = [(record, readiness(record)) for record in stack.services()]
     _print(
-        {"running": True, **running.to_json()},
+        {
+            "running": True,
+            **running.to_json(),
+            "services": [{**r.to_json(), "readiness": ready} for r, ready in services],
+        },
         args.json,
-        lambda: print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}"),
+        lambda: _print_status(running, services),
     )
     return 0
+
+
+def _print_status(running: Any, services: list[tuple[Any, str]]) -> None:
+    from services.common.tables import format_table
+
+    print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}")
+    if not services:
+        print("no services running on it yet (start one with: scoremesh run registry &)")
+        return
+    rows = [
+        {
+            "service": r.service + (f" (API :{r.api_port})" if r.api_port else ""),
+            "pid": r.pid,
+            "health and metrics": r.metrics_url,
+            "ready": ready,
+        }
+        for r, ready in services
+    ]
+    print(format_table(rows, ("service", "pid", "health and metrics", "ready"), width=100))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -150,7 +184,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from services.monitor.status import ALERT_COLUMNS, DRIFT_COLUMNS, format_table, monitor_status
+    from services.common.tables import format_table
+    from services.monitor.status import ALERT_COLUMNS, DRIFT_COLUMNS, monitor_status
 
     settings.require_bootstrap()
     status = asyncio.run(monitor_status(settings, alerts_from=args.alerts_from))
@@ -219,11 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from services.cli import models as cli_models
+    from services.cli import sample as cli_sample
     from services.cli import stream as cli_stream
 
     cli_models.add_parsers(sub)
     sub.choices["models"].set_defaults(func=cmd_models)
     cli_stream.add_parsers(sub)
+    cli_sample.add_parser(sub)
+    sub.choices["sample"].set_defaults(func=cli_sample.cmd_sample)
     monitor = sub.add_parser(
         "monitor",
         help="drift state and open alerts",
@@ -272,6 +310,9 @@ def _share(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # aiokafka logs what it retries or raises at ERROR; the error we raise says it once, with
+    # the cause and the fix (services do the same in logs.configure_logging).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -288,10 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scoremesh: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # one line for people; the traceback helps nobody at a prompt
+        from aiokafka.errors import KafkaError
+
         from services.common.devstack import DevStackError
         from services.common.kafka import KafkaUnavailable
 
         if isinstance(exc, DevStackError | KafkaUnavailable):
             print(f"scoremesh: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, KafkaError):  # e.g. a topic that does not exist
+            print(f"scoremesh: Kafka: {exc}", file=sys.stderr)
             return 1
         raise

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from services.cli.target import announce_kafka
 from services.common.commands import command, describe, new_command, read_history
 from services.common.errors import UserError
 from services.common.model_version import STAGES, VersionMetadata
 from services.common.settings import Settings
 
 STAGE_TARGETS = [s for s in STAGES if s not in ("registered", "rolled_back")]
+MUTATING = frozenset({"bootstrap", "register", "promote", "rollback", "retire", "flag", "retrain"})
 
 
 class CommandRefused(UserError):
@@ -141,6 +144,27 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("version")
     p.add_argument("--reason", default="")
     p = add(
+        "retrain",
+        "ask the trainer for a new version trained on recent labelled events",
+        "scoremesh models retrain credit --wait",
+    )
+    p.add_argument("name", help="the model to retrain (its champion is the starting point)")
+    p.add_argument("--reason", default="", help="why, for the deployment log")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the trainer's outcome; exit 1 unless a new version was registered",
+    )
+    p.add_argument(
+        "--window-days",
+        type=float,
+        help="event-time span of the training data (default: the retrain policy's window_s)",
+    )
+    p.add_argument("--window-end", help="ISO-8601 end of that span (default: now)")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)"
+    )
+    p = add(
         "flag",
         "switch a challenger variant off or on instantly",
         "scoremesh models flag credit 1.1.0 --off",
@@ -176,6 +200,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if action == "spec":
         return _spec_init(args)
     settings.require_bootstrap()
+    if action in MUTATING:
+        announce_kafka(settings)
     if action == "bootstrap":
         from services.trainer.bootstrap import bootstrap
 
@@ -223,7 +249,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if action == "history":
         events = asyncio.run(read_history(settings, args.name))
-        emit(events, args.json, [describe(e) for e in events] or [f"no history for {args.name!r}"])
+        lines = history_table(events) if events else [f"no history for {args.name!r}"]
+        emit(events, args.json, lines)
         return 0
     if action == "register":
         return _register(args, settings)
@@ -257,6 +284,37 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         raise CommandRefused(f"unknown action {action!r}")
     return _answer(asyncio.run(command(settings, cmd)), args.json)
+
+
+HISTORY_COLUMNS = ("time (utc)", "actor", "action", "version", "change", "reason")
+
+
+def history_table(events: list[dict[str, Any]]) -> list[str]:
+    """The deployment log for people: when, who, what (versions and stages) and why."""
+    from services.common.tables import format_table
+
+    rows = []
+    for e in events:
+        if e["outcome"] != "applied":
+            change = f"refused: {e['detail']}"
+        elif e["action"] == "register":
+            change = "registered"
+        else:
+            change = f"{e.get('from_stage')} -> {e.get('to_stage')}"
+            previous = e.get("previous_champion")
+            if previous and previous != e.get("version"):
+                change += f" (previous champion {previous})"
+        rows.append(
+            {
+                "time (utc)": _when(e["at"]),
+                "actor": e["actor"],
+                "action": e["action"],
+                "version": e.get("version") or "-",
+                "change": change,
+                "reason": e["reason"] or "-",
+            }
+        )
+    return format_table(rows, HISTORY_COLUMNS, width=100).splitlines()
 
 
 def _inputs(
@@ -384,27 +442,57 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
 def _retrain(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from services.cli.stream import _parse_since
-    from services.retrain.requests import publish_request, wait_for_result
-    from services.retrain.trigger import manual_request
+    from services.cli.stream import parse_time
+    from services.common.retraining import (
+        RetrainTimeout,
+        manual_request,
+        publish_request,
+        wait_for_result,
+    )
 
     now = int(time.time() * 1000)
-    end = _parse_since(args.window_end) if args.window_end else now
+    end = parse_time(args.window_end, "--window-end") or now
+    if args.window_days is not None and args.window_days <= 0:
+        raise CommandRefused(f"--window-days must be positive, got {args.window_days}")
     window_s = args.window_days * 86400 if args.window_days else settings.retrain.policy.window_s
-    if window_s <= 0:
-        raise CommandRefused("--window-days must be positive")
-    request = manual_request(args.name, "cli", args.reason, end or now, window_s, now)
+    request = manual_request(args.name, "cli", args.reason, end, window_s, now)
     asyncio.run(publish_request(settings, request))
     lines = [
-        f"retrain requested: {request['request_id']} ({args.name}, window "
-        f"{request['window_start']}..{request['window_end']})"
+        f"retrain requested: {request['request_id']} ({args.name}, events from "
+        f"{_when(request['window_start'])} to {_when(request['window_end'])})"
     ]
     if not args.wait:
-        emit(request, args.json, lines)
+        follow = (
+            "its outcome: scoremesh tail retrain.results --from-beginning "
+            f"--filter request_id={request['request_id']}"
+        )
+        emit(request, args.json, [*lines, follow])
         return 0
-    result = asyncio.run(wait_for_result(settings, request["request_id"]))
+    print(lines[0], file=sys.stderr)  # now, not after the wait; stdout gets the outcome
+
+    def progress(result: dict[str, Any]) -> None:
+        if result["status"] == "started":
+            print(
+                f"trainer {result['trainer']} started it (attempt {result['attempt']})",
+                file=sys.stderr,
+            )
+
+    try:
+        result = asyncio.run(
+            wait_for_result(settings, request["request_id"], args.timeout, on_progress=progress)
+        )
+    except RetrainTimeout as exc:
+        raise CommandRefused(str(exc)) from None
     lines.append(f"{result['status']}: {result['detail']}")
-    emit({"request": request, "result": result}, args.json, lines)
+    if result["metrics"]:
+        lines.append(
+            "on the most recent events: "
+            + ", ".join(
+                f"{k} {v:.3f} (champion {result['champion_metrics'].get(k, float('nan')):.3f})"
+                for k, v in sorted(result["metrics"].items())
+            )
+        )
+    emit({"request": request, "result": result}, args.json, lines[1:])
     if result["status"] != "succeeded":
         raise CommandRefused(f"retrain {result['status']}: {result['detail']}")
     return 0
@@ -448,3 +536,8 @@ def _describe_rule(rule: Any) -> str:
     if rule.nullable:
         parts.append(f"nullable (impute {rule.impute:g})")
     return ", ".join(parts)
+
+
+def _when(ms: int) -> str:
+    """Epoch milliseconds as people read them (UTC, to the second)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")

@@ -19,6 +19,7 @@ import orjson
 
 from scoremesh.contract.catalog import catalog, topic_name
 from scoremesh.contract.codec import CodecError, decode_any
+from services.cli.target import announce_kafka, announce_redis
 from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
@@ -262,7 +263,7 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
         )
     if not parsed.events:
         raise InputError("no events to send")
-    settings.require_bootstrap()
+    announce_kafka(settings)
     progress = Progress(quiet=args.json or not sys.stderr.isatty())
     sent, failed = asyncio.run(
         send_events(settings, [e for _, e in parsed.events], args.rate, progress)
@@ -288,7 +289,7 @@ def _read(path: Path) -> str:
 def cmd_labels(args: argparse.Namespace, settings: Settings) -> int:
     from services.label_join.labels import send_labels
 
-    settings.require_bootstrap()
+    announce_kafka(settings)
     summary = asyncio.run(send_labels(settings, args.file, skip_bad=args.skip_bad))
     for bad in summary.bad[:20]:
         print(f"line {bad.line}: {bad.message}", file=sys.stderr)
@@ -415,23 +416,26 @@ def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
 # --- dlq replay ------------------------------------------------------------------------
 
 
-def _parse_since(text: str | None) -> int | None:
+def parse_time(text: str | None, option: str) -> int | None:
+    """An ISO-8601 time with a zone, as epoch milliseconds; ``option`` names it in errors."""
     if text is None:
         return None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise InputError(
-            f"--since {text!r}: use ISO-8601 with a zone, e.g. 2026-11-25T08:00:00Z"
+            f"{option} {text!r}: use ISO-8601 with a zone, e.g. 2026-11-25T08:00:00Z"
         ) from None
     if moment.tzinfo is None:
-        raise InputError(f"--since {text!r}: add a time zone, e.g. Z for UTC")
+        raise InputError(f"{option} {text!r}: add a time zone, e.g. Z for UTC")
     return int(moment.timestamp() * 1000)
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    since = _parse_since(args.since)
+    since = parse_time(args.since, "--since")
     settings.require_bootstrap()
+    if not args.dry_run:
+        announce_kafka(settings)
     from services.common.dlq import replay_dlq
 
     summary = asyncio.run(
@@ -460,7 +464,7 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     from services.common.query_store import QueryStore
 
-    settings.require_redis()
+    announce_redis(settings)
 
     async def go() -> tuple[int, int]:
         store = QueryStore(settings)

@@ -10,11 +10,12 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from scoremesh.contract.codec import codec
 from scoremesh.contract.topics import TopicName
+from services.common.errors import UserError
 from services.common.kafka import (
     assign_all,
     make_consumer,
-    make_producer,
     read_to_end,
+    send_one,
     start_with_retry,
 )
 from services.common.settings import Settings
@@ -23,8 +24,8 @@ COMMANDS_TOPIC: TopicName = "models.commands"
 DEPLOYMENTS_TOPIC: TopicName = "deployments.log"
 
 
-class RegistryTimeout(RuntimeError):
-    pass
+class RegistryTimeout(UserError, TimeoutError):
+    """No answer from the registry in time; the message says what to check."""
 
 
 def new_command(
@@ -54,19 +55,14 @@ def new_command(
 async def send_command(
     settings: Settings, command: dict[str, Any], producer: AIOKafkaProducer | None = None
 ) -> None:
-    own = producer is None
-    producer = producer or make_producer(settings)
-    if own:
-        await start_with_retry(producer.start, "command-producer", settings)
-    try:
-        await producer.send_and_wait(
-            settings.topic(COMMANDS_TOPIC),
-            codec("ModelCommand").encode(command),
-            key=command["model"].encode(),
-        )
-    finally:
-        if own:
-            await producer.stop()
+    await send_one(
+        settings,
+        settings.topic(COMMANDS_TOPIC),
+        codec("ModelCommand").encode(command),
+        command["model"].encode(),
+        "command-producer",
+        producer,
+    )
 
 
 async def wait_for_outcome(

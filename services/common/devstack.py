@@ -3,6 +3,11 @@
 ``scoremesh dev up`` and the test fixture use the same code. The stack file records what
 was started (pids, ports) and the dev settings services read (see settings.DevStackSource),
 so ``dev down`` stops exactly what ``up`` started and nothing else.
+
+Services on the dev stack share one machine: the stack file gives them metrics port 0 (a
+free port each, docs/adr/0014-one-machine-ports.md), and each one that runs against the
+stack's broker leaves a record of its pid and bound port next to the stack file, which
+``scoremesh dev status`` shows.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.settings import ConfigError, Settings, dev_stack_file
+from services.common.settings import (
+    ConfigError,
+    Settings,
+    dev_stack_file,
+    dev_stack_settings,
+    in_environment,
+)
 
 # What the embedded broker lacks or does slowly (docs/benchmarks/embedded-broker.md): no
 # idempotent producer, JoinGroup waits ~half the session timeout, fetch waits ~max_wait/2
@@ -32,6 +43,11 @@ DEV_KAFKA_SETTINGS: dict[str, Any] = {
     "kafka_heartbeat_interval_ms": 1000,
     "kafka_rebalance_timeout_ms": 6000,
 }
+
+
+# Several services on one machine: each binds a free port for /healthz, /readyz and
+# /metrics and reports it (its log, `scoremesh dev status`) instead of all taking 9400.
+DEV_SERVICE_SETTINGS: dict[str, Any] = {"metrics_port": 0}
 
 
 class DevStackError(RuntimeError):
@@ -122,7 +138,7 @@ class StackState:
             "redis_url": self.redis_url,
             "started": self.started,
             "logs": self.logs,
-            "settings": self.settings_overrides(),
+            "settings": {**self.settings_overrides(), **DEV_SERVICE_SETTINGS},
         }
 
 
@@ -273,6 +289,127 @@ class DevStack:
         with contextlib.suppress(OSError):
             self.file.unlink()
         return stopped
+
+    def services(self) -> list[ServiceRecord]:
+        """Services running against this stack (records of exited processes are removed)."""
+        return running_services(self.file.parent / "services")
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    """A `scoremesh run` process on the dev stack, as it announced itself."""
+
+    service: str
+    pid: int
+    metrics_host: str
+    metrics_port: int
+    api_port: int | None = None
+    topic_prefix: str = ""
+
+    @property
+    def metrics_url(self) -> str:
+        host = "127.0.0.1" if self.metrics_host in ("0.0.0.0", "::", "") else self.metrics_host
+        return f"http://{host}:{self.metrics_port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "pid": self.pid,
+            "metrics_host": self.metrics_host,
+            "metrics_url": self.metrics_url,
+            "metrics_port": self.metrics_port,
+            "api_port": self.api_port,
+            "topic_prefix": self.topic_prefix,
+        }
+
+
+def announce_service(
+    name: str, metrics_port: int, settings: Settings, api_port: int | None = None
+) -> Path | None:
+    """Record this process as running ``name`` on the dev stack, for ``dev status``.
+
+    Only when the dev stack's broker is the one in use: containers and other clusters get
+    no file (their root file system may be read-only, and nothing there reads it).
+    """
+    bootstrap = dev_stack_settings().get("kafka_bootstrap")
+    if not bootstrap or bootstrap != settings.kafka_bootstrap:
+        return None
+    path = dev_stack_file().parent / "services" / f"{name}-{os.getpid()}.json"
+    record = ServiceRecord(
+        name, os.getpid(), settings.metrics_host, metrics_port, api_port, settings.topic_prefix
+    )
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record.to_json()))
+        return path
+    return None
+
+
+def withdraw_service(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def running_services(folder: Path) -> list[ServiceRecord]:
+    records: list[ServiceRecord] = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            record = ServiceRecord(
+                str(data["service"]),
+                int(data["pid"]),
+                str(data["metrics_host"]),
+                int(data["metrics_port"]),
+                int(data["api_port"]) if data.get("api_port") else None,
+                str(data.get("topic_prefix", "")),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid_alive(record.pid):
+            records.append(record)
+        else:  # killed without a chance to withdraw its record
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return records
+
+
+def readiness(record: ServiceRecord, timeout: float = 1.0) -> str:
+    """``ready``, ``not ready: <first failing check>``, or why it did not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        url = f"{record.metrics_url}/readyz"  # http://, built here
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+        except ValueError:
+            return f"not ready (HTTP {exc.code})"
+    except (OSError, ValueError) as exc:
+        return f"no answer on {record.metrics_url} ({exc})"
+    if body.get("ready"):
+        return "ready"
+    failing = [
+        f"{name}: {str(detail).removeprefix('not ready: ')}"
+        for name, detail in body.get("checks", {}).items()
+        if str(detail).startswith("not ready")
+    ]
+    return "not ready: " + (failing[0] if failing else "starting")
+
+
+def setting_origin(settings: Settings, name: str) -> str:
+    """Where a setting's value in use came from, for people: "from SCOREMESH_<NAME>" (the
+    environment wins), "from the dev stack (<its file>)", or "" (given by the program)."""
+    variable = f"SCOREMESH_{name.upper()}"
+    value = getattr(settings, name)
+    dev_value = dev_stack_settings().get(name)
+    is_dev = dev_value is not None and dev_value == value
+    if in_environment(name):
+        return f"from {variable}" + (" (the dev stack's)" if is_dev else "")
+    return f"from the dev stack ({dev_stack_file()})" if is_dev else ""
 
 
 def _terminate(pid: int, timeout: float = 5.0) -> bool:

@@ -8,15 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 from collections.abc import Callable
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.common.settings import ConfigError
+
 log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], tuple[bool, str]]
+
+
+class CannotListen(ConfigError):
+    """A port a service must listen on is taken (or not this process's to take)."""
+
+
+def cannot_listen(
+    service: str, serving: str, host: str, port: int, setting: str, exc: OSError
+) -> CannotListen:
+    """One line: which service, which address, why, and the setting that changes it."""
+    fix = f"set {setting} to a free port (0 picks one)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        fix += f", or {setting.replace('_PORT', '_HOST')} to an address of this machine"
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return CannotListen(f"{service} cannot listen on {host}:{port} for {serving} ({reason}); {fix}")
 
 
 class HealthServer:
@@ -31,6 +50,8 @@ class HealthServer:
         self._checks[name] = check
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
+        if not self._checks:  # listening before the service has said what "ready" means
+            return False, {"service": "not ready: starting"}
         details: dict[str, str] = {}
         ready = True
         for name, check in self._checks.items():
@@ -43,10 +64,24 @@ class HealthServer:
         return ready, details
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            raise cannot_listen(
+                self.service,
+                "/healthz, /readyz and /metrics",
+                self.host,
+                self.port,
+                "SCOREMESH_METRICS_PORT",
+                exc,
+            ) from None
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
-        log.info("health and metrics endpoint up", extra={"port": self.port})
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        log.info(
+            "health and metrics endpoint up",
+            extra={"port": self.port, "url": f"http://{host}:{self.port}/readyz"},
+        )
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -7,8 +7,10 @@ helpers that are correct on any broker; product logic never special-cases tansu.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,20 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    BrokerResponseError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    IncompatibleBrokerVersion,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnsupportedSaslMechanismError,
+    UnsupportedVersionError,
+)
 from pydantic import SecretStr
 
 from scoremesh.client.aio import NO_HEADERS as NO_HEADERS
@@ -29,9 +44,14 @@ from scoremesh.client.errors import KafkaUnavailable as KafkaUnavailable
 from scoremesh.contract.catalog import TopicSpec, catalog
 from scoremesh.contract.topics import TopicName
 from services.common.metrics import KAFKA_UP
-from services.common.settings import Settings
+from services.common.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
+
+
+class BrokerRefused(ConfigError):
+    """The broker answered, but refused what the client asked for: no retry changes that,
+    a setting (ours or the cluster's) does. The message names the request and the setting."""
 
 
 def client_config(settings: Settings) -> ClientConfig:
@@ -92,8 +112,112 @@ async def start_with_retry(
     settings: Settings,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Start a client, retrying with capped exponential backoff and saying so in the log."""
-    await retry_start(start, what, settings.kafka_bootstrap, settings.kafka_connect_timeout_s, stop)
+    """Start a client, retrying with capped exponential backoff and saying so in the log.
+
+    A refusal (see ``refusal``) is not retried: it raises BrokerRefused at once.
+    """
+
+    async def start_or_refuse() -> None:
+        try:
+            await start()
+        except (KafkaError, OSError) as exc:
+            refused = refusal(exc, what, settings, start)
+            if refused is None:
+                raise  # silence or a passing error: the retry loop's business
+            await _close_quietly(start)
+            raise refused from exc
+
+    await retry_start(
+        start_or_refuse, what, settings.kafka_bootstrap, settings.kafka_connect_timeout_s, stop
+    )
+
+
+_REFUSALS: tuple[type[Exception], ...] = (
+    BrokerResponseError,
+    IncompatibleBrokerVersion,
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+)
+
+
+_AUTHENTICATION = (
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+)
+
+
+def refusal(
+    exc: BaseException, what: str, settings: Settings, start: Callable[..., Any] | None = None
+) -> BrokerRefused | None:
+    """The broker's answer explained, when it is a refusal rather than silence.
+
+    A refusal (an error code in a response, an API the broker lacks, failed authentication)
+    is final: retrying until the connect timeout and then saying "did not answer" would
+    hide both the cause and the fix. Returns None for errors worth retrying.
+    """
+    if not isinstance(exc, _REFUSALS) or getattr(exc, "retriable", False):
+        return None
+    at = f"{what}: Kafka at {settings.kafka_bootstrap} answered but"
+    name = type(exc).__name__
+    if _is_init_producer_id(exc, start):
+        return BrokerRefused(
+            f"{at} refused an idempotent producer (InitProducerId: {name}): the broker does "
+            "not support idempotent producers, or this client lacks the IdempotentWrite "
+            "permission on the cluster. Set SCOREMESH_KAFKA_IDEMPOTENCE=false (at-least-once "
+            "delivery; consumers deduplicate by key), or grant IdempotentWrite"
+        )
+    if isinstance(exc, _AUTHENTICATION):
+        return BrokerRefused(
+            f"{at} refused authentication ({name}: {exc}); check SCOREMESH_KAFKA_SASL_MECHANISM "
+            "(the broker's), SCOREMESH_KAFKA_SASL_USERNAME and SCOREMESH_KAFKA_SASL_PASSWORD"
+        )
+    if isinstance(
+        exc,
+        TopicAuthorizationFailedError
+        | GroupAuthorizationFailedError
+        | ClusterAuthorizationFailedError,
+    ):
+        scope = {
+            TopicAuthorizationFailedError: "a topic",
+            GroupAuthorizationFailedError: "a consumer group",
+        }.get(type(exc), "the cluster")
+        return BrokerRefused(
+            f"{at} refused access to {scope} ({name}): the principal "
+            f"{settings.kafka_sasl_username or '(anonymous)'} lacks an ACL; grant it (the topics "
+            f"are those of schemas/topics.yaml, prefixed with SCOREMESH_TOPIC_PREFIX "
+            f"{settings.topic_prefix!r}) or set SCOREMESH_KAFKA_SASL_USERNAME to a principal "
+            "that has it"
+        )
+    if isinstance(exc, IncompatibleBrokerVersion | UnsupportedVersionError):
+        return BrokerRefused(
+            f"{at} does not support a request this client needs ({name}: {exc}); scoremesh "
+            "needs a Kafka protocol of 2.x or later"
+        )
+    return BrokerRefused(
+        f"{at} refused the request ({name}: {exc or 'no detail'}); this is not a connection "
+        "problem and retrying will not change it: check the broker's log and its limits"
+    )
+
+
+async def _close_quietly(start: Callable[..., Any]) -> None:
+    """Release what a refused start left open (connections), so nothing leaks into the exit."""
+    owner = getattr(start, "__self__", None)
+    close = getattr(owner, "stop", None) or getattr(owner, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
+def _is_init_producer_id(exc: BaseException, start: Callable[..., Any] | None) -> bool:
+    """Did the broker refuse an idempotent producer's InitProducerId?"""
+    if isinstance(exc, TopicAuthorizationFailedError | GroupAuthorizationFailedError):
+        return False
+    owner = getattr(start, "__self__", None)
+    idempotent = isinstance(owner, AIOKafkaProducer) and owner._txn_manager is not None
+    frames = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+    return "_do_init_pid" in frames or (idempotent and isinstance(exc, BrokerResponseError))
 
 
 async def ask_broker(client: Any, topics: Iterable[str] | None = None) -> ClusterMetadata:
@@ -228,6 +352,27 @@ async def delete_topics(settings: Settings, names: Sequence[TopicName]) -> None:
             await admin.delete_topics(doomed)
     finally:
         await admin.close()
+
+
+async def send_one(
+    settings: Settings,
+    topic: str,
+    value: bytes,
+    key: bytes | None,
+    what: str,
+    producer: AIOKafkaProducer | None = None,
+) -> None:
+    """Send one record and wait for its acknowledgement: with ``producer``, or with a
+    producer of its own started (``what`` names it in errors) and stopped around it."""
+    if producer is not None:
+        await producer.send_and_wait(topic, value, key=key)
+        return
+    own = make_producer(settings)
+    await start_with_retry(own.start, what, settings)
+    try:
+        await own.send_and_wait(topic, value, key=key)
+    finally:
+        await own.stop()
 
 
 def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -9,9 +9,10 @@ import signal
 from collections.abc import Callable
 from typing import Protocol
 
-from services.common.health import HealthServer
+from services.common.devstack import announce_service, withdraw_service
+from services.common.health import CannotListen, HealthServer
 from services.common.logs import configure_logging
-from services.common.settings import Settings
+from services.common.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,29 @@ class Service(Protocol):
     def register_checks(self, health: HealthServer) -> None: ...
 
 
-async def serve(make: Callable[[], Service], settings: Settings) -> int:
+async def serve(make: Callable[[], Service], settings: Settings, name: str) -> int:
     """Run a service until SIGTERM/SIGINT; finish the in-flight batch and close in time."""
+    health = HealthServer(name, settings.metrics_host, settings.metrics_port)
+    try:
+        await health.start()  # first: a taken port then leaves no client to close
+    except CannotListen as exc:  # one line naming the setting, not a traceback
+        log.error(str(exc))
+        log.info("service stopped", extra={"exit_code": 1})
+        return 1
     service = make()  # clients bind to the running loop, so build inside it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    health = HealthServer(service.name, settings.metrics_host, settings.metrics_port)
     service.register_checks(health)
-    await health.start()
     exit_code = 0
+    announced = None
     try:
+        announced = announce_service(service.name, health.port, settings)
         await service.start()
+        api_port = getattr(service, "port", None)  # a service with its own listener (query)
+        if isinstance(api_port, int):
+            announced = announce_service(service.name, health.port, settings, api_port)
         # Start-up objects (models, schemas, libraries) live for the whole process: move them
         # out of the collector's way so full collections stop adding 10-20 ms to the tail.
         gc.collect()
@@ -52,10 +63,15 @@ async def serve(make: Callable[[], Service], settings: Settings) -> int:
             gc.set_threshold(*thresholds)
         log.info("service started", extra={"topic_prefix": settings.topic_prefix})
         await service.run(stop)
+    except ConfigError as exc:
+        # A setting to change (a port taken, a broker feature refused): one line says which.
+        log.error(str(exc))
+        exit_code = 1
     except Exception:
         log.exception("service failed")
         exit_code = 1
     finally:
+        withdraw_service(announced)
         try:
             await asyncio.wait_for(service.stop(), settings.shutdown_deadline_s)
         except TimeoutError:
@@ -73,5 +89,5 @@ def run_service(name: str, make: Callable[[], Service], settings: Settings) -> i
     try:
         import uvloop
     except ImportError:  # optional: the stdlib loop works, a little slower
-        return asyncio.run(serve(make, settings))
-    return int(uvloop.run(serve(make, settings)))
+        return asyncio.run(serve(make, settings, name))
+    return int(uvloop.run(serve(make, settings, name)))

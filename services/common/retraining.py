@@ -4,20 +4,21 @@ on retrain.results under its request id (docs/adr/0008-retraining.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from scoremesh.contract.codec import codec
 from scoremesh.contract.topics import TopicName
 from services.common.kafka import (
     assign_all,
     make_consumer,
-    make_producer,
     read_to_end,
+    send_one,
     start_with_retry,
 )
 from services.common.settings import Settings
@@ -47,19 +48,25 @@ async def publish_request(
     settings: Settings, request: dict[str, Any], producer: AIOKafkaProducer | None = None
 ) -> None:
     """Send a request to retrain.requests (keyed by model) and wait for the acknowledgement."""
-    own = producer is None
-    producer = producer or make_producer(settings)
-    if own:
-        await start_with_retry(producer.start, "retrain-request", settings)
+    await send_one(
+        settings,
+        settings.topic(REQUESTS),
+        codec("RetrainRequest").encode(request),
+        request["model"].encode(),
+        "retrain-request",
+        producer,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _results(settings: Settings) -> AsyncIterator[tuple[AIOKafkaConsumer, list[Any]]]:
+    """A consumer of every partition of retrain.results, from the beginning."""
+    consumer = make_consumer(settings, group_id=None)
+    await start_with_retry(consumer.start, "retrain-results", settings)
     try:
-        await producer.send_and_wait(
-            settings.topic(REQUESTS),
-            codec("RetrainRequest").encode(request),
-            key=request["model"].encode(),
-        )
+        yield consumer, await assign_all(consumer, settings.topic(RESULTS))
     finally:
-        if own:
-            await producer.stop()
+        await consumer.stop()
 
 
 async def wait_for_result(
@@ -71,12 +78,9 @@ async def wait_for_result(
 ) -> dict[str, Any]:
     """The latest RetrainResult of a request (its final one when ``terminal``);
     ``on_progress`` sees each newer record of the request as it arrives."""
-    consumer = make_consumer(settings, group_id=None)
-    await start_with_retry(consumer.start, "retrain-results", settings)
     decode = codec("RetrainResult").decode
     latest: dict[str, Any] | None = None
-    try:
-        tps = await assign_all(consumer, settings.topic(RESULTS))
+    async with _results(settings) as (consumer, tps):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             batches = await consumer.getmany(*tps, timeout_ms=500)
@@ -89,8 +93,6 @@ async def wait_for_result(
                             on_progress(result)
             if latest is not None and (not terminal or latest["status"] in TERMINAL):
                 return latest
-    finally:
-        await consumer.stop()
     raise RetrainTimeout(
         f"no {'final ' if terminal else ''}result for retrain {request_id} in "
         f"{timeout_s:.0f}s; is `scoremesh run trainer` running? (the request stays on "
@@ -100,22 +102,17 @@ async def wait_for_result(
 
 async def latest_result(settings: Settings, request_id: str) -> dict[str, Any] | None:
     """The newest RetrainResult of a request on retrain.results now, or None."""
-    consumer = make_consumer(settings, group_id=None)
-    await start_with_retry(consumer.start, "retrain-results", settings)
     decode = codec("RetrainResult").decode
     latest: dict[str, Any] | None = None
-    try:
-        tps = await assign_all(consumer, settings.topic(RESULTS))
 
-        def keep(record: Any) -> None:
-            nonlocal latest
-            result = decode(record.value)
-            if result["request_id"] == request_id:
-                latest = result
+    def keep(record: Any) -> None:
+        nonlocal latest
+        result = decode(record.value)
+        if result["request_id"] == request_id:
+            latest = result
 
+    async with _results(settings) as (consumer, tps):
         await read_to_end(consumer, tps, keep)
-    finally:
-        await consumer.stop()
     return latest
 
 

@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 from scoremesh.client.config import default_home as default_home
 from scoremesh.client.config import dev_stack_file as dev_stack_file
-from scoremesh.client.config import dev_stack_settings
+from scoremesh.client.config import dev_stack_settings as dev_stack_settings
 from scoremesh.contract.topics import TOPICS, TopicName
 from services.common.policies.monitor import MonitorPolicy
 from services.common.policies.retrain import PromotionPolicy, RetrainPolicy, TrainingWindowPolicy
@@ -31,6 +31,12 @@ from services.common.policies.retrain import PromotionPolicy, RetrainPolicy, Tra
 ENV_PREFIX = "SCOREMESH_"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _CATALOG_NAMES = frozenset(TOPICS)
+
+
+def in_environment(name: str) -> bool:
+    """Whether the environment sets ``SCOREMESH_<NAME>`` (it wins over the dev stack file)."""
+    variable = f"{ENV_PREFIX}{name}".upper()
+    return any(key.upper() == variable for key in os.environ)
 
 
 def _blank_is_none(value: object) -> object:

@@ -589,6 +589,6 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     print("\nwhere to look next:")
     print(f"  {out / 'report.json'}     this report as JSON")
     print(f"  {out / 'logs'}/           structured JSON logs of each service")
-    print("  scoremesh dev up && scoremesh models bootstrap && scoremesh run scorer")
+    print("  README.md, Quick start    the same loop by hand, one command at a time")
     with contextlib.suppress(Exception):
         sys.stdout.flush()

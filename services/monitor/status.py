@@ -2,7 +2,7 @@
 
 Alerts come from the alerts topic (folded, authoritative: works with no monitor running)
 or from Redis; drift state comes from Redis, where the monitor writes every window's
-measurements. ``format_table`` renders rows for a terminal.
+measurements. ``format_table`` (services.common.tables) renders rows for a terminal.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from scoremesh.contract.codec import CodecError, codec
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.policies.monitor import severity_rank
 from services.common.settings import Settings
+from services.common.tables import format_table as format_table  # re-exported
 from services.monitor.alerts import AlertBook
 from services.monitor.core import ALERTS
 from services.monitor.store import AlertStore
@@ -166,19 +167,3 @@ async def monitor_status(
     if not drift:
         notes.append("no drift measurements yet: is `scoremesh run monitor` running?")
     return MonitorStatus(drift=drift, alerts=alerts, alerts_source=alerts_from, notes=notes)
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], width: int = 60) -> str:
-    """A plain-text table; long cells are cut to ``width`` characters."""
-    if not rows:
-        return "(none)"
-
-    def cell(value: Any) -> str:
-        text = str(value)
-        return text if len(text) <= width else text[: width - 1] + "…"
-
-    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)

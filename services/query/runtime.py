@@ -125,9 +125,8 @@ class QueryRuntime:
         await self.view.stop()
         if self.stats_follower is not None:
             await self.stats_follower.stop()
-        if self.producer_started:
-            await self.producer.stop()
-            self.producer_started = False
+        await self.producer.stop()  # also when never started (a port taken first): no leak
+        self.producer_started = False
         if self.store is not None:
             await self.store.close()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from scoremesh.contract.featurespec import MAX_ID_LEN
 
@@ -197,6 +197,58 @@ class RollbackIn(BaseModel):
         description="a shadow or canary version to take out; omit to roll back the champion",
     )
     reason: str = Field("", max_length=500)
+
+
+class RetrainIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=500, description="why, for the trainer and the log")
+    window_days: float | None = Field(
+        None,
+        gt=0,
+        le=3650,
+        description="event-time span of the training data; default: the retrain policy's",
+    )
+    window_end: AwareDatetime | None = Field(
+        None, description="end of that span, ISO-8601 with a zone; default: now"
+    )
+
+
+class RetrainRequestOut(BaseModel):
+    """The request as published to retrain.requests (the trainer's input)."""
+
+    request_id: str
+    model: str
+    reason: str
+    evidence: dict[str, str]
+    window_start: int = Field(description="epoch milliseconds, event time")
+    window_end: int = Field(description="epoch milliseconds, event time")
+    actor: str
+    requested_at: int
+
+
+class RetrainAcceptedOut(BaseModel):
+    request: RetrainRequestOut
+    result_url: str = Field(description="where the trainer's answer appears (GET)")
+
+
+class RetrainResultOut(BaseModel):
+    """The trainer's latest record for a request (retrain.results)."""
+
+    request_id: str
+    model: str
+    status: Literal["started", "succeeded", "rejected", "failed"]
+    attempt: int
+    version: str | None = Field(description="the version registered (in shadow), when succeeded")
+    parent_version: str | None
+    detail: str = Field(description="what happened; the reasons when rejected or failed")
+    metrics: dict[str, float] = Field(description="the new model on the most recent events")
+    champion_metrics: dict[str, float] = Field(description="the champion on the same events")
+    examples: int
+    window_start: int
+    window_end: int
+    trainer: str
+    at: int
 
 
 class MonitoringOut(BaseModel):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator
 
 import uvicorn
 
-from services.common.health import HealthServer
+from services.common.health import HealthServer, cannot_listen
 from services.common.settings import Settings
 from services.query.app import create_app
 from services.query.runtime import QueryRuntime
@@ -39,10 +39,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(
-            f"query API cannot listen on {host}:{port} ({exc.strerror}); "
-            "set SCOREMESH_API_PORT to a free port"
-        ) from exc
+        raise cannot_listen(
+            "query", "the HTTP API", host, port, "SCOREMESH_API_PORT", exc
+        ) from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock

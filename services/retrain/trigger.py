@@ -236,18 +236,3 @@ def on_schedule(
     )
     _record(m, request)
     return request
-
-
-def manual_request(
-    model: str, actor: str, reason: str, window_end_ms: int, window_s: float, now_ms: int
-) -> dict[str, Any]:
-    return {
-        "request_id": str(uuid.uuid4()),
-        "model": model,
-        "reason": f"manual: {reason}".rstrip(": "),
-        "evidence": {},
-        "window_start": int(window_end_ms - window_s * 1000),
-        "window_end": window_end_ms,
-        "actor": actor,
-        "requested_at": now_ms,
-    }

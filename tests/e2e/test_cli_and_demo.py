@@ -6,12 +6,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from services.common.devstack import free_port, pid_alive
+from tests.helpers import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -21,14 +21,7 @@ def scoremesh(
 ) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     environ.update(SCOREMESH_HOME=str(home), **env)
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environ,
-        check=False,
-    )
+    return cli(environ, *args, timeout=timeout)
 
 
 def test_dev_up_is_idempotent_and_down_stops_what_it_started(tmp_path: Path) -> None:

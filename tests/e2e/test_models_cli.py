@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ import pytest
 
 from services.common.devstack import StackState
 from services.trainer.datasets import CREDIT_SPEC, credit_events
+from tests.helpers import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -58,14 +60,7 @@ def registry(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[b
 
 
 def sm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return cli(env, *args)
 
 
 @pytest.fixture
@@ -237,3 +232,42 @@ def test_bad_inputs_get_one_line_errors(
         and "features" in out.stderr
         and len(out.stderr.strip().splitlines()) == 1
     )
+
+
+def test_retrain_publishes_a_request_and_wait_says_when_no_trainer_answers(
+    env: dict[str, str],
+) -> None:
+    from services.common.settings import Settings
+    from tests.conftest import ensure_topics_sync
+    from tests.helpers import consume_until
+
+    ensure_topics_sync(env)
+    asked = sm(
+        env, "models", "retrain", "credit", "--reason", "drill", "--window-days", "2", "--json"
+    )
+    assert asked.returncode == 0, asked.stderr
+    request = json.loads(asked.stdout)
+    assert request["actor"] == "cli" and request["reason"] == "manual: drill"
+    assert request["window_end"] - request["window_start"] == 2 * 86_400_000
+    keys = {k[len("SCOREMESH_") :].lower(): v for k, v in env.items() if k.startswith("SCOREMESH_")}
+    published = asyncio.run(
+        consume_until(
+            Settings(**keys),
+            "retrain.requests",
+            lambda records: any(r["request_id"] == request["request_id"] for r in records),
+        )
+    )
+    assert request in published
+
+    waited = sm(env, "models", "retrain", "credit", "--wait", "--timeout", "2")
+    assert waited.returncode == 1
+    assert (
+        waited.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "is `scoremesh run trainer` running? (the request stays on retrain.requests: a "
+            "trainer started later picks it up)"
+        )
+    )
+    bad = sm(env, "models", "retrain", "credit", "--window-end", "yesterday")
+    assert bad.returncode == 1 and "--window-end 'yesterday': use ISO-8601" in bad.stderr

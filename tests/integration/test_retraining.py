@@ -12,10 +12,9 @@ import pytest
 
 from scoremesh.contract.codec import codec
 from services.common.registry_view import RegistryView
+from services.common.retraining import manual_request, publish_request, wait_for_result
 from services.common.settings import Settings
 from services.registry.service import RegistryService
-from services.retrain.requests import publish_request, wait_for_result
-from services.retrain.trigger import manual_request
 from services.trainer.datasets import credit_events
 from services.trainer.service import TrainerService
 from tests.conftest import Running

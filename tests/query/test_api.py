@@ -13,12 +13,13 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
+from scoremesh.contract.codec import codec
 from services.common.query_store import QueryStore
 from services.common.routing import in_canary
 from services.common.settings import Settings
 from services.registry.service import RegistryService
 from tests.conftest import Running
-from tests.helpers import consume_until, register_model
+from tests.helpers import consume_until, produce, register_model
 from tests.query.conftest import TOKEN, api, events, wait_ready
 from tests.query.test_http_edges import assert_problem
 
@@ -203,6 +204,68 @@ async def test_commands_with_the_right_token_get_the_registrys_answer(served: Se
     assert fields == {"version", "stage"}
     history = (await client.get("/v1/models/credit/history")).json()["events"]
     assert history[-1]["actor"] == "api" and history[-1]["action"] == "rollback"
+
+
+async def test_a_retrain_request_reaches_the_trainers_topic_and_its_answer_is_served(
+    served: Served,
+) -> None:
+    client = served.client
+    assert (await client.post("/v1/models/credit/retrain")).status_code == 401
+    unknown = await client.post("/v1/models/nope/retrain", headers=AUTH)
+    assert_problem(unknown, 404, "not-found")
+    bad = await client.post("/v1/models/credit/retrain", json={"window_days": 0}, headers=AUTH)
+    assert {e["field"] for e in assert_problem(bad, 422, "invalid-request")["errors"]} == {
+        "window_days"
+    }
+
+    accepted = await client.post(
+        "/v1/models/credit/retrain",
+        json={"reason": "labels say so", "window_days": 1, "window_end": "2026-12-01T00:00:00Z"},
+        headers=AUTH,
+    )
+    assert accepted.status_code == 202, accepted.text
+    request = accepted.json()["request"]
+    url = accepted.json()["result_url"]
+    assert (
+        accepted.headers["location"] == url == f"/v1/models/credit/retrains/{request['request_id']}"
+    )
+    assert request["actor"] == "api" and request["reason"] == "manual: labels say so"
+    assert request["window_end"] == 1_796_083_200_000
+    assert request["window_end"] - request["window_start"] == 86_400_000
+    published = await consume_until(
+        served.settings,
+        "retrain.requests",
+        lambda records: any(r["request_id"] == request["request_id"] for r in records),
+    )
+    assert request in published  # the trainer reads exactly what the API answered
+
+    waiting = await client.get(url)
+    assert (
+        "is `scoremesh run trainer` running?" in assert_problem(waiting, 404, "not-found")["detail"]
+    )
+    answer = {
+        "request_id": request["request_id"],
+        "model": "credit",
+        "status": "rejected",
+        "attempt": 1,
+        "version": None,
+        "parent_version": "1.0.0",
+        "detail": "only 3 labelled examples in the window; need 500",
+        "metrics": {},
+        "champion_metrics": {},
+        "examples": 3,
+        "window_start": request["window_start"],
+        "window_end": request["window_end"],
+        "trainer": "trainer:test",
+        "at": int(time.time() * 1000),
+    }
+    await produce(
+        served.settings,
+        "retrain.results",
+        [(b"credit", codec("RetrainResult").encode(answer))],
+    )
+    result = await client.get(url)
+    assert result.status_code == 200 and result.json() == answer
 
 
 async def test_health_and_metrics(served: Served) -> None:

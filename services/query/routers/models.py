@@ -1,8 +1,10 @@
-"""Models: the folded registry, the deployment history, and promote / rollback commands."""
+"""Models: the folded registry, the deployment history, promote / rollback commands and
+retrain requests (with the trainer's answer)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
@@ -16,6 +18,7 @@ from services.common.commands import (
 )
 from services.common.kafka import KafkaUnavailable
 from services.common.model_version import ModelVersion
+from services.common.retraining import latest_result, manual_request, publish_request
 from services.query.deps import MutationAuth, Runtime
 from services.query.problems import Problem
 from services.query.runtime import QueryRuntime
@@ -27,6 +30,9 @@ from services.query.schemas import (
     ModelOut,
     ModelsOut,
     PromoteIn,
+    RetrainAcceptedOut,
+    RetrainIn,
+    RetrainResultOut,
     RollbackIn,
     VersionOut,
     problem_responses,
@@ -38,6 +44,12 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 Name = Annotated[str, Path(pattern=MODEL_NAME, description="model name")]
 Version = Annotated[str, Path(pattern=SEMVER, description="semantic version")]
+RequestId = Annotated[
+    str,
+    Path(
+        pattern=r"^[0-9a-f-]{8,64}$", description="request_id from POST /v1/models/{name}/retrain"
+    ),
+]
 ACTOR = "api"
 
 
@@ -232,3 +244,66 @@ async def rollback(
     name: Name, runtime: Runtime, body: Annotated[RollbackIn | None, Body()] = None
 ) -> Any:
     return await _command(runtime, rollback_command(name, body or RollbackIn()))
+
+
+@router.post(
+    "/{name}/retrain",
+    status_code=202,
+    summary="Ask the trainer for a new version trained on recent labelled events",
+    description="Publishes a request to retrain.requests, as `scoremesh models retrain` does. "
+    "The trainer trains from the champion's recipe, compares with the champion and registers "
+    "a better version in shadow; its answer appears at `result_url`.",
+    response_model=RetrainAcceptedOut,
+    responses=problem_responses(401, 403, 404, 409, 422, 503),
+    dependencies=[MutationAuth],
+)
+async def retrain(
+    name: Name, runtime: Runtime, body: Annotated[RetrainIn | None, Body()] = None
+) -> Any:
+    body = body or RetrainIn()
+    _versions(runtime, name)
+    if runtime.view.state.champion(name) is None:
+        raise Problem(
+            409,
+            "no-champion",
+            f"{name} has no champion, and a retrain starts from the champion; "
+            "promote a version first",
+        )
+    now = int(time.time() * 1000)
+    end = int(body.window_end.timestamp() * 1000) if body.window_end else now
+    days = body.window_days
+    window_s = days * 86400 if days else runtime.settings.retrain.policy.window_s
+    request = manual_request(name, ACTOR, body.reason, end, window_s, now)
+    try:
+        await publish_request(runtime.settings, request, producer=runtime.producer)
+    except KafkaUnavailable as exc:
+        raise Problem(503, "kafka-unavailable", str(exc)) from exc
+    log.info(
+        "retrain requested",
+        extra={"request_id": request["request_id"], "model": name, "reason": request["reason"]},
+    )
+    url = f"/v1/models/{name}/retrains/{request['request_id']}"
+    return JSONResponse(
+        {"request": request, "result_url": url}, status_code=202, headers={"Location": url}
+    )
+
+
+@router.get(
+    "/{name}/retrains/{request_id}",
+    summary="The trainer's latest word on a retrain request: started, succeeded, rejected, failed",
+    response_model=RetrainResultOut,
+    responses=problem_responses(404, 503),
+)
+async def retrain_result(name: Name, request_id: RequestId, runtime: Runtime) -> Any:
+    try:
+        result = await latest_result(runtime.settings, request_id)
+    except KafkaUnavailable as exc:
+        raise Problem(503, "kafka-unavailable", str(exc)) from exc
+    if result is None or result["model"] != name:
+        raise Problem(
+            404,
+            "not-found",
+            f"no answer from the trainer for retrain {request_id} of {name} yet: it answers "
+            "when it starts the request (is `scoremesh run trainer` running?)",
+        )
+    return result
