@@ -5,7 +5,7 @@ was started (pids, ports) and the dev settings services read (see settings.DevSt
 so ``dev down`` stops exactly what ``up`` started and nothing else.
 
 Services on the dev stack share one machine: the stack file gives them metrics port 0 (a
-free port each, docs/adr/0014-one-machine-ports.md), and each one that runs against the
+free port each, docs/adr/0017-one-machine-ports.md), and each one that runs against the
 stack's broker leaves a record of its pid and bound port next to the stack file, which
 ``scoremesh dev status`` shows.
 """
