@@ -9,15 +9,17 @@ its in-flight requests when ``stop`` is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 
 import uvicorn
 
-from services.common.health import HealthServer, cannot_listen
+from services.common.health import HealthServer
+from services.common.http import Server, bind_socket
+from services.common.service import StreamService
 from services.common.settings import Settings
 from services.query.app import create_app
 from services.query.runtime import QueryRuntime
@@ -25,33 +27,13 @@ from services.query.runtime import QueryRuntime
 log = logging.getLogger(__name__)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield  # the lifecycle owns SIGTERM/SIGINT and sets the stop event
+class QueryService(StreamService):
+    """The HTTP door: serves from ``QueryRuntime`` (models, rules, Kafka, Redis)."""
 
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise cannot_listen(
-            "query", "the HTTP API", host, port, "SCOREMESH_API_PORT", exc
-        ) from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-class QueryService:
     name = "query"
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.runtime = QueryRuntime(settings)
         self.app = create_app(settings, runtime=self.runtime)
         self.server: uvicorn.Server | None = None
@@ -72,21 +54,21 @@ class QueryService:
     def _check(self, name: str) -> Callable[[], tuple[bool, str]]:
         return lambda: self.runtime.quick_checks()[name]
 
-    async def start(self) -> None:
-        self.socket = bind_socket(self.settings.api.host, self.settings.api.port)
-        self.port = self.socket.getsockname()[1]
-        await self.runtime.start()
-        config = uvicorn.Config(
-            self.app,
-            http="httptools",
-            loop="none",  # the lifecycle's loop (uvloop) is already running
-            lifespan="on",
-            access_log=False,  # ObservabilityMiddleware writes the access log
-            log_config=None,  # keep the JSON logging the lifecycle configured
-            server_header=False,
-            timeout_graceful_shutdown=max(1, int(self.settings.shutdown_deadline_s / 2)),
+    async def setup(self, stack: AsyncExitStack) -> None:
+        self.socket = bind_socket(
+            self.settings.api.host,
+            self.settings.api.port,
+            "query",
+            "the HTTP API",
+            "SCOREMESH_API_PORT",
         )
-        self.server = _Server(config)
+        stack.callback(self._close_socket)
+        self.port = self.socket.getsockname()[1]
+        stack.push_async_callback(self.runtime.stop)
+        await self.runtime.start()
+        stack.callback(self._stop_serving)
+        # ObservabilityMiddleware writes the access log (the server's own is off).
+        self.server = Server.of(self.app, graceful_s=self.settings.shutdown_deadline_s / 2)
         # Everything allocated so far lives as long as the process: move it out of the
         # collector's way. Without this, full collections walking the start-up heap
         # (FastAPI, pydantic, aiokafka, onnxruntime) put p99 at ~100 ms under load; with
@@ -106,10 +88,11 @@ class QueryService:
         if stopping not in done and not stop.is_set():
             raise RuntimeError("the HTTP server stopped on its own; see the log above")
 
-    async def stop(self) -> None:
+    def _stop_serving(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
-        await self.runtime.stop()
+
+    def _close_socket(self) -> None:
         if self.socket is not None:
             self.socket.close()
             self.socket = None
