@@ -41,6 +41,7 @@ from scoremesh.client.aio import send_records as send_records
 from scoremesh.client.aio import start_with_retry as retry_start
 from scoremesh.client.config import ENV_NAMES, ClientConfig
 from scoremesh.client.errors import KafkaUnavailable as KafkaUnavailable
+from scoremesh.client.retry import Backoff
 from scoremesh.contract.catalog import TopicSpec, catalog
 from scoremesh.contract.topics import TopicName
 from services.common.metrics import KAFKA_UP
@@ -282,7 +283,7 @@ class BrokerWatch:
         return False, f"broker unreachable for {down_for:.0f}s ({self.last_error})"
 
     async def run(self) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, self.max_backoff_s)
         while True:
             ok = await self.probe()
             now = time.monotonic()
@@ -292,7 +293,8 @@ class BrokerWatch:
                         "Kafka reachable again",
                         extra={"outage_s": round(now - (self.down_since or now), 1)},
                     )
-                self.reachable, self.down_since, delay = True, None, 0.5
+                self.reachable, self.down_since = True, None
+                backoff.reset()
                 KAFKA_UP.labels(self.service).set(1)
                 await asyncio.sleep(self.interval_s)
                 continue
@@ -304,6 +306,7 @@ class BrokerWatch:
                     "Kafka unreachable; consuming and producing paused until it answers",
                     extra={"error": self.last_error},
                 )
+            delay = backoff.next()
             log.warning(
                 "Kafka not reachable, retrying",
                 extra={
@@ -313,7 +316,6 @@ class BrokerWatch:
                 },
             )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff_s)
 
 
 async def ensure_topics(settings: Settings, specs: Iterable[TopicSpec] | None = None) -> list[str]:

@@ -51,6 +51,7 @@ from scoremesh.client.errors import (
     KafkaUnavailable,
     UndecodableRecord,
 )
+from scoremesh.client.retry import Backoff
 from scoremesh.contract.partitioner import partitions_for_keys
 from scoremesh.contract.records import Alert, Event, Label, LabeledPrediction, Prediction
 from scoremesh.contract.topics import TopicName
@@ -102,7 +103,7 @@ async def start_with_retry(
     """Start a client, retrying with capped exponential backoff and saying so in the log;
     KafkaUnavailable after ``timeout_s`` (or at once when ``stop`` is set)."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.25
+    backoff = Backoff(0.25, 5.0)
     attempt = 0
     while True:
         attempt += 1
@@ -118,12 +119,12 @@ async def start_with_retry(
                     f"{what}: Kafka at {bootstrap} did not answer for {timeout_s:.0f}s "
                     f"({exc}); check SCOREMESH_KAFKA_BOOTSTRAP or run `scoremesh dev up`{hint}"
                 ) from exc
+            delay = backoff.next()
             log.warning(
                 "Kafka not reachable, retrying",
                 extra={"client": what, "error": str(exc), "retry_in_s": round(delay, 2)},
             )
             await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 5.0)
 
 
 _IDEMPOTENCE_HINT = (
