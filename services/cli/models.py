@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from scoremesh.contract.records import DeploymentEvent
 from services.cli.target import announce_kafka
 from services.common.commands import command, describe, new_command, read_history
 from services.common.errors import UserError
@@ -186,7 +187,7 @@ async def _fold(settings: Settings) -> Any:
     return view.state
 
 
-def _answer(event: dict[str, Any], as_json: bool) -> int:
+def _answer(event: DeploymentEvent, as_json: bool) -> int:
     emit(event, as_json, [describe(event)])
     if event["outcome"] != "applied":
         raise CommandRefused(describe(event))
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 HISTORY_COLUMNS = ("time (utc)", "actor", "action", "version", "change", "reason")
 
 
-def history_table(events: list[dict[str, Any]]) -> list[str]:
+def history_table(events: list[DeploymentEvent]) -> list[str]:
     """The deployment log for people: when, who, what (versions and stages) and why."""
     from services.common.tables import format_table
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from scoremesh.contract.codec import codec
+from scoremesh.contract.records import DeploymentEvent, ModelCommand
 from scoremesh.contract.topics import TopicName
 from services.common.errors import UserError
 from services.common.kafka import (
@@ -37,7 +37,7 @@ def new_command(
     proposal: str | None = None,
     options: dict[str, str] | None = None,
     reason: str = "",
-) -> dict[str, Any]:
+) -> ModelCommand:
     return {
         "request_id": str(uuid.uuid4()),
         "model": model,
@@ -53,12 +53,12 @@ def new_command(
 
 
 async def send_command(
-    settings: Settings, command: dict[str, Any], producer: AIOKafkaProducer | None = None
+    settings: Settings, command: ModelCommand, producer: AIOKafkaProducer | None = None
 ) -> None:
     await send_one(
         settings,
         settings.topic(COMMANDS_TOPIC),
-        codec("ModelCommand").encode(command),
+        codec(ModelCommand).encode(command),
         command["model"].encode(),
         "command-producer",
         producer,
@@ -67,11 +67,11 @@ async def send_command(
 
 async def wait_for_outcome(
     settings: Settings, request_id: str, timeout_s: float = 60.0
-) -> dict[str, Any]:
+) -> DeploymentEvent:
     """The registry's DeploymentEvent for a request id (applied or refused)."""
     consumer = make_consumer(settings, group_id=None)
     await start_with_retry(consumer.start, "deployments-reader", settings)
-    decode = codec("DeploymentEvent").decode
+    decode = codec(DeploymentEvent).decode
     try:
         tps: list[TopicPartition] = await assign_all(consumer, settings.topic(DEPLOYMENTS_TOPIC))
         deadline = time.monotonic() + timeout_s
@@ -93,17 +93,17 @@ async def wait_for_outcome(
 
 
 async def command(
-    settings: Settings, cmd: dict[str, Any], timeout_s: float = 60.0
-) -> dict[str, Any]:
+    settings: Settings, cmd: ModelCommand, timeout_s: float = 60.0
+) -> DeploymentEvent:
     await send_command(settings, cmd)
     return await wait_for_outcome(settings, cmd["request_id"], timeout_s)
 
 
-async def read_history(settings: Settings, model: str | None = None) -> list[dict[str, Any]]:
+async def read_history(settings: Settings, model: str | None = None) -> list[DeploymentEvent]:
     consumer = make_consumer(settings, group_id=None)
     await start_with_retry(consumer.start, "deployments-reader", settings)
-    decode = codec("DeploymentEvent").decode
-    events: list[dict[str, Any]] = []
+    decode = codec(DeploymentEvent).decode
+    events: list[DeploymentEvent] = []
     try:
         tps = await assign_all(consumer, settings.topic(DEPLOYMENTS_TOPIC))
         await read_to_end(
@@ -114,7 +114,24 @@ async def read_history(settings: Settings, model: str | None = None) -> list[dic
     return [e for e in events if model is None or e["model"] == model]
 
 
-def describe(event: dict[str, Any]) -> str:
+def refusal(cmd: ModelCommand, detail: str) -> DeploymentEvent:
+    """The answer to a command refused before it was sent (a readiness gate, say), in the
+    form the registry answers with, so callers handle both alike."""
+    return {
+        "request_id": cmd["request_id"],
+        "model": cmd["model"],
+        "version": cmd.get("version"),
+        "action": cmd["action"],
+        "outcome": "refused",
+        "generation": 0,
+        "actor": cmd["actor"],
+        "reason": cmd.get("reason", ""),
+        "detail": detail,
+        "at": cmd["issued_at"],
+    }
+
+
+def describe(event: DeploymentEvent) -> str:
     """One line for people: what the registry did with a command."""
     what = f"{event['model']}@{event['version']}" if event.get("version") else event["model"]
     if event["outcome"] == "refused":

@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from scoremesh.contract.featurespec import FeatureSpec
+from scoremesh.contract.records import DeploymentEvent
 from services.common.artifacts import store_artifact
-from services.common.commands import command, new_command
+from services.common.commands import command, new_command, refusal
 from services.common.errors import UserError
 from services.common.evaluation import reference_distributions
 from services.common.model_version import VersionMetadata, VersionProposal, parse_semver
@@ -172,9 +173,9 @@ def holdout_profile(
 
 @dataclass(frozen=True)
 class RegisterResult:
-    outcome: dict[str, Any]
+    outcome: DeploymentEvent
     readiness: ReadinessReport
-    promotion: dict[str, Any] | None = None
+    promotion: DeploymentEvent | None = None
     gaps: tuple[str, ...] = ()
     recipe_trial: dict[str, Any] | None = None
 
@@ -206,9 +207,8 @@ async def register_version(
         raise OperationError(str(exc)) from None
     readiness = validate_model(onnx, spec, rows, labels)
     if not readiness.passed:
-        return RegisterResult(
-            {"outcome": "refused", "detail": "; ".join(readiness.failures)}, readiness
-        )
+        refused = new_command(model, "register", actor, version=version, reason=reason)
+        return RegisterResult(refusal(refused, "; ".join(readiness.failures)), readiness)
     meta = (metadata or VersionMetadata()).model_copy(update={"validation": readiness.report})
     trial = None
     if recipe is not None:

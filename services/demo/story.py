@@ -16,12 +16,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
 
 from scoremesh.contract.codec import codec
+from scoremesh.contract.records import DeploymentEvent
 from scoremesh.contract.topics import TopicName
 from services.common.commands import describe
 from services.common.kafka import assign_all, make_consumer, make_producer, start_with_retry
@@ -335,7 +336,7 @@ def story(observer: Observer, drift_at: int, produced: int) -> dict[str, Any]:
         for r in finals
     ]
     out["deployment_history"] = [
-        describe(d) + (f" — {d['reason']}" if d.get("reason") else "")
+        describe(cast(DeploymentEvent, d)) + (f" — {d['reason']}" if d.get("reason") else "")
         for d in sorted(observer.deployments, key=lambda d: d["at"])
     ]
     return out
@@ -359,5 +360,6 @@ def markers(observer: Observer, drift_at: int) -> list[dict[str, Any]]:
             and d.get("to_stage") == "champion"
             and d.get("previous_champion")
         ):
-            out.append({"label": "promoted", "index": d["seen_at_index"], "detail": describe(d)})
+            detail = describe(cast(DeploymentEvent, d))  # the record, seen_at_index added
+            out.append({"label": "promoted", "index": d["seen_at_index"], "detail": detail})
     return out

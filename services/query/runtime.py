@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from scoremesh.contract.featurespec import RuleSet
-from scoremesh.contract.records import Event, Prediction
+from scoremesh.contract.records import DeploymentEvent, Event, Prediction
 from scoremesh.contract.topics import TopicName
 from services.common.alert_store import AlertReadModel
 from services.common.commands import read_history
@@ -90,7 +90,7 @@ class QueryRuntime:
         self.producer_started = False
         self._rules: dict[str, tuple[Serving, ServingSet | None, RuleSet | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._history: tuple[float, list[dict[str, Any]]] | None = None
+        self._history: tuple[float, list[DeploymentEvent]] | None = None
         self._history_lock = asyncio.Lock()
         self._batch_size = BATCH_SIZE.labels("query")
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -206,7 +206,7 @@ class QueryRuntime:
         return await self.batcher(model).submit(events)
 
     # --- registry history ------------------------------------------------------------
-    async def history(self) -> list[dict[str, Any]]:
+    async def history(self) -> list[DeploymentEvent]:
         """deployments.log, read at most once per ``history_cache_s``."""
         ttl = self.config.history_cache_s
         cached = self._history

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
+from scoremesh.contract.records import DeploymentEvent, ModelCommand
 from services.common.model_version import (
     CHALLENGER_STAGES,
     STAGES,
@@ -44,7 +45,7 @@ class RegistryBook:
         self.handled.add(version.request_id)
         self.generation = max(self.generation, version.generation)
 
-    def apply_event(self, event: dict[str, Any]) -> None:
+    def apply_event(self, event: DeploymentEvent) -> None:
         self.handled.add(event["request_id"])
         self.generation = max(self.generation, event["generation"])
         new_champion = event.get("new_champion")
@@ -58,7 +59,7 @@ class RegistryBook:
 class Decision:
     outcome: str  # applied | refused
     records: list[ModelVersion]
-    event: dict[str, Any]
+    event: DeploymentEvent
 
     @property
     def refused(self) -> bool:
@@ -69,8 +70,10 @@ class Refusal(Exception):
     pass
 
 
-def _event(cmd: dict[str, Any], generation: int, now_ms: int, **fields: Any) -> dict[str, Any]:
-    event = {
+def _event(cmd: ModelCommand, generation: int, now_ms: int, **fields: Any) -> DeploymentEvent:
+    """The answer to a command; ``fields`` (what the decision changed) are checked against
+    the record by the codec when the event is encoded."""
+    event: DeploymentEvent = {
         "request_id": cmd["request_id"],
         "model": cmd["model"],
         "version": cmd.get("version"),
@@ -86,13 +89,12 @@ def _event(cmd: dict[str, Any], generation: int, now_ms: int, **fields: Any) -> 
         "detail": "",
         "at": now_ms,
     }
-    event.update(fields)
-    return event
+    return cast(DeploymentEvent, event | fields)
 
 
 def decide(
     book: RegistryBook,
-    cmd: dict[str, Any],
+    cmd: ModelCommand,
     now_ms: int,
     artifact_problem: str | None = None,
 ) -> Decision:
@@ -141,7 +143,7 @@ def _get(book: RegistryBook, model: str, version: str | None) -> ModelVersion:
 
 def _register(
     book: RegistryBook,
-    cmd: dict[str, Any],
+    cmd: ModelCommand,
     generation: int,
     now_ms: int,
     artifact_problem: str | None,
@@ -182,7 +184,7 @@ def _register(
 
 
 def _promote(
-    book: RegistryBook, cmd: dict[str, Any], generation: int, now_ms: int
+    book: RegistryBook, cmd: ModelCommand, generation: int, now_ms: int
 ) -> tuple[list[ModelVersion], dict[str, Any]]:
     model = cmd["model"]
     target = cmd.get("target_stage")
@@ -249,7 +251,7 @@ def _promote(
 
 
 def _rollback(
-    book: RegistryBook, cmd: dict[str, Any], generation: int, now_ms: int
+    book: RegistryBook, cmd: ModelCommand, generation: int, now_ms: int
 ) -> tuple[list[ModelVersion], dict[str, Any]]:
     model = cmd["model"]
     if cmd.get("version"):
@@ -305,7 +307,7 @@ def _rollback(
 
 
 def _flag(
-    book: RegistryBook, cmd: dict[str, Any], generation: int, now_ms: int
+    book: RegistryBook, cmd: ModelCommand, generation: int, now_ms: int
 ) -> tuple[list[ModelVersion], dict[str, Any]]:
     """Switch a variant on or off without changing its stage (a feature flag)."""
     held = _get(book, cmd["model"], cmd.get("version"))
@@ -332,7 +334,7 @@ def _flag(
 
 
 def _load_failed(
-    book: RegistryBook, cmd: dict[str, Any], generation: int, now_ms: int
+    book: RegistryBook, cmd: ModelCommand, generation: int, now_ms: int
 ) -> tuple[list[ModelVersion], dict[str, Any]]:
     """A reader could not load a version: take it out of service, keep what works."""
     problem = (cmd.get("options") or {}).get("problem", "unknown problem")

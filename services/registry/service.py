@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from aiokafka import ConsumerRecord
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.records import DeploymentEvent, ModelCommand
 from scoremesh.contract.records import ModelVersion as ModelVersionRecord
 from scoremesh.contract.topics import TopicName
 from services.common.artifacts import ArtifactError, fetch_artifact
@@ -79,9 +80,9 @@ class RegistryService(StreamService):
             self.producer,
             self._process,
         )
-        self._command_codec = codec("ModelCommand")
+        self._command_codec = codec(ModelCommand)
         self._version_codec = codec(ModelVersionRecord)
-        self._event_codec = codec("DeploymentEvent")
+        self._event_codec = codec(DeploymentEvent)
         self.folded = False
 
     def register_checks(self, health: HealthServer) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
+from scoremesh.contract.records import MonitoringStats
 from services.common.policies.retrain import PromotionPolicy
 
 
@@ -56,7 +56,7 @@ class PromotionBook:
     def __init__(self) -> None:
         self.windows: dict[tuple[str, str], dict[tuple[int, int], tuple[int, float]]] = {}
 
-    def observe(self, stats: dict[str, Any], metric: str) -> None:
+    def observe(self, stats: MonitoringStats, metric: str) -> None:
         if stats["segment"] != "all" or stats["window_kind"] != "tumbling":
             return
         if metric not in stats["metrics"] or not stats["count"]:

@@ -9,12 +9,12 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import Any
 
 from aiokafka import ConsumerRecord
 from prometheus_client import Counter
 
 from scoremesh.contract.codec import CodecError, codec
+from scoremesh.contract.records import Alert, MonitoringStats, RetrainRequest
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.commands import new_command, send_command
 from services.common.health import HealthServer
@@ -67,13 +67,13 @@ class RetrainTriggerService(StreamService):
             self.producer,
             self._on_alerts,
         )
-        self._alert_codec = codec("Alert")
-        self._stats_codec = codec("MonitoringStats")
-        self._request_codec = codec("RetrainRequest")
+        self._alert_codec = codec(Alert)
+        self._stats_codec = codec(MonitoringStats)
+        self._request_codec = codec(RetrainRequest)
         self.stats = TopicFollower(
             settings, "monitoring.stats", self._apply_stats, self._after_stats, "retrain-stats"
         )
-        self._released: list[dict[str, Any]] = []
+        self._released: list[RetrainRequest] = []
         self._last_request_ms: dict[str, int] = {}
         self._moved: set[tuple[str, str, str, str | None]] = set()
         self.folded = False
@@ -169,7 +169,7 @@ class RetrainTriggerService(StreamService):
                 outs.append(self._request_out(request, "alert"))
         return outs
 
-    def _request_out(self, request: dict[str, Any], trigger: str) -> Out:
+    def _request_out(self, request: RetrainRequest, trigger: str) -> Out:
         RETRAINS.labels(request["model"], trigger).inc()
         log.warning(
             "retrain requested",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
 
+from scoremesh.contract.records import Alert, MonitoringStats, RetrainRequest
 from services.common.policies.retrain import SEVERITIES, RetrainPolicy
 
 DAY_MS = 86_400_000
@@ -23,7 +23,7 @@ class PendingChange:
 
     episode: str
     anchor_ms: int  # event time of the detection
-    alert: dict[str, Any]
+    alert: Alert
     labels: int = 0
 
 
@@ -45,7 +45,7 @@ class TriggerState:
     def of(self, model: str) -> ModelTrigger:
         return self.models.setdefault(model, ModelTrigger())
 
-    def fold_request(self, request: dict[str, Any]) -> None:
+    def fold_request(self, request: RetrainRequest) -> None:
         """Rebuild state from our own output topic (retrain.requests) at start."""
         m = self.of(request["model"])
         at = int(request["requested_at"])
@@ -58,7 +58,7 @@ class TriggerState:
         m.labels_since_last = 0
 
 
-def episode_of(alert: dict[str, Any]) -> str:
+def episode_of(alert: Alert) -> str:
     return f"{alert['alert_key']}@{alert['first_seen']}"
 
 
@@ -70,7 +70,7 @@ def _request(
     policy: RetrainPolicy,
     now_ms: int,
     actor: str,
-) -> dict[str, Any]:
+) -> RetrainRequest:
     end = m.latest_event_ms or now_ms
     return {
         "request_id": str(uuid.uuid4()),
@@ -96,13 +96,13 @@ def _gate(m: ModelTrigger, policy: RetrainPolicy, now_ms: int) -> str | None:
     return None
 
 
-def _record(m: ModelTrigger, request: dict[str, Any]) -> None:
+def _record(m: ModelTrigger, request: RetrainRequest) -> None:
     m.last_request_ms = request["requested_at"]
     m.recent_requests_ms.append(request["requested_at"])
     m.labels_since_last = 0
 
 
-def counts_labels(stats: dict[str, Any]) -> bool:
+def counts_labels(stats: MonitoringStats) -> bool:
     """Labels are counted once: champion variant, all segments, tumbling windows."""
     return bool(
         stats["variant"] == "champion"
@@ -113,18 +113,18 @@ def counts_labels(stats: dict[str, Any]) -> bool:
 
 def on_stats(
     state: TriggerState,
-    stats: dict[str, Any],
+    stats: MonitoringStats,
     policy: RetrainPolicy | None = None,
     now_ms: int = 0,
     actor: str = "retrain-trigger",
-) -> list[dict[str, Any]]:
+) -> list[RetrainRequest]:
     """Count new labels and track event time; release changes that now have enough labels."""
     m = state.of(stats["model"])
     m.latest_event_ms = max(m.latest_event_ms, int(stats["window_end"]))
     if not counts_labels(stats):
         return []
     m.labels_since_last += int(stats["count"])
-    ready: list[dict[str, Any]] = []
+    ready: list[RetrainRequest] = []
     for change in list(m.pending.values()):
         if int(stats["window_start"]) >= change.anchor_ms:
             change.labels += int(stats["count"])
@@ -147,12 +147,12 @@ def on_stats(
 
 def on_alert(
     state: TriggerState,
-    alert: dict[str, Any],
+    alert: Alert,
     policy: RetrainPolicy,
     now_ms: int,
     actor: str = "retrain-trigger",
     replay: bool = False,
-) -> dict[str, Any] | None:
+) -> RetrainRequest | None:
     if alert["state"] != "firing" or alert["kind"] not in policy.alert_kinds:
         return None
     if SEVERITIES.index(alert["severity"]) < SEVERITIES.index(policy.min_severity):
@@ -180,13 +180,13 @@ def on_alert(
 def _from_alert(
     state: TriggerState,
     m: ModelTrigger,
-    alert: dict[str, Any],
+    alert: Alert,
     episode: str,
     policy: RetrainPolicy,
     now_ms: int,
     actor: str,
     window_start: int | None = None,
-) -> dict[str, Any] | None:
+) -> RetrainRequest | None:
     blocked = _gate(m, policy, now_ms)
     if blocked:
         state.suppressed[blocked] += 1
@@ -219,7 +219,7 @@ def on_schedule(
     policy: RetrainPolicy,
     now_ms: int,
     actor: str = "retrain-trigger:schedule",
-) -> dict[str, Any] | None:
+) -> RetrainRequest | None:
     m = state.of(model)
     blocked = _gate(m, policy, now_ms)
     if blocked:

@@ -14,13 +14,12 @@ import contextlib
 import logging
 import time
 from contextlib import AsyncExitStack
-from typing import Any
 
 from aiokafka.errors import KafkaError
 
 from scoremesh.contract.codec import CodecError, codec
 from scoremesh.contract.featurespec import Violation
-from scoremesh.contract.records import Event, Prediction
+from scoremesh.contract.records import Event, ModelCommand, Prediction
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import BatchLoop, Out, Record
 from services.common.commands import new_command, send_command
@@ -279,7 +278,7 @@ class ScorerService(StreamService):
             )
         )
 
-    async def _send_command(self, cmd: dict[str, Any]) -> None:
+    async def _send_command(self, cmd: ModelCommand) -> None:
         try:
             await send_command(self.settings, cmd, producer=self.producer)
         except KafkaError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,7 +302,7 @@ async def run_request(
             champion_metrics=old,
             examples=len(examples),
         )
-    shadow = result.promotion or {}
+    shadow: Mapping[str, Any] = result.promotion or {}
     detail = f"registered {model}@{version}" + (
         " in shadow"
         if shadow.get("outcome") == "applied"

@@ -25,6 +25,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from scoremesh.contract.records import DeploymentEvent, ModelCommand
 from services.common.kafka import KafkaUnavailable
 from services.common.model_version import ModelVersion
 from services.common.retraining import latest_result, manual_request, publish_request
@@ -313,7 +314,7 @@ def _versions(runtime: QueryRuntime, name: str) -> list[ModelVersion]:
     return versions
 
 
-async def _deployments(runtime: QueryRuntime, warnings: list[str]) -> list[dict[str, Any]]:
+async def _deployments(runtime: QueryRuntime, warnings: list[str]) -> list[DeploymentEvent]:
     try:
         return await runtime.history()
     except (KafkaUnavailable, KafkaError, OSError) as exc:
@@ -697,7 +698,7 @@ def _invalid(exc: ValidationError) -> ConsoleError:
 
 
 async def _act(
-    request: Request, runtime: QueryRuntime, name: str, cmd: dict[str, Any], back: str
+    request: Request, runtime: QueryRuntime, name: str, cmd: ModelCommand, back: str
 ) -> Response:
     try:
         event = await send_and_wait(runtime, cmd)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, Query
 from fastapi.responses import JSONResponse
 
+from scoremesh.contract.records import DeploymentEvent, ModelCommand
 from services.common.commands import (
     RegistryTimeout,
     new_command,
@@ -167,7 +168,7 @@ async def history(
     return {"model": name, "events": events[-limit:]}
 
 
-async def send_and_wait(runtime: QueryRuntime, cmd: dict[str, Any]) -> dict[str, Any]:
+async def send_and_wait(runtime: QueryRuntime, cmd: ModelCommand) -> DeploymentEvent:
     """Send a command to the registry and return its answer from deployments.log (applied
     or refused); the API's routes and the console's buttons both go through here."""
     settings = runtime.settings
@@ -195,7 +196,7 @@ async def send_and_wait(runtime: QueryRuntime, cmd: dict[str, Any]) -> dict[str,
     return event
 
 
-def promote_command(name: str, body: PromoteIn, actor: str = ACTOR) -> dict[str, Any]:
+def promote_command(name: str, body: PromoteIn, actor: str = ACTOR) -> ModelCommand:
     options = {"percent": str(body.percent)} if body.percent is not None else {}
     return new_command(
         name,
@@ -208,11 +209,11 @@ def promote_command(name: str, body: PromoteIn, actor: str = ACTOR) -> dict[str,
     )
 
 
-def rollback_command(name: str, body: RollbackIn, actor: str = ACTOR) -> dict[str, Any]:
+def rollback_command(name: str, body: RollbackIn, actor: str = ACTOR) -> ModelCommand:
     return new_command(name, "rollback", actor, version=body.version, reason=body.reason)
 
 
-async def _command(runtime: QueryRuntime, cmd: dict[str, Any]) -> JSONResponse:
+async def _command(runtime: QueryRuntime, cmd: ModelCommand) -> JSONResponse:
     event = await send_and_wait(runtime, cmd)
     if event["outcome"] != "applied":
         raise Problem(409, "command-refused", event.get("detail") or "refused", event=event)
