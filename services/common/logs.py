@@ -42,3 +42,6 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level)
     # aiokafka logs every retry of a refused connection at ERROR; ours say it once, clearly.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL if level != "DEBUG" else "DEBUG")
+    # uvicorn serves every health endpoint and the query API: its start and stop lines
+    # ("Started server process") repeat ours; its warnings and errors still come through.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING if level != "DEBUG" else "DEBUG")

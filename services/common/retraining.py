@@ -25,7 +25,7 @@ from services.common.settings import Settings
 
 REQUESTS: TopicName = "retrain.requests"
 RESULTS: TopicName = "retrain.results"
-TERMINAL = ("succeeded", "rejected", "failed")
+TERMINAL = ("succeeded", "rejected", "failed", "needs_person")
 
 
 def manual_request(

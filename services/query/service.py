@@ -55,6 +55,7 @@ class QueryService(StreamService):
         return lambda: self.runtime.quick_checks()[name]
 
     async def setup(self, stack: AsyncExitStack) -> None:
+        stack.push_async_callback(self.runtime.stop)  # its producer exists from the start
         self.socket = bind_socket(
             self.settings.api.host,
             self.settings.api.port,
@@ -64,7 +65,6 @@ class QueryService(StreamService):
         )
         stack.callback(self._close_socket)
         self.port = self.socket.getsockname()[1]
-        stack.push_async_callback(self.runtime.stop)
         await self.runtime.start()
         stack.callback(self._stop_serving)
         # ObservabilityMiddleware writes the access log (the server's own is off).

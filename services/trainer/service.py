@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 REQUESTS: TopicName = "retrain.requests"
 RESULTS: TopicName = "retrain.results"
 MAX_ATTEMPTS = 2
-TERMINAL = ("succeeded", "rejected", "failed", "needs_person")
 
 
 class TrainerService(StreamService):

@@ -291,7 +291,7 @@ async def retrain(
 
 @router.get(
     "/{name}/retrains/{request_id}",
-    summary="The trainer's latest word on a retrain request: started, succeeded, rejected, failed",
+    summary="The trainer's latest word on a retrain request: started, succeeded, rejected, failed, needs_person",
     response_model=RetrainResultOut,
     responses=problem_responses(404, 503),
 )
