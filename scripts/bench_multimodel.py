@@ -34,7 +34,7 @@ from services.common.settings import Settings
 from services.registry.service import RegistryService
 from services.scorer.service import ScorerService
 from services.trainer.datasets import CREDIT_SPEC, credit_events
-from services.trainer.pipeline import train
+from services.trainer.pipeline import builtin_recipe, train
 
 MODELS = ("credit", "fraud", "churn")
 TARGET_RATIO = 0.8
@@ -153,7 +153,13 @@ def memory_per_model(onnx: bytes) -> dict[str, float]:
 
 async def run(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     pairs = list(credit_events(3000, seed=3))
-    trained = train(CREDIT_SPEC, [e["features"] for e, _ in pairs], [y for _, y in pairs], seed=3)
+    trained = train(
+        CREDIT_SPEC,
+        [e["features"] for e, _ in pairs],
+        [y for _, y in pairs],
+        recipe=builtin_recipe(),
+        seed=3,
+    )
     run_id = f"{int(time.time())}"
     rounds = []
     for r in range(args.rounds):
