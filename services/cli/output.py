@@ -76,34 +76,41 @@ def emit(data: Any, output: Output, human: Callable[[], None] | Sequence[str]) -
     sys.stdout.flush()
 
 
-def stdout_console() -> Console:
-    """A console for tables: the terminal's width, or wide and plain when piped (a table
-    through grep or a test reads one row a line)."""
-    from rich.console import Console
-
-    tty = sys.stdout.isatty()
-    return Console(file=sys.stdout, width=None if tty else 250, soft_wrap=not tty, highlight=False)
-
-
 def table(
     rows: Sequence[dict[str, Any]],
     columns: Sequence[str],
     empty: str = "(none)",
     max_width: int = 60,
 ) -> None:
-    """Rows as a table with upper-case headers; long cells are cut with an ellipsis."""
+    """Rows as a table with upper-case headers; long cells are cut with an ellipsis. On a
+    terminal: rich, as wide as the terminal; piped: plain columns, one row a line, no
+    trailing blanks (for grep and awk)."""
     if not rows:
         print(empty)
         return
     from rich import box
+    from rich.console import Console
     from rich.table import Table
 
-    grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    tty = sys.stdout.isatty()
+    grid = Table(
+        box=box.SIMPLE_HEAD if tty else None,
+        show_edge=False,
+        pad_edge=False,
+        header_style="bold" if tty else "",
+    )
     for column in columns:
         grid.add_column(column.upper(), no_wrap=True, overflow="ellipsis", max_width=max_width)
     for row in rows:
         grid.add_row(*(_cell(row.get(c, "")) for c in columns))
-    stdout_console().print(grid)
+    if tty:
+        Console(file=sys.stdout, highlight=False).print(grid)
+        return
+    plain = Console(width=1000, no_color=True, highlight=False, color_system=None)
+    with plain.capture() as captured:
+        plain.print(grid)
+    for line in captured.get().splitlines():
+        print(line.rstrip())
 
 
 def _cell(value: Any) -> str:

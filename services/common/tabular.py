@@ -84,9 +84,24 @@ def read_rows(
         return
     reader = csv.DictReader(io.StringIO(text))
     for record in reader:
+        width = len(reader.fieldnames or ())
         if None in record:
             extra = len(record[None])  # type: ignore[index]
-            yield Row(reader.line_num, None, f"{extra} more fields than the header")
+            yield Row(
+                reader.line_num,
+                None,
+                f"{extra} more fields than the header: {width + extra} columns, the header "
+                f"has {width}",
+            )
+            continue
+        if None in record.values():
+            found = sum(v is not None for v in record.values())
+            yield Row(
+                reader.line_num,
+                None,
+                f"{width - found} fewer fields than the header: {found} columns, the header "
+                f"has {width}",
+            )
             continue
         yield Row(reader.line_num, {k: cell(v or "") for k, v in record.items()})
 
