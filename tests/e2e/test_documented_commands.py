@@ -117,7 +117,7 @@ SH: dict[str, list[str]] = {
         "scoremesh models bootstrap",
         "file churn.py",
         "python churn.py data",
-        "scoremesh models spec init --data churn-train.csv --label churned --out churn-spec.json",
+        "scoremesh models spec init --data churn-train.csv --label label --out churn-spec.json",
         "python churn.py train",
         "scoremesh models register churn.onnx -m churn --spec churn-spec.json "
         "--data churn-holdout.csv --version 1.0.0 --stage champion",

@@ -28,8 +28,8 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 def test_help_imports_nothing_heavy(argv: list[str]) -> None:
     """In a fresh interpreter, as the console script starts."""
     code = (
-        "import sys; from services.cli.main import main; rc = main(%r); "
-        "print(sorted(m for m in %r if m in sys.modules)); sys.exit(rc)" % (argv, HEAVY)
+        f"import sys; from services.cli.main import main; rc = main({argv!r}); "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules)); sys.exit(rc)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
