@@ -67,6 +67,13 @@ def load_settings() -> Settings:
         ) from None
 
 
+def positive(value: int | None) -> int | None:
+    """An option's callback: a whole number above zero (or not given)."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be positive, got {value}")
+    return value
+
+
 def examples(*lines: str) -> str:
     """A command's epilog: its examples, one a line."""
     return "Examples:\n" + "\n".join(f"  {line}" for line in lines)

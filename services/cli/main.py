@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from services.cli import deprecated
-from services.cli.context import UsageProblem, examples, load_settings, set_flags
+from services.cli.context import UsageProblem, examples, load_settings, positive, set_flags
 from services.cli.output import Output, OutputOption, emit, table
 
 # `scoremesh run <name>`: every service is one class with start/run/stop (lifecycle.Service).
@@ -228,7 +228,7 @@ def status(output: OutputOption = Output.table) -> None:
     )
 )
 def demo(
-    events: Annotated[int, typer.Option(min=1, help="Events to send.")] = 20_000,
+    events: Annotated[int, typer.Option(callback=positive, help="Events to send.")] = 20_000,
     invalid: Annotated[
         float, typer.Option(min=0.0, max=0.999, help="Share of invalid events, in [0, 1).")
     ] = 0.03,
@@ -245,7 +245,9 @@ def demo(
     ] = True,
     drift_at: Annotated[
         int | None,
-        typer.Option(min=1, help="The event where the concept changes.", show_default=False),
+        typer.Option(
+            callback=positive, help="The event where the concept changes.", show_default=False
+        ),
     ] = None,
     rate: Annotated[float, typer.Option(min=1.0, help="Events per second.")] = 800.0,
 ) -> None:
