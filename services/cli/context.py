@@ -8,13 +8,16 @@ everything heavier are imported inside the functions that need them.
 from __future__ import annotations
 
 import re
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 if TYPE_CHECKING:
     from services.common.settings import Settings
+
+T = TypeVar("T")
 
 # One rule for names, as the settings' SCOREMESH_MODEL_NAME and the registry apply it.
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -65,6 +68,13 @@ def load_settings() -> Settings:
             f"{exc}; complex settings take JSON, e.g. "
             """SCOREMESH_RETRAIN_POLICY='{"min_new_labels": 200}'"""
         ) from None
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, imported when a command needs it (not for ``--help``)."""
+    import asyncio
+
+    return asyncio.run(coroutine)
 
 
 def positive(value: int | None) -> int | None:

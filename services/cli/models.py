@@ -7,7 +7,6 @@ model only qualifies what a command does (register, bootstrap, list), it is ``-m
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,6 +24,7 @@ from services.cli.context import (
     load_settings,
     model_or_default,
     parse_ref,
+    run_async,
 )
 from services.cli.output import Output, OutputOption, emit, progress, table
 from services.cli.target import announce_kafka
@@ -127,7 +127,7 @@ def list_versions(model: ModelOption = None, output: OutputOption = Output.table
     if model:
         check_model(model)
     settings = _ready(load_settings())
-    state = asyncio.run(_fold(settings))
+    state = run_async(_fold(settings))
     rows: list[dict[str, Any]] = [
         {
             "model": v.name,
@@ -178,7 +178,7 @@ def show(
     """One version: stage, artifact, metrics, feature spec and metadata."""
     settings = _ready(load_settings())
     ref = parse_ref(target, where="NAME[@VERSION]") if target else Ref(settings.model_name)
-    state = asyncio.run(_fold(settings))
+    state = run_async(_fold(settings))
     chosen = state.versions.get(ref.key) if ref.version else state.champion(ref.name)
     if chosen is None:
         known = ", ".join(v.key for v in state.of_model(ref.name)) or "none"
@@ -223,7 +223,7 @@ def history(model: ModelArgument = None, output: OutputOption = Output.table) ->
 
     settings = _ready(load_settings())
     name = model_or_default(model, settings)
-    events = asyncio.run(read_history(settings, name))
+    events = run_async(read_history(settings, name))
     emit(
         events,
         output,
@@ -291,7 +291,7 @@ def status(
     one has not (with --wait: still not after --timeout), or when none serves the model."""
     settings = _ready(load_settings())
     name = model_or_default(model, settings)
-    report = asyncio.run(_rollout(settings, name, wait, timeout))
+    report = run_async(_rollout(settings, name, wait, timeout))
     emit(report, output, lambda: _print_rollout(report))
     if not report["rolled_out"]:
         raise typer.Exit(1)
@@ -354,6 +354,7 @@ def rollout_report(model: str, state: RegistryState, replicas: list[Any]) -> dic
 
 
 async def _rollout(settings: Settings, model: str, wait: bool, wait_s: float) -> dict[str, Any]:
+    import asyncio
     import time
 
     deadline = time.monotonic() + wait_s
@@ -396,14 +397,14 @@ def _send(settings: Settings, cmd: dict[str, Any], dry_run: bool, output: Output
     from services.common.commands import command, describe
 
     if dry_run:
-        event = asyncio.run(_would(settings, cmd))
+        event = run_async(_would(settings, cmd))
         line = ("would: " if event["outcome"] == "applied" else "would be ") + describe(event)
         emit({**event, "dry_run": True}, output, [line])
         if event["outcome"] != "applied":
             raise typer.Exit(1)
         return
     announce_kafka(settings)
-    event = asyncio.run(command(settings, cmd))
+    event = run_async(command(settings, cmd))
     emit(event, output, [describe(event)])
     if event["outcome"] != "applied":
         raise CommandRefused(describe(event))
@@ -552,7 +553,7 @@ def bootstrap(model: ModelOption = None, output: OutputOption = Output.table) ->
         settings = settings.replace(model_name=check_model(model))
     announce_kafka(settings)
     with progress(f"training and publishing {settings.model_name}@1.0.0"):
-        result = asyncio.run(run_bootstrap(settings))
+        result = run_async(run_bootstrap(settings))
     emit(
         {"created": result.created, "version": result.version, "metrics": result.metrics},
         output,
@@ -718,7 +719,7 @@ def register(
     announce_kafka(settings)
     with progress(f"registering {name}@{number}") as bar:
         spec_obj, onnx, rows, labels = _inputs(file, spec, data, trust_pickle)
-        result = asyncio.run(
+        result = run_async(
             register_version(
                 settings,
                 name,
@@ -840,7 +841,7 @@ def retrain(
 
         request["evidence"] = {**request["evidence"], ACCEPT_CODE: "true"}
     announce_kafka(settings)
-    asyncio.run(publish_request(settings, request))
+    run_async(publish_request(settings, request))
     first = (
         f"retrain requested: {request['request_id']} ({name}, events from "
         f"{_when(request['window_start'])} to {_when(request['window_end'])})"
@@ -863,7 +864,7 @@ def retrain(
                     print(text, file=sys.stderr)
 
         try:
-            result = asyncio.run(
+            result = run_async(
                 wait_for_result(settings, request["request_id"], timeout, on_progress=on_progress)
             )
         except RetrainTimeout as exc:

@@ -3,7 +3,6 @@ replay, forget."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from services.cli.context import check_model, examples, load_settings
+from services.cli.context import check_model, examples, load_settings, run_async
 from services.cli.output import Bar, Output, OutputOption, emit, progress
 from services.cli.target import announce_kafka, announce_redis
 from services.common.errors import UserError
@@ -145,6 +144,8 @@ def parse_events(text: str, fmt: str, name: str = "") -> Parsed:
 async def send_events(
     settings: Settings, events: list[dict[str, Any]], rate: float | None, bar: Bar
 ) -> tuple[int, int]:
+    import asyncio
+
     import orjson
 
     from services.common.kafka import make_producer, start_with_retry
@@ -242,7 +243,7 @@ def events_send(
     settings = load_settings()
     announce_kafka(settings)
     with progress("sending events", total=len(events)) as bar:
-        sent, failed = asyncio.run(send_events(settings, events, rate, bar))
+        sent, failed = run_async(send_events(settings, events, rate, bar))
     summary = {"sent": sent, "failed": failed, "skipped_bad_lines": len(parsed.bad)}
     emit(summary, output, [f"sent {sent}, failed {failed}, skipped {len(parsed.bad)} bad line(s)"])
     if failed:
@@ -286,7 +287,7 @@ def labels_send(
         check_model(model)
     announce_kafka(settings)
     with progress("sending labels") as bar:
-        summary = asyncio.run(
+        summary = run_async(
             send_labels(settings, file, skip_bad=skip_bad, model=model, on_sent=bar.to)
         )
     for bad in summary.bad[:20]:
@@ -401,7 +402,7 @@ def tail(
         idle_timeout=idle_timeout,
         output=output.value,
     )
-    asyncio.run(tail_topic(settings, topic, options, sys.stdout))
+    run_async(tail_topic(settings, topic, options, sys.stdout))
 
 
 # --- dlq replay ------------------------------------------------------------------------
@@ -467,7 +468,7 @@ def dlq_replay(
     if not dry_run:
         announce_kafka(settings)
     with progress("reading the dead-letter topic") as bar:
-        summary = asyncio.run(
+        summary = run_async(
             replay_dlq(
                 settings,
                 set(reason or []),
@@ -518,7 +519,7 @@ def forget(
             await store.close()
         return predictions, removed
 
-    predictions, removed = asyncio.run(go())
+    predictions, removed = run_async(go())
     data = {
         "entity_id": entity_id,
         "predictions_removed": predictions,

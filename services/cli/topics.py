@@ -8,13 +8,12 @@ replication factor capped at the brokers the cluster has.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from services.cli.context import examples, load_settings
+from services.cli.context import examples, load_settings, run_async
 from services.cli.output import Output, OutputOption, emit, table
 from services.cli.target import announce_kafka
 from services.common.errors import UserError
@@ -153,7 +152,7 @@ def create(
     settings.require_bootstrap()
     specs = _specs(names)
     announce_kafka(settings)
-    cluster = asyncio.run(read_cluster(settings, [settings.topic(s.name) for s in specs]))
+    cluster = run_async(read_cluster(settings, [settings.topic(s.name) for s in specs]))
     rows: list[dict[str, Any]] = []
     for spec in specs:
         physical = settings.topic(spec.name)
@@ -171,7 +170,7 @@ def create(
         )
     missing = [s for s, r in zip(specs, rows, strict=True) if r["action"] != "exists"]
     if missing and not dry_run:
-        created = set(asyncio.run(ensure_topics(settings, missing)))
+        created = set(run_async(ensure_topics(settings, missing)))
         for row in rows:
             if row["action"] == "create":
                 row["action"] = "created" if row["topic"] in created else "exists"
@@ -207,7 +206,7 @@ def list_topics(output: OutputOption = Output.table) -> None:
     """Every catalog topic: what the catalog says, and whether the broker has it."""
     settings = load_settings()
     settings.require_bootstrap()
-    cluster = asyncio.run(read_cluster(settings))
+    cluster = run_async(read_cluster(settings))
     rows: list[dict[str, Any]] = []
     for spec in _specs(None):
         held = cluster.topics.get(settings.topic(spec.name))
@@ -256,7 +255,7 @@ def describe(
     settings.require_bootstrap()
     (spec,) = _specs([name])
     physical = settings.topic(spec.name)
-    cluster = asyncio.run(read_cluster(settings, [physical]))
+    cluster = run_async(read_cluster(settings, [physical]))
     held = cluster.topics.get(physical)
     rf, configs = wanted_configs(spec, cluster.brokers)
     data: dict[str, Any] = {
