@@ -22,7 +22,7 @@ import yaml
 from services.common.devstack import StackState
 from services.common.settings import Settings
 from services.trainer.datasets import CREDIT_SPEC, credit_events
-from tests.helpers import cli
+from tests.helpers import cli_in_process
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +63,7 @@ def registry(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[b
 
 
 def sm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return cli(env, *args)
+    return cli_in_process(env, *args)
 
 
 @pytest.fixture
