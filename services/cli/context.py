@@ -70,6 +70,13 @@ def load_settings() -> Settings:
         ) from None
 
 
+def complete_topic(incomplete: str) -> list[str]:
+    """Shell completion: the catalog's topics."""
+    from scoremesh.contract.catalog import catalog
+
+    return [name for name in catalog() if name.startswith(incomplete)]
+
+
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run``, imported when a command needs it (not for ``--help``)."""
     import asyncio

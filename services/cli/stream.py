@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from services.cli.context import check_model, examples, load_settings, run_async
+from services.cli.context import check_model, complete_topic, examples, load_settings, run_async
 from services.cli.output import Bar, Output, OutputOption, emit, progress
 from services.cli.target import announce_kafka, announce_redis
 from services.common.errors import UserError
@@ -309,7 +309,10 @@ def labels_send(
 
 
 def tail(
-    topic: Annotated[str, typer.Argument(help="A catalog topic, e.g. predictions.")],
+    topic: Annotated[
+        str,
+        typer.Argument(help="A catalog topic, e.g. predictions.", autocompletion=complete_topic),
+    ],
     from_beginning: Annotated[
         bool, typer.Option("--from-beginning", help="Start at each partition's first record.")
     ] = False,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from services.cli.context import examples, load_settings, run_async
+from services.cli.context import complete_topic, examples, load_settings, run_async
 from services.cli.output import Output, OutputOption, emit, table
 from services.cli.target import announce_kafka
 from services.common.errors import UserError
@@ -125,6 +125,7 @@ NamesArgument = Annotated[
     list[str] | None,
     typer.Argument(
         help="Catalog topics, e.g. predictions (default: every topic in the catalog).",
+        autocompletion=complete_topic,
         show_default=False,
     ),
 ]
@@ -246,7 +247,10 @@ def list_topics(output: OutputOption = Output.table) -> None:
     )
 )
 def describe(
-    name: Annotated[str, typer.Argument(help="A catalog topic, e.g. predictions.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="A catalog topic, e.g. predictions.", autocompletion=complete_topic),
+    ],
     output: OutputOption = Output.table,
 ) -> None:
     """One topic: the catalog's contract (key, value, partitions, configs) next to what the

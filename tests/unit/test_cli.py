@@ -4,6 +4,7 @@ release's spellings, output formats of the commands that need no cluster."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,26 @@ def test_tail_filters_on_nested_fields(text: str, record: dict[str, Any], holds:
 def test_a_bad_tail_filter_says_how_to_write_one(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["tail", "predictions", "--filter", "age"], capsys)
     assert code == 1 and "write FIELD OP VALUE" in err
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [("scoremesh models pro", "promote"), ("scoremesh tail pred", "predictions")],
+)
+def test_shell_completion(words: str, expected: str) -> None:
+    env = {
+        **os.environ,
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - 1),
+        "_SCOREMESH_COMPLETE": "complete_bash",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from services.cli.main import main; sys.exit(main())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout.split()
