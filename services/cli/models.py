@@ -31,6 +31,7 @@ from services.cli.target import announce_kafka
 from services.common.errors import UserError
 
 if TYPE_CHECKING:
+    from scoremesh.contract.records import DeploymentEvent, ModelCommand
     from services.common.registry_view import RegistryState
     from services.common.settings import Settings
 
@@ -234,7 +235,7 @@ def history(model: ModelArgument = None, output: OutputOption = Output.table) ->
 HISTORY_COLUMNS = ("time (utc)", "actor", "action", "version", "change", "reason")
 
 
-def history_rows(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def history_rows(events: list[DeploymentEvent]) -> list[dict[str, Any]]:
     """The deployment log for people: when, who, what (versions and stages) and why."""
     rows = []
     for e in events:
@@ -391,7 +392,7 @@ def _print_rollout(report: dict[str, Any]) -> None:
 # --- changing the registry -------------------------------------------------------------------
 
 
-def _send(settings: Settings, cmd: dict[str, Any], dry_run: bool, output: Output) -> None:
+def _send(settings: Settings, cmd: ModelCommand, dry_run: bool, output: Output) -> None:
     """Send a registry command and print the answer, or with ``dry_run`` what the registry
     would answer now (its own decision function on the folded registry)."""
     from services.common.commands import command, describe
@@ -410,7 +411,7 @@ def _send(settings: Settings, cmd: dict[str, Any], dry_run: bool, output: Output
         raise CommandRefused(describe(event))
 
 
-async def _would(settings: Settings, cmd: dict[str, Any]) -> dict[str, Any]:
+async def _would(settings: Settings, cmd: ModelCommand) -> DeploymentEvent:
     import time
 
     from services.registry.logic import RegistryBook, decide

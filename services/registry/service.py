@@ -66,7 +66,7 @@ async def verify_artifact(settings: Settings, version: ModelVersion) -> str | No
 async def fold_book(settings: Settings, book: RegistryBook) -> RegistryBook:
     """Fold the registry and the deployment log into ``book``: what ``decide`` needs."""
     version_codec = codec(ModelVersionRecord)
-    event_codec = codec("DeploymentEvent")
+    event_codec = codec(DeploymentEvent)
 
     def on_version(record: ConsumerRecord[bytes, bytes]) -> None:
         if record.value is not None:
