@@ -112,6 +112,28 @@ def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.Com
     )
 
 
+def cli_in_process(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`scoremesh ARGS` in this process with exactly this environment: what ``cli`` does,
+    without a Python start-up per command (for tests that run many)."""
+    import contextlib
+    import io
+    import os
+
+    from services.cli.main import main
+
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["scoremesh", *args], code, out.getvalue(), err.getvalue())
+
+
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a `scoremesh run` subprocess needs to share a test's settings."""
     import os

@@ -1,23 +1,26 @@
-"""`scoremesh`: one CLI for running services, the dev stack, the demo and models.
+"""`scoremesh`: one CLI for running services, the dev stack, the demo, topics and models.
 
-Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line saying what to do.
+Built on Typer (commands, help, completion) and rich (tables, progress):
+docs/adr/0018-cli.md. Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line
+saying what was wrong and what to do.
+
+Start-up time matters at a prompt and in scripts: the command modules import only Typer and
+the standard library at the top; settings, Kafka clients, onnxruntime, scikit-learn and
+River are imported inside the commands that use them (a test checks `scoremesh --help`).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import logging
 import sys
-from collections.abc import Callable
-from typing import Any
+from enum import StrEnum
+from typing import Annotated, Any
 
-import orjson
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
+import typer
 
-from services.common.errors import UserError
-from services.common.settings import ConfigError, Settings, default_home
+from services.cli import deprecated
+from services.cli.context import UsageProblem, examples, load_settings, positive, set_flags
+from services.cli.output import Output, OutputOption, emit, table
 
 # `scoremesh run <name>`: every service is one class with start/run/stop (lifecycle.Service).
 SERVICES = {
@@ -31,121 +34,160 @@ SERVICES = {
     "query": "services.query.service:QueryService",
 }
 
-EPILOG = """examples:
-  scoremesh dev up                 start the embedded broker and Redis
-  scoremesh demo                   the whole loop on the embedded stack, with a report
-  scoremesh run scorer             run one service (settings from SCOREMESH_* variables)
-  scoremesh models bootstrap       train and publish a first champion
-  scoremesh models list            what the registry holds
 
-exit codes: 0 ok, 1 failure, 2 usage error"""
-
-
-class UsageError(Exception):
-    pass
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "SCOREMESH_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
-        raise ConfigError(f"{name}: {first['msg']}") from None
-    except SettingsError as exc:  # e.g. a policy variable that is not valid JSON
-        raise ConfigError(
-            f"{exc}; complex settings take JSON, e.g. "
-            """SCOREMESH_RETRAIN_POLICY='{"min_new_labels": 200}'"""
-        ) from None
+app = typer.Typer(
+    name="scoremesh",
+    help="Run ML models in production as Kafka stream processors.\n\n"
+    "Exit codes: 0 ok, 1 failure, 2 usage error. A version is NAME@VERSION (credit@1.1.0); "
+    "-m/--model names a model (default: SCOREMESH_MODEL_NAME).",
+    epilog=examples(
+        "scoremesh dev up                  start the embedded broker and Redis",
+        "scoremesh demo                    the whole loop on the embedded stack, with a report",
+        "scoremesh run scorer &            run one service (settings from SCOREMESH_*)",
+        "scoremesh models bootstrap        train and publish a first champion",
+        "scoremesh models list -o json     what the registry holds, for a script",
+        "scoremesh --install-completion    tab completion for your shell",
+    ),
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
-def _print(data: Any, as_json: bool, human: Callable[[], None]) -> None:
-    if as_json:
-        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        human()
+@app.callback()
+def root(
+    bootstrap_server: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap-server",
+            help="Kafka host:port[,host:port]; wins over SCOREMESH_KAFKA_BOOTSTRAP and the "
+            "dev stack.",
+            show_default=False,
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="redis://host:port/db; wins over SCOREMESH_REDIS_URL and the dev stack.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Global options, before the command: scoremesh --bootstrap-server kafka:9092 models list"""
+    set_flags(kafka_bootstrap=bootstrap_server, redis_url=redis_url)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+# --- run ---------------------------------------------------------------------------------
+
+
+class Service(StrEnum):
+    registry = "registry"
+    validator = "validator"
+    scorer = "scorer"
+    trainer = "trainer"
+    retrain_trigger = "retrain-trigger"
+    monitor = "monitor"
+    label_join = "label-join"
+    query = "query"
+
+
+@app.command(
+    epilog=examples(
+        "scoremesh run validator",
+        "scoremesh run scorer >scorer.log 2>&1 &",
+        "SCOREMESH_MODELS=fraud scoremesh run scorer",
+    )
+)
+def run(
+    service: Annotated[Service, typer.Argument(help="The service to run in this process.")],
+) -> None:
+    """Run one service in the foreground (JSON logs on stdout; stop it with Ctrl-C or kill)."""
     from services.common.lifecycle import run_service
 
-    settings = _settings()
+    settings = load_settings()
     settings.require_bootstrap()
-    module_name, _, class_name = SERVICES[args.service].partition(":")
+    module_name, _, class_name = SERVICES[service.value].partition(":")
     service_class = getattr(importlib.import_module(module_name), class_name)
-    return run_service(args.service, lambda: service_class(settings), settings)
+    code = run_service(service.value, lambda: service_class(settings), settings)
+    if code:
+        raise typer.Exit(code)
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
+# --- dev ---------------------------------------------------------------------------------
+
+dev = typer.Typer(
+    help="The embedded development stack: a Kafka-compatible broker and Redis.",
+    no_args_is_help=True,
+)
+app.add_typer(dev, name="dev", epilog=examples("scoremesh dev up && scoremesh dev status"))
+
+
+@dev.command(epilog=examples("scoremesh dev up", "scoremesh dev up -o json"))
+def up(output: OutputOption = Output.table) -> None:
+    """Start the embedded broker and Redis (idempotent; services started later find them)."""
     from services.common.devstack import DevStack
+    from services.common.settings import default_home
 
-    settings = _settings()
-    stack = DevStack(default_home(), settings)
-    if args.action == "up":
-        state, started = stack.up()
-        data = {
-            "kafka_bootstrap": state.kafka_bootstrap,
-            "redis_url": state.redis_url,
-            "started": state.started,
-            "already_running": not started,
-        }
+    state, started = DevStack(default_home(), load_settings()).up()
+    data = {
+        "kafka_bootstrap": state.kafka_bootstrap,
+        "redis_url": state.redis_url,
+        "started": state.started,
+        "already_running": not started,
+    }
+    kafka = f"  Kafka  {state.kafka_bootstrap}"
+    emit(
+        data,
+        output,
+        [
+            "dev stack already running" if not started else "dev stack up",
+            kafka + ("   (tansu, in memory)" if "broker" in state.started else ""),
+            f"  Redis  {state.redis_url}",
+            "services started now find it on their own; other clients use:",
+            f"  export SCOREMESH_KAFKA_BOOTSTRAP={state.kafka_bootstrap}",
+            f"  export SCOREMESH_REDIS_URL={state.redis_url}",
+            "stop it with: scoremesh dev down",
+        ],
+    )
 
-        def human() -> None:
-            print("dev stack already running" if not started else "dev stack up")
-            print(
-                f"  Kafka  {state.kafka_bootstrap}   (tansu, in memory)"
-                if "broker" in state.started
-                else f"  Kafka  {state.kafka_bootstrap}"
-            )
-            print(f"  Redis  {state.redis_url}")
-            print("services started now find it on their own; other clients use:")
-            print(f"  export SCOREMESH_KAFKA_BOOTSTRAP={state.kafka_bootstrap}")
-            print(f"  export SCOREMESH_REDIS_URL={state.redis_url}")
-            print("stop it with: scoremesh dev down")
 
-        _print(data, args.json, human)
-        return 0
-    if args.action == "down":
-        left = stack.services()
-        stopped = stack.down()
-        _print(
-            {"stopped": stopped, "services_still_running": [r.to_json() for r in left]},
-            args.json,
-            lambda: print("stopped: " + ", ".join(stopped) if stopped else "nothing was running"),
+@dev.command(epilog=examples("scoremesh dev down"))
+def down(output: OutputOption = Output.table) -> None:
+    """Stop what `scoremesh dev up` started."""
+    from services.common.devstack import DevStack
+    from services.common.settings import default_home
+
+    stack = DevStack(default_home(), load_settings())
+    left = stack.services()
+    stopped = stack.down()
+    emit(
+        {"stopped": stopped, "services_still_running": [r.to_json() for r in left]},
+        output,
+        ["stopped: " + ", ".join(stopped) if stopped else "nothing was running"],
+    )
+    if left:
+        print(
+            "still running against it (they keep retrying; stop them with kill PID): "
+            + ", ".join(f"{r.service} (pid {r.pid})" for r in left),
+            file=sys.stderr,
         )
-        if left:
-            print(
-                "still running against it (they keep retrying; stop them with kill PID): "
-                + ", ".join(f"{r.service} (pid {r.pid})" for r in left),
-                file=sys.stderr,
-            )
-        return 0
+
+
+@dev.command(epilog=examples("scoremesh dev status", "scoremesh dev status -o json"))
+def status(output: OutputOption = Output.table) -> None:
+    """The dev stack and the services running on it, with their health; exit 1 when it is
+    not running."""
+    from services.common.devstack import DevStack, readiness
+    from services.common.settings import default_home
+
+    stack = DevStack(default_home(), load_settings())
     running = stack.running()
     if running is None:
-        _print({"running": False}, args.json, lambda: print("dev stack not running"))
-        return 1
-    from services.common.devstack import readiness
-
+        emit({"running": False}, output, ["dev stack not running"])
+        raise typer.Exit(1)
     services = [(record, readiness(record)) for record in stack.services()]
-    _print(
-        {
-            "running": True,
-            **running.to_json(),
-            "services": [{**r.to_json(), "readiness": ready} for r, ready in services],
-        },
-        args.json,
-        lambda: _print_status(running, services),
-    )
-    return 0
-
-
-def _print_status(running: Any, services: list[tuple[Any, str]]) -> None:
-    from services.common.tables import format_table
-
-    print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}")
-    if not services:
-        print("no services running on it yet (start one with: scoremesh run registry &)")
-        return
     rows = [
         {
             "service": r.service + (f" (API :{r.api_port})" if r.api_port else ""),
@@ -155,189 +197,210 @@ def _print_status(running: Any, services: list[tuple[Any, str]]) -> None:
         }
         for r, ready in services
     ]
-    print(format_table(rows, ("service", "pid", "health and metrics", "ready"), width=100))
+
+    def human() -> None:
+        print(f"running: Kafka {running.kafka_bootstrap}, Redis {running.redis_url}")
+        table(
+            rows,
+            ("service", "pid", "health and metrics", "ready"),
+            empty="no services running on it yet (start one with: scoremesh run registry &)",
+        )
+
+    emit(
+        {
+            "running": True,
+            **running.to_json(),
+            "services": [{**r.to_json(), "readiness": ready} for r, ready in services],
+        },
+        output,
+        human,
+    )
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+# --- demo --------------------------------------------------------------------------------
+
+
+@app.command(
+    epilog=examples(
+        "scoremesh demo",
+        "scoremesh demo --events 5000 --no-retrain-loop",
+        "scoremesh demo --drift-at 8000 --keep",
+    )
+)
+def demo(
+    events: Annotated[int, typer.Option(callback=positive, help="Events to send.")] = 20_000,
+    invalid: Annotated[
+        float, typer.Option(min=0.0, max=0.999, help="Share of invalid events, in [0, 1).")
+    ] = 0.03,
+    keep: Annotated[bool, typer.Option(help="Leave the dev stack running afterwards.")] = False,
+    output_dir: Annotated[
+        str, typer.Option("--output", help="Where the logs and the report go.")
+    ] = "demo-output",
+    retrain_loop: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-loop/--no-retrain-loop",
+            help="The whole loop, or only the hot path: registry, validator, scorer.",
+        ),
+    ] = True,
+    drift_at: Annotated[
+        int | None,
+        typer.Option(
+            callback=positive, help="The event where the concept changes.", show_default=False
+        ),
+    ] = None,
+    rate: Annotated[float, typer.Option(min=1.0, help="Events per second.")] = 800.0,
+) -> None:
+    """The whole loop on the embedded stack, with progress, a report and a picture."""
     from services.demo.runner import DemoOptions, run_demo
 
-    return run_demo(
-        _settings(),
+    code = run_demo(
+        load_settings(),
         DemoOptions(
-            events=args.events,
-            invalid_share=args.invalid,
-            keep_stack=args.keep,
-            output=args.output,
-            closed_loop=args.closed_loop,
-            drift_at=args.drift_at,
-            rate=args.rate,
+            events=events,
+            invalid_share=invalid,
+            keep_stack=keep,
+            output=output_dir,
+            closed_loop=retrain_loop,
+            drift_at=drift_at,
+            rate=rate,
         ),
     )
+    if code:
+        raise typer.Exit(code)
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from services.cli import models as cli_models
+# --- monitor -----------------------------------------------------------------------------
 
-    return cli_models.run(args, _settings())
+monitor = typer.Typer(help="Drift state and open alerts.", no_args_is_help=True)
+app.add_typer(monitor, name="monitor", epilog=examples("scoremesh monitor status"))
 
 
-def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
+class AlertsFrom(StrEnum):
+    topic = "topic"
+    redis = "redis"
+
+
+@monitor.command(
+    "status",
+    epilog=examples(
+        "scoremesh monitor status",
+        "scoremesh monitor status -m fraud -o json",
+        "scoremesh monitor status --from redis",
+    ),
+)
+def monitor_status(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "-m", "--model", help="Only this model's alerts and drift (default: every model)."
+        ),
+    ] = None,
+    alerts_from: Annotated[
+        AlertsFrom,
+        typer.Option(
+            "--from", help="Fold open alerts from the alerts topic, or read them from Redis."
+        ),
+    ] = AlertsFrom.topic,
+    output: OutputOption = Output.table,
+) -> None:
+    """Current drift state and open alerts, as tables."""
     import asyncio
 
-    from services.common.tables import format_table
+    from services.cli.context import check_model
     from services.monitor.status import ALERT_COLUMNS, DRIFT_COLUMNS, monitor_status
 
+    if model:
+        check_model(model)
+    settings = load_settings()
     settings.require_bootstrap()
-    status = asyncio.run(monitor_status(settings, alerts_from=args.alerts_from))
-    if args.json:
-        sys.stdout.write(orjson.dumps(status.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
-    print(f"open alerts ({status.alerts_source}): {len(status.alerts)}")
-    if status.alerts:
-        print(format_table(status.alerts, ALERT_COLUMNS))
-    print(f"\ndrift state: {len(status.drift)} signal(s)")
-    if status.drift:
-        print(format_table(status.drift, DRIFT_COLUMNS))
-    for note in status.notes:
-        print(f"note: {note}")
-    return 0
+    found = asyncio.run(monitor_status(settings, alerts_from=alerts_from.value))
+    data = found.as_json()
+    if model:
+        for key in ("alerts", "drift"):
+            data[key] = [row for row in data[key] if row.get("model") == model]
+
+    def human() -> None:
+        print(f"open alerts ({found.alerts_source}): {len(data['alerts'])}")
+        if data["alerts"]:
+            table(data["alerts"], ALERT_COLUMNS)
+        print(f"\ndrift state: {len(data['drift'])} signal(s)")
+        if data["drift"]:
+            table(data["drift"], DRIFT_COLUMNS)
+        for note in found.notes:
+            print(f"note: {note}")
+
+    emit(data, output, human)
 
 
-def _with_settings(
-    handler: Callable[[argparse.Namespace, Settings], int],
-) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        return handler(args, _settings())
-
-    return run
+# --- the other command groups --------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scoremesh",
-        description="Run ML models in production as Kafka stream processors.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _register_groups() -> None:
+    from services.cli import models, sample, stream, topics
 
-    run = sub.add_parser("run", help="run one service", epilog="example: scoremesh run validator")
-    run.add_argument("service", choices=SERVICES)
-    run.set_defaults(func=cmd_run)
-
-    dev = sub.add_parser(
-        "dev",
-        help="the embedded broker and Redis",
-        epilog="example: scoremesh dev up && scoremesh dev status",
-    )
-    dev.add_argument("action", choices=("up", "down", "status"))
-    dev.add_argument("--json", action="store_true", help="machine-readable output")
-    dev.set_defaults(func=cmd_dev)
-
-    demo = sub.add_parser(
-        "demo",
-        help="run the whole loop on the embedded stack",
-        epilog="example: scoremesh demo --events 5000",
-    )
-    demo.add_argument("--events", type=_positive_int, default=20_000)
-    demo.add_argument("--invalid", type=_share, default=0.03, help="share of invalid events")
-    demo.add_argument("--keep", action="store_true", help="leave the dev stack running")
-    demo.add_argument("--output", default="demo-output", help="where logs and the report go")
-    demo.add_argument(
-        "--no-retrain-loop",
-        dest="closed_loop",
-        action="store_false",
-        help="only the hot path: registry, validator, scorer",
-    )
-    demo.add_argument("--drift-at", type=_positive_int, help="event where the concept changes")
-    demo.add_argument("--rate", type=float, default=800.0, help="events per second")
-    demo.set_defaults(func=cmd_demo)
-
-    from services.cli import models as cli_models
-    from services.cli import sample as cli_sample
-    from services.cli import stream as cli_stream
-
-    cli_models.add_parsers(sub)
-    sub.choices["models"].set_defaults(func=cmd_models)
-    cli_stream.add_parsers(sub)
-    cli_sample.add_parser(sub)
-    sub.choices["sample"].set_defaults(func=cli_sample.cmd_sample)
-    monitor = sub.add_parser(
-        "monitor",
-        help="drift state and open alerts",
-        epilog="example: scoremesh monitor status --json",
-    )
-    msub = monitor.add_subparsers(dest="action", required=True)
-    status = msub.add_parser("status", help="current drift state and open alerts as tables")
-    status.add_argument(
-        "--from",
-        dest="alerts_from",
-        choices=("topic", "redis"),
-        default="topic",
-        help="fold open alerts from the alerts topic (default) or read Redis",
-    )
-    status.add_argument("--json", action="store_true")
-    monitor.set_defaults(func=_with_settings(cmd_monitor))
-    for name, handler in (
-        ("events", cli_stream.cmd_events),
-        ("labels", cli_stream.cmd_labels),
-        ("tail", cli_stream.cmd_tail),
-        ("dlq", cli_stream.cmd_dlq),
-        ("forget", cli_stream.cmd_forget),
-    ):
-        sub.choices[name].set_defaults(func=_with_settings(handler))
-    return parser
+    app.add_typer(models.app, name="models")
+    app.add_typer(topics.app, name="topics")
+    stream.register(app)
+    sample.register(app)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+_register_groups()
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+# --- entry point -------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    # aiokafka logs what it retries or raises at ERROR; the error we raise says it once, with
-    # the cause and the fix (services do the same in logs.configure_logging).
+    """The console script: exit code 0 ok, 1 failure, 2 usage error."""
+    import logging
+
+    # aiokafka logs what it retries or raises at ERROR; the error we raise says it once,
+    # with the cause and the fix (services do the same in logs.configure_logging).
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = deprecated.rewrite(list(sys.argv[1:] if argv is None else argv))
+    set_flags()
     try:
-        return int(args.func(args))
-    except UsageError as exc:
+        app(args=args, prog_name="scoremesh")
+    except SystemExit as exc:
+        return _exit_code(exc.code)
+    except UsageProblem as exc:
         print(f"scoremesh: {exc}", file=sys.stderr)
         return 2
-    except ConfigError as exc:
-        print(f"scoremesh: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except UserError as exc:
-        print(f"scoremesh: {exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:  # `| head` closed the pipe: a normal way to stop reading
+        return 0
     except Exception as exc:  # one line for people; the traceback helps nobody at a prompt
-        from aiokafka.errors import KafkaError
+        message = _known_error(exc)
+        if message is None:
+            raise
+        print(f"scoremesh: {message}", file=sys.stderr)
+        return 1
+    return 0
 
-        from services.common.devstack import DevStackError
-        from services.common.kafka import KafkaUnavailable
 
-        if isinstance(exc, DevStackError | KafkaUnavailable):
-            print(f"scoremesh: {exc}", file=sys.stderr)
-            return 1
-        if isinstance(exc, KafkaError):  # e.g. a topic that does not exist
-            print(f"scoremesh: Kafka: {exc}", file=sys.stderr)
-            return 1
-        raise
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _known_error(exc: Exception) -> str | None:
+    """The one-line message of an error a user can cause, or None for a bug."""
+    from services.common.errors import UserError
+    from services.common.settings import ConfigError
+
+    if isinstance(exc, UserError | ConfigError):
+        return str(exc)
+    from aiokafka.errors import KafkaError
+
+    from services.common.devstack import DevStackError
+    from services.common.kafka import KafkaUnavailable
+
+    if isinstance(exc, DevStackError | KafkaUnavailable):
+        return str(exc)
+    if isinstance(exc, KafkaError):  # e.g. a topic that does not exist
+        return f"Kafka: {exc}"
+    return None

@@ -9,14 +9,15 @@ what a retrain is for.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
-import orjson
+import typer
 
+from services.cli.context import examples
+from services.cli.output import Output, OutputOption, emit
 from services.common.errors import UserError
 
 BROKEN_KINDS = ("out_of_range", "unknown_category", "string_for_number", "missing_feature")
@@ -24,69 +25,67 @@ LABEL_DELAY_MS = 3_600_000  # labels arrive an hour after their event
 STEP_MS = 1_000
 
 
-def add_parser(sub: Any) -> None:
-    sample = sub.add_parser(
+def register(app: typer.Typer) -> None:
+    app.command(
         "sample",
-        help="write sample events (JSON lines) and their labels (CSV) to try the mesh with",
-        epilog="example: scoremesh sample --count 3000 --concept 2",
-    )
-    sample.add_argument("--count", type=_count, default=2000, help="events (default 2000)")
-    sample.add_argument(
-        "--concept",
-        type=int,
-        choices=range(10),
-        default=0,
-        metavar="0-9",
-        help="Agrawal labelling function: 0 is what `models bootstrap` learnt, others "
-        "(e.g. 2) are a changed world the champion gets wrong",
-    )
-    sample.add_argument(
-        "--invalid",
-        type=float,
-        default=0.03,
-        help="share of events with a broken value, for the dead-letter topic (default 0.03)",
-    )
-    sample.add_argument("--seed", type=int, default=1)
-    sample.add_argument("--events", type=Path, default=Path("events.jsonl"), help="events file")
-    sample.add_argument("--labels", type=Path, default=Path("labels.csv"), help="labels file")
-    sample.add_argument("--json", action="store_true", help="machine-readable summary")
+        epilog=examples(
+            "scoremesh sample",
+            "scoremesh sample --count 3000 --concept 2",
+            "scoremesh sample --count 500 --invalid 0 --events e.jsonl --labels l.csv",
+        ),
+    )(sample)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000, got {value}")
-    return value
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
+def sample(
+    count: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="How many events to write.")
+    ] = 2000,
+    concept: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=9,
+            help="Agrawal labelling function 0-9: 0 is what `models bootstrap` learnt, others "
+            "(e.g. 2) are a changed world the champion gets wrong.",
+        ),
+    ] = 0,
+    invalid: Annotated[
+        float,
+        typer.Option(
+            help="Share of events with a broken value, for the dead-letter topic, in [0, 1)."
+        ),
+    ] = 0.03,
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed, the same files).")] = 1,
+    events: Annotated[Path, typer.Option(help="Where the events go.")] = Path("events.jsonl"),
+    labels: Annotated[Path, typer.Option(help="Where the labels go.")] = Path("labels.csv"),
+    output: OutputOption = Output.table,
+) -> None:
+    """Write sample events (JSON lines) and their labels (CSV) to try the mesh with."""
     import numpy as np
+    import orjson
 
     from services.demo.runner import invalid_value
     from services.trainer.datasets import credit_events
 
-    if not 0 <= args.invalid < 1:
-        raise UserError(f"--invalid must be in [0, 1), got {args.invalid}")
+    if not 0 <= invalid < 1:
+        raise UserError(f"--invalid must be in [0, 1), got {invalid}")
     now = int(time.time() * 1000)
-    start = now - LABEL_DELAY_MS - args.count * STEP_MS
-    rng = np.random.default_rng(args.seed)
+    start = now - LABEL_DELAY_MS - count * STEP_MS
+    rng = np.random.default_rng(seed)
     broken: dict[str, int] = {}
     try:
-        with args.events.open("wb") as events, args.labels.open("w", newline="") as labels:
-            writer = csv.writer(labels)
+        with events.open("wb") as events_out, labels.open("w", newline="") as labels_out:
+            writer = csv.writer(labels_out)
             writer.writerow(("event_id", "value", "label_time"))
             for event, label in credit_events(
-                args.count,
-                seed=args.seed,
-                classification_function=args.concept,
+                count,
+                seed=seed,
+                classification_function=concept,
                 start_ms=start,
                 step_ms=STEP_MS,
-                id_prefix=f"sample-c{args.concept}",
+                id_prefix=f"sample-c{concept}",
             ):
-                if rng.random() < args.invalid:
+                if rng.random() < invalid:
                     kind = BROKEN_KINDS[int(rng.integers(len(BROKEN_KINDS)))]
                     event = orjson.loads(invalid_value(kind, event))
                     broken[kind] = broken.get(kind, 0) + 1
@@ -94,24 +93,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
                     writer.writerow(
                         (event["event_id"], label, event["event_time"] + LABEL_DELAY_MS)
                     )
-                events.write(orjson.dumps(event) + b"\n")
+                events_out.write(orjson.dumps(event) + b"\n")
     except OSError as exc:
         raise UserError(f"cannot write the sample: {exc}") from None
     summary = {
-        "events": str(args.events),
-        "labels": str(args.labels),
-        "count": args.count,
-        "labelled": args.count - sum(broken.values()),
+        "events": str(events),
+        "labels": str(labels),
+        "count": count,
+        "labelled": count - sum(broken.values()),
         "broken": broken,
-        "concept": args.concept,
+        "concept": concept,
     }
-    if args.json:
-        print(orjson.dumps(summary).decode())
-    else:
-        print(
-            f"wrote {args.count} events to {args.events} ({sum(broken.values())} with a broken "
+    emit(
+        summary,
+        output,
+        [
+            f"wrote {count} events to {events} ({sum(broken.values())} with a broken "
             f"value, for the dead-letter topic) and {summary['labelled']} labels to "
-            f"{args.labels} (Agrawal concept {args.concept}, event times in the last "
+            f"{labels} (Agrawal concept {concept}, event times in the last "
             f"{(now - start) / 3_600_000:.1f} h)"
-        )
-    return 0
+        ],
+    )

@@ -1,140 +1,69 @@
-"""`scoremesh events send | tail | dlq replay | forget`: feed, inspect, replay, forget."""
+"""`scoremesh events send | labels send | tail | dlq replay | forget`: feed, inspect,
+replay, forget."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import base64
-import csv
-import io
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import orjson
+import typer
 
-from scoremesh.contract.catalog import catalog, topic_name
-from scoremesh.contract.codec import CodecError, decode_any
+from services.cli.context import check_model, complete_topic, examples, load_settings, run_async
+from services.cli.output import Bar, Output, OutputOption, emit, progress
 from services.cli.target import announce_kafka, announce_redis
 from services.common.errors import UserError
-from services.common.kafka import (
-    assign_all,
-    make_consumer,
-    make_producer,
-    start_with_retry,
-    true_end_offsets,
-)
-from services.common.settings import Settings
+
+if TYPE_CHECKING:
+    from services.cli.tail import Filter
+    from services.common.settings import Settings
 
 
 class InputError(UserError, ValueError):
     """A file or argument is wrong; the message says where."""
 
 
-def add_parsers(sub: Any) -> None:
-    events = sub.add_parser(
-        "events",
-        help="send events to events.raw",
-        epilog="example: scoremesh events send events.jsonl --rate 500",
-    )
-    esub = events.add_subparsers(dest="action", required=True)
-    send = esub.add_parser(
-        "send",
-        help="send JSON lines or CSV (header row) events; - for stdin",
-        epilog="example: head -100 events.jsonl | scoremesh events send -",
-    )
-    send.add_argument("file", help="path, or - for standard input")
-    send.add_argument("--format", choices=("auto", "jsonl", "csv"), default="auto")
-    send.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
-    send.add_argument("--skip-bad", action="store_true", help="send the good lines, report the bad")
-    send.add_argument("--json", action="store_true", help="machine-readable summary")
+SkipBadOption = Annotated[
+    bool, typer.Option("--skip-bad", help="Send the good lines and report the bad ones.")
+]
 
-    labels = sub.add_parser(
-        "labels",
-        help="send ground truth to the labels topic",
-        epilog="example: scoremesh labels send labels.csv --skip-bad",
-    )
-    lsub = labels.add_subparsers(dest="action", required=True)
-    lsend = lsub.add_parser(
-        "send",
-        help="send JSON lines or CSV (event_id,value,label_time)",
-        epilog="example: scoremesh labels send labels.jsonl",
-    )
-    lsend.add_argument("file", type=Path)
-    lsend.add_argument(
-        "--skip-bad", action="store_true", help="send the good lines, report the bad"
-    )
-    lsend.add_argument("--json", action="store_true")
+events_app = typer.Typer(help="Send events to events.raw.", no_args_is_help=True)
+labels_app = typer.Typer(help="Send ground truth to the labels topic.", no_args_is_help=True)
+dlq_app = typer.Typer(help="The dead-letter topic, events.rejected.", no_args_is_help=True)
 
-    tail = sub.add_parser(
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(events_app, name="events", epilog=examples("scoremesh events send events.jsonl"))
+    app.add_typer(labels_app, name="labels", epilog=examples("scoremesh labels send labels.csv"))
+    app.add_typer(
+        dlq_app, name="dlq", epilog=examples("scoremesh dlq replay --reason out_of_range --dry-run")
+    )
+    app.command(
         "tail",
-        help="decode a catalog topic to JSON lines",
-        epilog="example: scoremesh tail predictions --from-beginning --max 5 | jq .model_version",
-    )
-    tail.add_argument("topic", help="a catalog topic, e.g. predictions")
-    tail.add_argument("--from-beginning", action="store_true")
-    tail.add_argument("--max", type=int, help="stop after N records")
-    tail.add_argument(
-        "--filter",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="only records whose top-level KEY equals VALUE (repeatable)",
-    )
-    tail.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=None,
-        help="stop after this many seconds without a record",
-    )
-
-    dlq = sub.add_parser("dlq", help="the dead-letter topic")
-    dsub = dlq.add_subparsers(dest="action", required=True)
-    replay = dsub.add_parser(
-        "replay",
-        help="re-send rejected events to events.raw after a fix",
-        epilog="examples: scoremesh dlq replay --reason out_of_range --since 2026-11-25T00:00:00Z\n"
-        "          scoremesh dlq replay --model fraud --reason model_unavailable",
-    )
-    replay.add_argument("--reason", action="append", default=[], help="only these reason codes")
-    replay.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        help="only events for this model (repeatable), e.g. after fixing its champion",
-    )
-    replay.add_argument("--since", help="only rejections at or after this ISO-8601 time")
-    replay.add_argument("--dry-run", action="store_true", help="count, send nothing")
-    replay.add_argument("--json", action="store_true")
-
-    forget = sub.add_parser(
-        "forget",
-        help="remove an entity's data from the query store",
-        epilog="example: scoremesh forget cust-42",
-    )
-    forget.add_argument("entity_id")
-    forget.add_argument("--json", action="store_true")
+        epilog=examples(
+            "scoremesh tail predictions --from-beginning --max 5 | jq .model_version",
+            "scoremesh tail predictions -J --from-beginning --exit-at-end",
+            "scoremesh tail events.raw --partition 0 --offset 42 --max 1 -o yaml",
+            "scoremesh tail predictions --filter model=fraud --filter 'features.age>60'",
+            "scoremesh tail predictions -o table --offset -10 --exit-at-end",
+        ),
+    )(tail)
+    app.command(
+        "forget", epilog=examples("scoremesh forget cust-42", "scoremesh forget cust-42 -o json")
+    )(forget)
 
 
 # --- events send -----------------------------------------------------------------------
 
 
-def _scalar(text: str) -> Any:
-    if text == "":
-        return None
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+class FileFormat(StrEnum):
+    auto = "auto"
+    jsonl = "jsonl"
+    csv = "csv"
 
 
 @dataclass
@@ -151,71 +80,76 @@ def _check_envelope(event: Any) -> str | None:
             return f"{key} must be a non-empty string"
     if not isinstance(event.get("features"), dict):
         return "features must be an object"
+    model = event.get("model")
+    if model is not None and not isinstance(model, str):
+        return "model must be a string (or absent: the default model)"
     return None
 
 
-def parse_events(text: str, fmt: str) -> Parsed:
-    """Every line checked before anything is sent; bad ones reported with line numbers."""
+def _csv_event(row: dict[str, str]) -> dict[str, Any]:
+    """An event from a CSV row: event_id, entity_id, model and attr.* stay text; event_time
+    is epoch milliseconds or ISO-8601; every other column is a feature (``parse_cell``)."""
+    from services.common.tabular import parse_cell
+
+    event: dict[str, Any] = {
+        "event_id": row["event_id"],
+        "entity_id": row["entity_id"],
+        "features": {},
+        "attributes": {},
+    }
+    for column, value in row.items():
+        if column in ("event_id", "entity_id"):
+            continue
+        if column == "event_time":
+            event["event_time"] = int(value) if value.isdigit() else value
+        elif column == "model":
+            if value:
+                event["model"] = value
+        elif column.startswith("attr."):
+            event["attributes"][column[5:]] = value
+        else:
+            event["features"][column] = parse_cell(value)
+    return event
+
+
+def parse_events(text: str, fmt: str, name: str = "") -> Parsed:
+    """Every line checked before anything is sent; bad ones reported with line numbers.
+    Read by the one input reader (services/common/tabular.py)."""
+    from services.common.tabular import csv_header, detect, read_rows
+
     parsed = Parsed()
     if not text.strip():
         raise InputError("no events to send: the input is empty")
-    if fmt == "auto":
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        fmt = "jsonl" if first.lstrip().startswith("{") else "csv"
-    if fmt == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                parsed.bad.append((lineno, f"not JSON ({exc})"))
-                continue
-            problem = _check_envelope(event)
-            if problem:
-                parsed.bad.append((lineno, problem))
-            else:
-                parsed.events.append((lineno, event))
-        return parsed
-    reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
-    missing = [c for c in ("event_id", "entity_id") if c not in header]
-    if missing:
-        raise InputError(
-            f"the CSV header lacks {missing}; it needs event_id, entity_id, "
-            "optional event_time, attr.* columns and one column per feature"
-        )
-    for row in reader:
-        lineno = reader.line_num
-        if None in row:
-            parsed.bad.append((lineno, f"{len(row[None])} more fields than the header"))  # type: ignore[index]
+    kind = detect(text, name, fmt)  # type: ignore[arg-type]
+    if kind == "csv":
+        missing = [c for c in ("event_id", "entity_id") if c not in csv_header(text)]
+        if missing:
+            raise InputError(
+                f"the CSV header lacks {missing}; it needs event_id, entity_id, "
+                "optional event_time, model, attr.* columns and one column per feature"
+            )
+    for row in read_rows(text, name, kind, cell=str):
+        if row.values is None:
+            parsed.bad.append((row.line, row.problem or "unreadable"))
             continue
-        built: dict[str, Any] = {
-            "event_id": row["event_id"],
-            "entity_id": row["entity_id"],
-            "features": {},
-            "attributes": {},
-        }
-        for column, value in row.items():
-            if column in ("event_id", "entity_id"):
-                continue
-            if column == "event_time":
-                built["event_time"] = _scalar(value) if value.isdigit() else value
-            elif column.startswith("attr."):
-                built["attributes"][column[5:]] = value
-            else:
-                built["features"][column] = _scalar(value)
-        problem = _check_envelope(built)
+        event = _csv_event(row.values) if kind == "csv" else row.values
+        problem = _check_envelope(event)
         if problem:
-            parsed.bad.append((lineno, problem))
+            parsed.bad.append((row.line, problem))
         else:
-            parsed.events.append((lineno, built))
+            parsed.events.append((row.line, event))
     return parsed
 
 
 async def send_events(
-    settings: Settings, events: list[dict[str, Any]], rate: float | None, progress: Any
+    settings: Settings, events: list[dict[str, Any]], rate: float | None, bar: Bar
 ) -> tuple[int, int]:
+    import asyncio
+
+    import orjson
+
+    from services.common.kafka import make_producer, start_with_retry
+
     producer = make_producer(settings)
     await start_with_retry(producer.start, "events-send", settings)
     topic = settings.topic("events.raw")
@@ -239,178 +173,239 @@ async def send_events(
                         failed += 1
                     else:
                         sent += 1
+                bar.advance(len(futures))
                 futures.clear()
-                progress.bar("send", sent + failed, len(events))
-        progress.bar("send", sent + failed, len(events), force=True)
-        progress.end()
     finally:
         await producer.stop()
     return sent, failed
 
 
-def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
-    from services.demo.runner import Progress
-
-    text = sys.stdin.read() if args.file == "-" else _read(Path(args.file))
-    parsed = parse_events(text, args.format)
-    for lineno, problem in parsed.bad[:20]:
+def report_bad(bad: list[tuple[int, str]]) -> None:
+    for lineno, problem in bad[:20]:
         print(f"line {lineno}: {problem}", file=sys.stderr)
-    if len(parsed.bad) > 20:
-        print(f"... and {len(parsed.bad) - 20} more bad lines", file=sys.stderr)
-    if parsed.bad and not args.skip_bad:
+    if len(bad) > 20:
+        print(f"... and {len(bad) - 20} more bad lines", file=sys.stderr)
+
+
+@events_app.command(
+    "send",
+    epilog=examples(
+        "scoremesh events send events.jsonl",
+        "scoremesh events send fraud-events.csv -m fraud --rate 500",
+        "head -100 events.jsonl | scoremesh events send -",
+    ),
+)
+def events_send(
+    file: Annotated[
+        str, typer.Argument(help="JSON lines or CSV with a header; - for standard input.")
+    ],
+    fmt: Annotated[
+        FileFormat,
+        typer.Option("--format", help="auto: by the file's suffix, else its first character."),
+    ] = FileFormat.auto,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001, help="Events per second (default: as fast as possible).", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "-m",
+            "--model",
+            help="Events that name no model are for this one (default: they go to the "
+            "mesh's default model, SCOREMESH_MODEL_NAME).",
+            show_default=False,
+        ),
+    ] = None,
+    skip_bad: SkipBadOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Send events (JSON lines or CSV) to events.raw, keyed by entity_id; every line is
+    checked first, and nothing is sent while a line is bad (unless --skip-bad)."""
+    from services.common.tabular import read_file
+
+    if model:
+        check_model(model)
+    text = sys.stdin.read() if file == "-" else read_file(Path(file), InputError)
+    parsed = parse_events(text, fmt.value, "" if file == "-" else file)
+    report_bad(parsed.bad)
+    if parsed.bad and not skip_bad:
         raise InputError(
             f"{len(parsed.bad)} bad line(s), nothing sent; fix them or pass --skip-bad"
         )
     if not parsed.events:
         raise InputError("no events to send")
+    events = [e for _, e in parsed.events]
+    if model:
+        events = [e if e.get("model") else {**e, "model": model} for e in events]
+    settings = load_settings()
     announce_kafka(settings)
-    progress = Progress(quiet=args.json or not sys.stderr.isatty())
-    sent, failed = asyncio.run(
-        send_events(settings, [e for _, e in parsed.events], args.rate, progress)
-    )
+    with progress("sending events", total=len(events)) as bar:
+        sent, failed = run_async(send_events(settings, events, rate, bar))
     summary = {"sent": sent, "failed": failed, "skipped_bad_lines": len(parsed.bad)}
-    if args.json:
-        print(orjson.dumps(summary).decode())
-    else:
-        print(f"sent {sent}, failed {failed}, skipped {len(parsed.bad)} bad line(s)")
-    return 0 if failed == 0 else 1
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+    emit(summary, output, [f"sent {sent}, failed {failed}, skipped {len(parsed.bad)} bad line(s)"])
+    if failed:
+        raise typer.Exit(1)
 
 
 # --- labels send ---------------------------------------------------------------------
 
 
-def cmd_labels(args: argparse.Namespace, settings: Settings) -> int:
+@labels_app.command(
+    "send",
+    epilog=examples(
+        "scoremesh labels send labels.csv",
+        "scoremesh labels send fraud-labels.jsonl -m fraud --skip-bad",
+    ),
+)
+def labels_send(
+    file: Annotated[
+        Path,
+        typer.Argument(help="JSON lines or CSV with the header event_id,value,label_time."),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "-m",
+            "--model",
+            help="The model these labels are for; their values are checked against its "
+            "classes (default: the default model, SCOREMESH_MODEL_NAME).",
+            show_default=False,
+        ),
+    ] = None,
+    skip_bad: SkipBadOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Send ground truth to the labels topic, keyed by event_id; every line is checked
+    first, and nothing is sent while a line is bad (unless --skip-bad)."""
     from services.label_join.labels import send_labels
 
+    settings = load_settings()
+    if model:
+        check_model(model)
     announce_kafka(settings)
-    summary = asyncio.run(send_labels(settings, args.file, skip_bad=args.skip_bad))
+    with progress("sending labels") as bar:
+        summary = run_async(
+            send_labels(settings, file, skip_bad=skip_bad, model=model, on_sent=bar.to)
+        )
     for bad in summary.bad[:20]:
         print(f"line {bad.line}: {bad.message}", file=sys.stderr)
-    if args.json:
-        print(orjson.dumps(summary.as_dict()).decode())
-    else:
-        print(
+    emit(
+        summary.as_dict(),
+        output,
+        [
             f"read {summary.read}, valid {summary.valid}, sent {summary.sent}, bad {len(summary.bad)}"
-        )
+        ],
+    )
     if not summary.ok:
         raise InputError(
             f"{len(summary.bad)} bad line(s), nothing sent; fix them or pass --skip-bad"
         )
-    return 0
 
 
 # --- tail ------------------------------------------------------------------------------
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return {"$base64": base64.b64encode(value).decode()}
-    raise TypeError
+def tail(
+    topic: Annotated[
+        str,
+        typer.Argument(help="A catalog topic, e.g. predictions.", autocompletion=complete_topic),
+    ],
+    from_beginning: Annotated[
+        bool, typer.Option("--from-beginning", help="Start at each partition's first record.")
+    ] = False,
+    offset: Annotated[
+        int | None,
+        typer.Option(
+            help="Start at this offset in each partition read; negative: that many records "
+            "before the end (kcat's -o).",
+            show_default=False,
+        ),
+    ] = None,
+    partition: Annotated[
+        list[int] | None,
+        typer.Option(
+            "-p",
+            "--partition",
+            min=0,
+            help="Read only this partition (repeatable; default: every partition).",
+            show_default=False,
+        ),
+    ] = None,
+    exit_at_end: Annotated[
+        bool,
+        typer.Option(
+            "-e",
+            "--exit-at-end",
+            help="Stop at the end of every partition as it was at start (kcat's -e).",
+        ),
+    ] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option("--max", "-c", min=1, help="Stop after N records.", show_default=False),
+    ] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="Only records where FIELD OP VALUE holds; FIELD may be nested "
+            "(features.age) and OP is = != > >= < <= or ~ (contains). Repeatable: all must "
+            "hold.",
+            metavar="FIELD OP VALUE",
+            show_default=False,
+        ),
+    ] = None,
+    envelope: Annotated[
+        bool,
+        typer.Option(
+            "-J",
+            "--envelope",
+            help="Each record with its topic, partition, offset, timestamp, key and headers "
+            "(kcat's -J); the value is under 'value'.",
+        ),
+    ] = False,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="Stop after this many seconds without a record.", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        Output,
+        typer.Option(
+            "-o",
+            "--output",
+            help="json: one JSON line per record (for jq); yaml: a document per record; "
+            "table: a row per record with its partition, offset, time and key.",
+            case_sensitive=False,
+        ),
+    ] = Output.json,
+) -> None:
+    """Decode a catalog topic: one line per record, as it arrives (stop with Ctrl-C)."""
+    from scoremesh.contract.catalog import catalog
+    from services.cli.tail import TailOptions, parse_filter, tail_topic
 
-
-def _filters(raw: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for item in raw:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--filter {item!r}: use KEY=VALUE, e.g. --filter variant=shadow")
-        out.append((key, value))
-    return out
-
-
-def _matches(record: dict[str, Any], filters: list[tuple[str, str]]) -> bool:
-    for key, value in filters:
-        have = record.get(key)
-        shown = str(have).lower() if isinstance(have, bool) else str(have)
-        if shown != value:
-            return False
-    return True
-
-
-def _decoder(name: str) -> Callable[[str, bytes], dict[str, Any]]:
-    """How a topic's values are shown: the catalog's format, or a service's own for its
-    internal topics (the label join's state is a JSON line and the event's Avro fields)."""
-    from services.label_join.join import state_record  # only tail needs the join's modules
-    from services.label_join.service import CHANGELOG
-
-    if name == CHANGELOG:
-        return lambda _, data: state_record(data)
-    return decode_any
-
-
-async def tail_topic(
-    settings: Settings,
-    name: str,
-    from_beginning: bool,
-    limit: int | None,
-    filters: list[tuple[str, str]],
-    idle_timeout: float | None,
-    out: Any,
-) -> int:
-    decode = _decoder(name)
-    consumer = make_consumer(settings, group_id=None)
-    await start_with_retry(consumer.start, "tail", settings)
-    written = 0
-    try:
-        tps = await assign_all(consumer, settings.topic(topic_name(name)))
-        if not from_beginning:
-            await true_end_offsets(consumer, tps)
-        last = time.monotonic()
-        while limit is None or written < limit:
-            batches = await consumer.getmany(*tps, timeout_ms=500)
-            if not batches:
-                if idle_timeout is not None and time.monotonic() - last > idle_timeout:
-                    break
-                continue
-            last = time.monotonic()
-            for records in batches.values():
-                for record in records:
-                    try:
-                        value = decode(name, record.value or b"")
-                    except CodecError as exc:
-                        value = {"$undecodable": str(exc), "$raw": record.value}
-                    if not _matches(value, filters):
-                        continue
-                    out.write(orjson.dumps(value, default=_json_default).decode() + "\n")
-                    written += 1
-                    if limit is not None and written >= limit:
-                        break
-                if limit is not None and written >= limit:
-                    break
-            out.flush()
-    finally:
-        await consumer.stop()
-    return written
-
-
-def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
-    if args.topic not in catalog():
-        raise InputError(f"unknown topic {args.topic!r}; catalog topics: {', '.join(catalog())}")
-    if args.max is not None and args.max <= 0:
-        raise InputError("--max must be positive")
+    if topic not in catalog():
+        raise InputError(f"unknown topic {topic!r}; catalog topics: {', '.join(catalog())}")
+    if from_beginning and offset is not None:
+        raise InputError("--from-beginning and --offset both say where to start: give one")
+    parsed: list[Filter] = [parse_filter(text) for text in filters or []]
+    settings = load_settings()
     settings.require_bootstrap()
-    try:
-        asyncio.run(
-            tail_topic(
-                settings,
-                args.topic,
-                args.from_beginning,
-                args.max,
-                _filters(args.filter),
-                args.idle_timeout,
-                sys.stdout,
-            )
-        )
-    except BrokenPipeError:  # `| head` closed the pipe: that is a normal way to stop
-        return 0
-    return 0
+    options = TailOptions(
+        from_beginning=from_beginning,
+        offset=offset,
+        partitions=sorted(set(partition or [])),
+        exit_at_end=exit_at_end,
+        limit=limit,
+        filters=parsed,
+        envelope=envelope,
+        idle_timeout=idle_timeout,
+        output=output.value,
+    )
+    run_async(tail_topic(settings, topic, options, sys.stdout))
 
 
 # --- dlq replay ------------------------------------------------------------------------
@@ -431,64 +426,114 @@ def parse_time(text: str | None, option: str) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
-def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    since = parse_time(args.since, "--since")
-    settings.require_bootstrap()
-    if not args.dry_run:
-        announce_kafka(settings)
+@dlq_app.command(
+    "replay",
+    epilog=examples(
+        "scoremesh dlq replay --reason out_of_range --dry-run",
+        "scoremesh dlq replay --reason out_of_range --since 2026-11-25T00:00:00Z",
+        "scoremesh dlq replay -m fraud --reason model_unavailable",
+    ),
+)
+def dlq_replay(
+    reason: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only rejections with this reason code (repeatable).", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-m",
+            "--model",
+            help="Only events for this model (repeatable), e.g. after fixing its champion.",
+            show_default=False,
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Only rejections at or after this ISO-8601 time.", show_default=False),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be replayed; send nothing.")
+    ] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Re-send rejected events to events.raw after a fix (each at most once; events that
+    have since passed validation are skipped)."""
     from services.common.dlq import replay_dlq
 
-    summary = asyncio.run(
-        replay_dlq(settings, set(args.reason), since, args.dry_run, models=set(args.model))
-    )
-    data = summary.__dict__ | {"dry_run": args.dry_run}
-    if args.json:
-        print(orjson.dumps(data).decode())
-    else:
-        verb = "would replay" if args.dry_run else "replayed"
+    for name in model or []:
+        check_model(name)
+    since_ms = parse_time(since, "--since")
+    settings = load_settings()
+    settings.require_bootstrap()
+    if not dry_run:
+        announce_kafka(settings)
+    with progress("reading the dead-letter topic") as bar:
+        summary = run_async(
+            replay_dlq(
+                settings,
+                set(reason or []),
+                since_ms,
+                dry_run,
+                models=set(model or []),
+                on_sent=bar.to,
+            )
+        )
+    data = summary.__dict__ | {"dry_run": dry_run}
+
+    def human() -> None:
+        verb = "would replay" if dry_run else "replayed"
         print(f"{verb} {summary.replayed} of {summary.matched} matching rejection(s) to events.raw")
-        for model, n in sorted(summary.by_model.items()):
-            print(f"  model {model:<14} {n}")
+        for name, n in sorted(summary.by_model.items()):
+            print(f"  model {name:<14} {n}")
         for code, n in sorted(summary.by_reason.items()):
             print(f"  {code:<20} {n}")
         print(
             f"skipped: {summary.already_valid} already valid, {summary.already_replayed} already "
             f"replayed, {summary.truncated} truncated in the DLQ (original too large to keep)"
         )
-    return 0
+
+    emit(data, output, human)
 
 
 # --- forget ----------------------------------------------------------------------------
 
 
-def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+def forget(
+    entity_id: Annotated[str, typer.Argument(help="The entity whose data is removed.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Remove an entity's predictions from the query store (personal-data requests)."""
     from services.common.query_store import QueryStore
 
+    settings = load_settings()
     announce_redis(settings)
 
     async def go() -> tuple[int, int]:
         store = QueryStore(settings)
         try:
             predictions = len(
-                await store.entity_predictions(args.entity_id, limit=settings.redis_entity_cap)
+                await store.entity_predictions(entity_id, limit=settings.redis_entity_cap)
             )
-            removed = await store.forget_entity(args.entity_id)
+            removed = await store.forget_entity(entity_id)
         finally:
             await store.close()
         return predictions, removed
 
-    predictions, removed = asyncio.run(go())
+    predictions, removed = run_async(go())
     data = {
-        "entity_id": args.entity_id,
+        "entity_id": entity_id,
         "predictions_removed": predictions,
         "keys_removed": removed,
         "note": "Kafka topics keep records until their retention (see schemas/topics.yaml)",
     }
-    if args.json:
-        print(orjson.dumps(data).decode())
-    else:
-        print(
-            f"removed {predictions} prediction(s) of {args.entity_id} ({removed} Redis keys) from the "
+    emit(
+        data,
+        output,
+        [
+            f"removed {predictions} prediction(s) of {entity_id} ({removed} Redis keys) from the "
             "query store; Kafka topics keep records until their retention (docs/operations.md)"
-        )
-    return 0
+        ],
+    )

@@ -21,6 +21,7 @@ import hashlib
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -55,8 +56,12 @@ def _partition_for(sha256: str, partitions: int) -> int:
 
 
 async def upload_artifact(
-    producer: AIOKafkaProducer, settings: Settings, data: bytes
+    producer: AIOKafkaProducer,
+    settings: Settings,
+    data: bytes,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ArtifactRef:
+    """Send the chunks of an artifact; ``on_progress(bytes acknowledged, total bytes)``."""
     if not data:
         raise ArtifactError("refusing to upload an empty artifact")
     digest = sha256_of(data)
@@ -77,9 +82,13 @@ async def upload_artifact(
                 "data": chunk,
             }
         )
-        futures.append(
-            await producer.send(topic, value, key=f"{digest}:{index}".encode(), partition=partition)
+        future = await producer.send(
+            topic, value, key=f"{digest}:{index}".encode(), partition=partition
         )
+        if on_progress is not None:
+            done = min(len(data), (index + 1) * size)
+            future.add_done_callback(lambda _, done=done: on_progress(done, len(data)))
+        futures.append(future)
     metadata = await asyncio.gather(*futures)
     # Another writer may interleave records; the reader skips foreign chunks by key.
     first = metadata[0].offset
@@ -118,23 +127,28 @@ async def store_artifact(
     model: str,
     version: str,
     producer: AIOKafkaProducer | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ArtifactRef:
-    """Store a new artifact where ``settings.artifact_store`` says."""
+    """Store a new artifact where ``settings.artifact_store`` says; ``on_progress(bytes
+    stored, total bytes)`` as it goes (an object store reports once, at the end)."""
     if not data:
         raise ArtifactError("refusing to upload an empty artifact")
     target = settings.artifact_store
     if target.startswith("s3://"):
         from services.common.artifacts_s3 import S3Store
 
-        return await S3Store.from_settings(settings).put(target, data, model, version)
+        ref = await S3Store.from_settings(settings).put(target, data, model, version)
+        if on_progress is not None:
+            on_progress(len(data), len(data))
+        return ref
     if producer is not None:
-        return await upload_artifact(producer, settings, data)
+        return await upload_artifact(producer, settings, data, on_progress)
     from services.common.kafka import make_producer
 
     own = make_producer(settings)
     await start_with_retry(own.start, "artifact-upload", settings)
     try:
-        return await upload_artifact(own, settings, data)
+        return await upload_artifact(own, settings, data, on_progress)
     finally:
         await own.stop()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,10 @@ async def replay_dlq(
     since_ms: int | None,
     dry_run: bool,
     models: set[str] | None = None,
+    on_sent: Callable[[int, int], None] | None = None,
 ) -> ReplaySummary:
+    """Replay the matching rejections (see the module docstring); ``on_sent(acknowledged,
+    total)`` follows the sending."""
     summary = ReplaySummary()
     candidates: list[tuple[Rejection, str | None]] = []
     valid: set[tuple[str, str]] = set()
@@ -125,19 +129,27 @@ async def replay_dlq(
     await start_with_retry(producer.start, "dlq-replay", settings)
     try:
         futures = []
+        acknowledged = 0
+
+        def acked(_: Any) -> None:
+            nonlocal acknowledged
+            acknowledged += 1
+            if on_sent is not None:
+                on_sent(acknowledged, len(to_send))
+
         for source, rejection in to_send:
             entity_id = rejection.get("entity_id")
-            futures.append(
-                await producer.send(
-                    settings.topic("events.raw"),
-                    rejection["original"],
-                    key=entity_id.encode() if entity_id else None,
-                    headers=[
-                        (REPLAY_HEADER, source.encode()),
-                        ("scoremesh-replayed-at", str(int(time.time() * 1000)).encode()),
-                    ],
-                )
+            future = await producer.send(
+                settings.topic("events.raw"),
+                rejection["original"],
+                key=entity_id.encode() if entity_id else None,
+                headers=[
+                    (REPLAY_HEADER, source.encode()),
+                    ("scoremesh-replayed-at", str(int(time.time() * 1000)).encode()),
+                ],
             )
+            future.add_done_callback(acked)
+            futures.append(future)
         await asyncio.gather(*futures)
         summary.replayed = len(futures)
     finally:

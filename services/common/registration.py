@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,18 +194,23 @@ async def register_version(
     reason: str = "",
     stage: str | None = None,
     recipe: PipelineRecipe | EntryPointRecipe | None = None,
+    on_step: Callable[[str], None] | None = None,
+    on_upload: Callable[[int, int], None] | None = None,
 ) -> RegisterResult:
     """Validate, upload, register and optionally promote. Nothing is sent if a gate fails.
 
     With labelled ``rows`` (held-out data), the fields monitoring reads are filled from
     them where ``metadata`` leaves them empty: holdout metrics, class balance, reference
     distributions. A ``recipe`` is trial-run first (fit on a sample, converted, loaded) and
-    recorded, pinned to the hash of its code.
+    recorded, pinned to the hash of its code. ``on_step(what)`` says which step starts;
+    ``on_upload(bytes stored, total)`` follows the artifact's upload.
     """
+    step = on_step or (lambda _: None)
     try:
         parse_semver(version)
     except ValueError as exc:
         raise OperationError(str(exc)) from None
+    step("validating")
     readiness = validate_model(onnx, spec, rows, labels)
     if not readiness.passed:
         refused = new_command(model, "register", actor, version=version, reason=reason)
@@ -212,6 +218,7 @@ async def register_version(
     meta = (metadata or VersionMetadata()).model_copy(update={"validation": readiness.report})
     trial = None
     if recipe is not None:
+        step("trial-running the recipe")
         run = trial_run(recipe, spec, rows, labels)
         trial = run.report
         meta = meta.model_copy(update={"recipe": run.recipe})
@@ -220,7 +227,8 @@ async def register_version(
         meta = meta.model_copy(update={k: v for k, v in profile.items() if not getattr(meta, k)})
     gaps = monitoring_gaps(meta, spec)
     meta = meta.model_copy(update={"monitoring_gaps": gaps})
-    ref = await store_artifact(settings, onnx, model, version)
+    step("uploading")
+    ref = await store_artifact(settings, onnx, model, version, on_progress=on_upload)
     proposal = VersionProposal(
         version=version,
         artifact_uri=ref.uri,
@@ -229,6 +237,7 @@ async def register_version(
         feature_spec=spec,
         metadata=meta,
     )
+    step("registering")
     outcome = await command(
         settings,
         new_command(model, "register", actor, proposal=proposal.model_dump_json(), reason=reason),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,8 +63,11 @@ def detect(text: str, name: str = "", fmt: Format = "auto") -> Literal["jsonl", 
     return "jsonl" if first.lstrip().startswith("{") else "csv"
 
 
-def read_rows(text: str, name: str = "input", fmt: Format = "auto") -> Iterator[Row]:
-    """Each non-blank line as a Row (CSV: each record after the header)."""
+def read_rows(
+    text: str, name: str = "input", fmt: Format = "auto", cell: Callable[[str], Any] = parse_cell
+) -> Iterator[Row]:
+    """Each non-blank line as a Row (CSV: each record after the header, its cells typed by
+    ``cell``: ``parse_cell``, or e.g. ``str`` to keep the text for the caller to type)."""
     if detect(text, name, fmt) == "jsonl":
         for line, raw in enumerate(text.splitlines(), start=1):
             if not raw.strip():
@@ -72,7 +75,7 @@ def read_rows(text: str, name: str = "input", fmt: Format = "auto") -> Iterator[
             try:
                 value = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
-                yield Row(line, None, f"not JSON ({exc})")
+                yield Row(line, None, f"not valid JSON ({exc})")
                 continue
             if isinstance(value, dict):
                 yield Row(line, value)
@@ -81,11 +84,26 @@ def read_rows(text: str, name: str = "input", fmt: Format = "auto") -> Iterator[
         return
     reader = csv.DictReader(io.StringIO(text))
     for record in reader:
+        width = len(reader.fieldnames or ())
         if None in record:
             extra = len(record[None])  # type: ignore[index]
-            yield Row(reader.line_num, None, f"{extra} more fields than the header")
+            yield Row(
+                reader.line_num,
+                None,
+                f"{extra} more fields than the header: {width + extra} columns, the header "
+                f"has {width}",
+            )
             continue
-        yield Row(reader.line_num, {k: parse_cell(v or "") for k, v in record.items()})
+        if None in record.values():
+            found = sum(v is not None for v in record.values())
+            yield Row(
+                reader.line_num,
+                None,
+                f"{width - found} fewer fields than the header: {found} columns, the header "
+                f"has {width}",
+            )
+            continue
+        yield Row(reader.line_num, {k: cell(v or "") for k, v in record.items()})
 
 
 def label_text(value: Any) -> str:

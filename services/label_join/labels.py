@@ -9,15 +9,11 @@ number and, unless ``skip_bad``, nothing is sent at all, so a file is never half
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import orjson
 
 from scoremesh.contract.codec import codec
 from scoremesh.contract.featurespec import event_time_ms
@@ -26,6 +22,7 @@ from services.common.errors import UserError
 from services.common.kafka import make_producer, start_with_retry
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
+from services.common.tabular import csv_header, detect, read_rows
 from services.label_join.join import MAX_ID_LEN
 
 LABELS_TOPIC: TopicName = "labels"
@@ -74,47 +71,28 @@ class LabelSendSummary:
         }
 
 
-def detect_format(path: Path, text: str) -> FileFormat:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return "csv"
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
-    return "jsonl" if text.lstrip().startswith("{") else "csv"
+def _rows(text: str, path: Path) -> tuple[FileFormat, Iterator[tuple[int, dict[str, Any] | str]]]:
+    """The file's format and (line number, the row's fields or an error message) for every
+    non-blank data line, read by the one input reader (services/common/tabular.py); CSV
+    cells stay text (an event_id of digits is still an id)."""
+    fmt = detect(text, path.name)
+    if fmt == "csv":
+        header = [h.strip() for h in csv_header(text)]
+        missing = [c for c in CSV_COLUMNS[:2] if c not in header]
+        if missing:
+            raise LabelFileError(
+                f"line 1: the CSV header must name {','.join(CSV_COLUMNS)} "
+                f"(missing {', '.join(missing)})"
+            )
 
+    def rows() -> Iterator[tuple[int, dict[str, Any] | str]]:
+        for row in read_rows(text, path.name, fmt, cell=str.strip):
+            if row.values is None:
+                yield row.line, row.problem or "unreadable"
+            else:
+                yield row.line, {str(k).strip(): v for k, v in row.values.items()}
 
-def _rows(text: str, fmt: FileFormat) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line number, the row's fields or an error message) for every non-blank data line."""
-    if fmt == "jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                yield number, f"not valid JSON ({exc})"
-                continue
-            yield number, value if isinstance(value, dict) else "a line must be a JSON object"
-        return
-    reader = csv.reader(io.StringIO(text))
-    header: list[str] | None = None
-    for row in reader:
-        number = reader.line_num
-        if not any(cell.strip() for cell in row):
-            continue
-        if header is None:
-            header = [h.strip() for h in row]
-            missing = [c for c in CSV_COLUMNS[:2] if c not in header]
-            if missing:
-                raise LabelFileError(
-                    f"line {number}: the CSV header must name {','.join(CSV_COLUMNS)} "
-                    f"(missing {', '.join(missing)})"
-                )
-            continue
-        if len(row) != len(header):
-            yield number, f"expected {len(header)} columns like the header, found {len(row)}"
-            continue
-        yield number, dict(zip(header, (cell.strip() for cell in row), strict=True))
+    return fmt, rows()
 
 
 def check_label(
@@ -154,12 +132,12 @@ def read_labels(
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelFileError(f"cannot read {path}: {exc}") from None
-    fmt = detect_format(path, text)
+    fmt, rows = _rows(text, path)
     stamp = now_ms if now_ms is not None else int(time.time() * 1000)
     good: list[tuple[int, dict[str, Any]]] = []
     bad: list[BadLine] = []
     read = 0
-    for number, row in _rows(text, fmt):
+    for number, row in rows:
         read += 1
         checked = row if isinstance(row, str) else check_label(row, classes, stamp)
         if isinstance(checked, str):
@@ -169,13 +147,16 @@ def read_labels(
     return fmt, good, bad, read
 
 
-async def model_classes(settings: Settings) -> frozenset[str] | None:
-    """Every class any registered version of the model knows; None when no version is."""
+async def model_classes(settings: Settings, model: str | None = None) -> frozenset[str] | None:
+    """Every class any registered version of the model (default: the default model) knows;
+    None when no version is."""
     view = RegistryView(settings)
     await view.start()
     try:
         classes = {
-            c for v in view.state.of_model(settings.model_name) for c in v.feature_spec.classes
+            c
+            for v in view.state.of_model(model or settings.model_name)
+            for c in v.feature_spec.classes
         }
     finally:
         await view.stop()
@@ -189,12 +170,16 @@ async def send_labels(
     skip_bad: bool = False,
     classes: Collection[str] | None = None,
     check_registry: bool = True,
+    model: str | None = None,
+    on_sent: Callable[[int, int], None] | None = None,
 ) -> LabelSendSummary:
     """Check every line, then send the labels keyed by event_id (co-partitioned with
     predictions). ``classes``: the allowed classes; by default (``check_registry``) those of
-    the model's registered versions, or any class when none is registered yet."""
+    the model's registered versions, or any class when none is registered yet. ``model``:
+    the labels are for this model (default: the default model). ``on_sent(sent, total)``
+    follows the sending."""
     if classes is None and check_registry:
-        classes = await model_classes(settings)
+        classes = await model_classes(settings, model)
     fmt, good, bad, read = read_labels(path, classes)
     summary = LabelSendSummary(str(path), fmt, read=read, valid=len(good), bad=bad)
     summary.skipped_bad = bool(bad) and skip_bad
@@ -207,6 +192,8 @@ async def send_labels(
     try:
         futures: list[asyncio.Future[Any]] = []
         for _number, label in good:
+            if model:
+                label = {**label, "model": model}
             futures.append(
                 await producer.send(
                     topic, label_codec.encode(label), key=label["event_id"].encode()
@@ -216,8 +203,12 @@ async def send_labels(
                 await asyncio.gather(*futures)
                 summary.sent += len(futures)
                 futures.clear()
+                if on_sent is not None:
+                    on_sent(summary.sent, len(good))
         await asyncio.gather(*futures)
         summary.sent += len(futures)
+        if on_sent is not None:
+            on_sent(summary.sent, len(good))
     finally:
         await producer.stop()
     return summary

@@ -63,6 +63,25 @@ async def verify_artifact(settings: Settings, version: ModelVersion) -> str | No
     return None
 
 
+async def fold_book(settings: Settings, book: RegistryBook) -> RegistryBook:
+    """Fold the registry and the deployment log into ``book``: what ``decide`` needs."""
+    version_codec = codec(ModelVersionRecord)
+    event_codec = codec(DeploymentEvent)
+
+    def on_version(record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.value is not None:
+            book.apply_version(ModelVersion.from_record(version_codec.decode(record.value)))
+
+    def on_event(record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.value is not None:
+            book.apply_event(event_codec.decode(record.value))
+
+    await fold_topics(
+        settings, [(REGISTRY_TOPIC, on_version), (DEPLOYMENTS_TOPIC, on_event)], "registry-fold"
+    )
+    return book
+
+
 class RegistryService(StreamService):
     """Consumes models.commands; core ``decide``; produces models.registry, deployments.log."""
 
@@ -96,21 +115,7 @@ class RegistryService(StreamService):
         self.folded = True
 
     async def _fold(self) -> None:
-        def on_version(record: ConsumerRecord[bytes, bytes]) -> None:
-            if record.value is not None:
-                self.book.apply_version(
-                    ModelVersion.from_record(self._version_codec.decode(record.value))
-                )
-
-        def on_event(record: ConsumerRecord[bytes, bytes]) -> None:
-            if record.value is not None:
-                self.book.apply_event(self._event_codec.decode(record.value))
-
-        await fold_topics(
-            self.settings,
-            [(REGISTRY_TOPIC, on_version), (DEPLOYMENTS_TOPIC, on_event)],
-            "registry-fold",
-        )
+        await fold_book(self.settings, self.book)
         log.info(
             "registry state folded",
             extra={"versions": len(self.book.state.versions), "generation": self.book.generation},

@@ -26,16 +26,16 @@ def scoremesh(
 
 def test_dev_up_is_idempotent_and_down_stops_what_it_started(tmp_path: Path) -> None:
     closed = f"redis://127.0.0.1:{free_port()}/0"  # forces the bundled redis-server
-    up = scoremesh(["dev", "up", "--json"], tmp_path, SCOREMESH_DEV_REDIS_PROBE_URL=closed)
+    up = scoremesh(["dev", "up", "-o", "json"], tmp_path, SCOREMESH_DEV_REDIS_PROBE_URL=closed)
     assert up.returncode == 0, up.stderr
     state = json.loads(up.stdout)
     assert set(state["started"]) == {"broker", "redis"} and not state["already_running"]
     pids = list(state["started"].values())
     assert all(pid_alive(p) for p in pids)
-    again = scoremesh(["dev", "up", "--json"], tmp_path, SCOREMESH_DEV_REDIS_PROBE_URL=closed)
+    again = scoremesh(["dev", "up", "-o", "json"], tmp_path, SCOREMESH_DEV_REDIS_PROBE_URL=closed)
     assert json.loads(again.stdout)["already_running"] is True
     assert scoremesh(["dev", "status"], tmp_path).returncode == 0
-    down = scoremesh(["dev", "down", "--json"], tmp_path)
+    down = scoremesh(["dev", "down", "-o", "json"], tmp_path)
     assert down.returncode == 0 and len(json.loads(down.stdout)["stopped"]) == 2
     assert not any(pid_alive(p) for p in pids)
     assert scoremesh(["dev", "status"], tmp_path).returncode == 1

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +17,12 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from services.common.devstack import StackState
+from services.common.settings import Settings
 from services.trainer.datasets import CREDIT_SPEC, credit_events
-from tests.helpers import cli
+from tests.helpers import cli_in_process
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +63,7 @@ def registry(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[b
 
 
 def sm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return cli(env, *args)
+    return cli_in_process(env, *args)
 
 
 @pytest.fixture
@@ -95,7 +98,8 @@ def test_register_promote_rollback_and_history(
         str(files["spec"]),
         "--data",
         str(files["data"]),
-        "--json",
+        "-o",
+        "json",
     )
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["passed"] is True
@@ -156,30 +160,47 @@ def test_register_promote_rollback_and_history(
         "1.1.0",
     )
     assert second.returncode == 0, second.stderr
-    assert (
-        sm(
-            env, "models", "promote", "credit", "1.1.0", "--to", "canary", "--percent", "20"
-        ).returncode
-        == 0
+    dry = sm(env, "models", "promote", "credit@1.1.0", "--to", "champion", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("would: promote: credit@1.1.0 registered -> champion")
+    assert "cluster:" not in dry.stderr  # a dry run changes nothing
+    refused = sm(env, "models", "retire", "credit@9.9.9", "--dry-run", "-o", "json")
+    assert refused.returncode == 1 and json.loads(refused.stdout)["outcome"] == "refused"
+    canary = sm(env, "models", "promote", "credit@1.1.0", "--to", "canary", "--percent", "20")
+    assert canary.returncode == 0, canary.stderr
+    assert "promote: credit@1.1.0 registered -> canary" in canary.stdout
+    old = sm(env, "models", "promote", "credit", "1.1.0", "--to", "champion", "--reason", "better")
+    assert old.returncode == 0 and "previous champion 1.0.0" in old.stdout
+    assert "deprecated: 'models promote credit 1.1.0' is now 'models promote credit@1.1.0'" in (
+        old.stderr
     )
-    promoted = sm(
-        env, "models", "promote", "credit", "1.1.0", "--to", "champion", "--reason", "better"
-    )
-    assert promoted.returncode == 0 and "previous champion 1.0.0" in promoted.stdout
 
-    listed = json.loads(sm(env, "models", "list", "--json").stdout)
+    listed = json.loads(sm(env, "models", "list", "-o", "json").stdout)
     assert {(r["version"], r["stage"]) for r in listed} == {
         ("1.0.0", "retired"),
         ("1.1.0", "champion"),
     }
+    assert yaml.safe_load(sm(env, "models", "list", "-o", "yaml").stdout) == listed
+    table = sm(env, "models", "list").stdout.splitlines()
+    assert table[0].split() == ["MODEL", "VERSION", "STAGE", "GEN", "SHA256"]
+    assert table[1].split()[:3] == ["credit", "1.0.0", "retired"]
+    assert json.loads(sm(env, "models", "list", "--json").stdout) == listed  # deprecated
+    assert sm(env, "models", "list", "-m", "fraud").stdout.strip() == "no versions of fraud"
 
     rolled = sm(env, "models", "rollback", "credit", "--reason", "drill")
     assert rolled.returncode == 0 and "1.0.0" in rolled.stdout
-    shown = json.loads(sm(env, "models", "show", "credit").stdout)
+    shown = json.loads(sm(env, "models", "show", "credit", "-o", "json").stdout)
     assert shown["version"] == "1.0.0" and shown["stage"] == "champion"
     assert shown["metadata"]["validation"]["passed"] is True
+    assert yaml.safe_load(sm(env, "models", "show", "credit@1.1.0", "-o", "yaml").stdout)[
+        "stage"
+    ] == ("rolled_back")
+    human = sm(env, "models", "show").stdout  # the default model's champion
+    assert "credit@1.0.0" in human and "champion" in human
+    missing = sm(env, "models", "show", "credit@7.0.0")
+    assert missing.returncode == 1 and "no such version 'credit@7.0.0'" in missing.stderr
 
-    history = json.loads(sm(env, "models", "history", "credit", "--json").stdout)
+    history = json.loads(sm(env, "models", "history", "credit", "-o", "json").stdout)
     actions = [(e["action"], e["outcome"], e.get("to_stage")) for e in history]
     assert ("promote", "applied", "champion") in actions and (
         "rollback",
@@ -188,6 +209,56 @@ def test_register_promote_rollback_and_history(
     ) in actions
     assert ("register", "refused", None) in actions  # the duplicate is audited too
     assert all(e["actor"] == "cli" for e in history)
+    assert yaml.safe_load(sm(env, "models", "history", "-o", "yaml").stdout) == history
+    lines = sm(env, "models", "history", "credit").stdout.splitlines()
+    assert lines[0].split()[:4] == ["TIME", "(UTC)", "ACTOR", "ACTION"]
+    assert any(re.search(r"cli\s+rollback\s+1\.0\.0\s+.*drill$", line) for line in lines)
+
+    # A rollout is confirmed from the serving replicas' heartbeats (serving.status).
+    keys = {k[len("SCOREMESH_") :].lower(): v for k, v in env.items() if k.startswith("SCOREMESH_")}
+    settings = Settings(**keys)
+    asyncio.run(heartbeat(settings, "scorer/a/1/1", {"credit@1.1.0": "champion"}))
+    behind = sm(env, "models", "status", "credit", "-o", "json")
+    assert behind.returncode == 1
+    report = json.loads(behind.stdout)
+    assert report["champion"] == "credit@1.0.0" and not report["rolled_out"]
+    assert report["replicas"][0]["serving"] == "credit@1.1.0"
+    waited = sm(env, "models", "status", "credit", "--wait", "--timeout", "1")
+    assert waited.returncode == 1 and "after 1s" in waited.stdout
+    asyncio.run(heartbeat(settings, "scorer/a/1/1", {"credit@1.0.0": "champion"}))
+    asyncio.run(heartbeat(settings, "scorer/b/2/1", {}, models=["fraud"]))  # not credit's
+    done = sm(env, "models", "status", "credit", "--wait", "--timeout", "30")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all 1 replica(s) serve credit@1.0.0" in done.stdout
+    assert yaml.safe_load(sm(env, "models", "status", "-o", "yaml").stdout)["rolled_out"]
+    nobody = sm(env, "models", "status", "fraud")
+    assert nobody.returncode == 1 and "fraud has no champion" in nobody.stdout
+
+
+async def heartbeat(
+    settings: Any, instance: str, serving: dict[str, str], models: list[str] | None = None
+) -> None:
+    from scoremesh.contract.codec import codec
+    from scoremesh.contract.records import ServingStatus
+    from services.common.kafka import send_one
+
+    now = int(time.time() * 1000)
+    record: ServingStatus = {
+        "instance": instance,
+        "service": "scorer",
+        "group": "scoremesh-scorer",
+        "models": models or [],
+        "serving": serving,
+        "failures": {},
+        "state": "up",
+        "started_at": now,
+        "at": now,
+        "interval_ms": 10_000,
+    }
+    value = codec(ServingStatus).encode(record)
+    await send_one(
+        settings, settings.topic("serving.status"), value, instance.encode(), "test-heartbeat"
+    )
 
 
 def test_pickles_need_explicit_trust(
@@ -212,7 +283,8 @@ def test_pickles_need_explicit_trust(
         "--spec",
         str(files["spec"]),
         "--trust-pickle",
-        "--json",
+        "-o",
+        "json",
     )
     assert json.loads(converted.stdout)["edge_cases"]["cases"] > 0
 
@@ -237,18 +309,28 @@ def test_bad_inputs_get_one_line_errors(
 def test_retrain_publishes_a_request_and_wait_says_when_no_trainer_answers(
     env: dict[str, str],
 ) -> None:
-    from services.common.settings import Settings
     from tests.conftest import ensure_topics_sync
     from tests.helpers import consume_until
 
     ensure_topics_sync(env)
     asked = sm(
-        env, "models", "retrain", "credit", "--reason", "drill", "--window-days", "2", "--json"
+        env,
+        "models",
+        "retrain",
+        "credit",
+        "--reason",
+        "drill",
+        "--window-days",
+        "2",
+        "--accept-recipe-code",
+        "-o",
+        "json",
     )
     assert asked.returncode == 0, asked.stderr
     request = json.loads(asked.stdout)
     assert request["actor"] == "cli" and request["reason"] == "manual: drill"
     assert request["window_end"] - request["window_start"] == 2 * 86_400_000
+    assert request["evidence"] == {"accept_recipe_code": "true"}
     keys = {k[len("SCOREMESH_") :].lower(): v for k, v in env.items() if k.startswith("SCOREMESH_")}
     published = asyncio.run(
         consume_until(

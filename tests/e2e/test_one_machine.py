@@ -82,7 +82,7 @@ def test_services_on_the_dev_stack_coexist_and_dev_status_shows_them(
             assert time.monotonic() < deadline, [p.read_text() for p in tmp_path.glob("*.log")]
             for name, proc in procs.items():
                 assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()
-            status = json.loads(scoremesh(env, "dev", "status", "--json").stdout)
+            status = json.loads(scoremesh(env, "dev", "status", "-o", "json").stdout)
             mine = [
                 s for s in status["services"] if s["topic_prefix"] == env["SCOREMESH_TOPIC_PREFIX"]
             ]
@@ -102,7 +102,7 @@ def test_services_on_the_dev_stack_coexist_and_dev_status_shows_them(
             proc.send_signal(signal.SIGTERM)
         codes = [proc.wait(30) for proc in procs.values()]
     assert codes == [0, 0]
-    status = json.loads(scoremesh(env, "dev", "status", "--json").stdout)
+    status = json.loads(scoremesh(env, "dev", "status", "-o", "json").stdout)
     assert not [s for s in status["services"] if s["pid"] in {p.pid for p in procs.values()}]
 
 
@@ -164,7 +164,7 @@ def test_mutating_commands_say_which_cluster_on_stderr(
     events = tmp_path / "events.jsonl"
     events.write_text('{"event_id": "e-1", "entity_id": "c-1", "features": {"age": 30}}\n')
     prefix = env["SCOREMESH_TOPIC_PREFIX"]
-    sent = scoremesh(env, "events", "send", str(events), "--json")
+    sent = scoremesh(env, "events", "send", str(events), "-o", "json")
     assert sent.returncode == 0, sent.stderr
     assert json.loads(sent.stdout)["sent"] == 1  # stdout stays machine-readable
     assert sent.stderr.splitlines() == [
@@ -177,8 +177,8 @@ def test_mutating_commands_say_which_cluster_on_stderr(
         f"cluster: Kafka {stack.kafka_bootstrap} from SCOREMESH_KAFKA_BOOTSTRAP (the dev stack's)"
         in again.stderr
     )
-    forgot = scoremesh(env, "forget", "c-1", "--json")
+    forgot = scoremesh(env, "forget", "c-1", "-o", "json")
     assert forgot.returncode == 0 and json.loads(forgot.stdout)["entity_id"] == "c-1"
     assert forgot.stderr.startswith(f"cluster: Redis {stack.redis_url} from the dev stack")
-    read = scoremesh(env, "models", "list", "--json")
+    read = scoremesh(env, "models", "list", "-o", "json")
     assert read.returncode == 0 and "cluster:" not in read.stderr  # reading changes nothing

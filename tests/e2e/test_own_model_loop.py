@@ -187,7 +187,7 @@ async def test_a_teams_own_model_goes_around_the_loop(
             "spec.json",
             "--data",
             "holdout.csv",
-            "--name",
+            "-m",
             MODEL,
             "--version",
             "1.0.0",

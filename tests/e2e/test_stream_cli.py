@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from services.common.kafka import make_producer, send_records
 from services.common.settings import Settings
@@ -78,12 +79,12 @@ async def test_send_tail_replay_after_a_rule_fix_and_forget(
             code, out, err = await sm(settings, "events", "send", str(broken))
             assert (
                 code == 1
-                and "line 2: not JSON" in err
+                and "line 2: not valid JSON" in err
                 and "line 3: entity_id must be a non-empty string" in err
             )
             assert "nothing sent" in err
 
-            code, out, err = await sm(settings, "events", "send", str(good), "--json")
+            code, out, err = await sm(settings, "events", "send", str(good), "-o", "json")
             assert code == 0, err
             assert orjson.loads(out) == {"sent": 45, "failed": 0, "skipped_bad_lines": 0}
             await consume_until(settings, "predictions", lambda r: len(r) >= 40)
@@ -125,7 +126,7 @@ async def test_send_tail_replay_after_a_rule_fix_and_forget(
                 await asyncio.sleep(0.2)
 
             code, out, err = await sm(
-                settings, "dlq", "replay", "--reason", "out_of_range", "--json"
+                settings, "dlq", "replay", "--reason", "out_of_range", "-o", "json"
             )
             assert code == 0, err
             assert orjson.loads(out)["replayed"] == 5
@@ -153,7 +154,7 @@ async def test_send_tail_replay_after_a_rule_fix_and_forget(
     assert {p["model_version"] for p in replayed} == {"1.1.0"}
 
     entity = events[0]["entity_id"]
-    code, out, _ = await sm(settings, "forget", entity, "--json")
+    code, out, _ = await sm(settings, "forget", entity, "-o", "json")
     result = orjson.loads(out)
     assert code == 0 and result["predictions_removed"] >= 1 and result["keys_removed"] >= 2
     code, out, _ = await sm(settings, "forget", entity, "--json")
@@ -164,7 +165,9 @@ async def test_cli_input_errors(settings: Settings) -> None:
     code, _, err = await sm(settings, "tail", "no.such.topic")
     assert code == 1 and "unknown topic" in err
     code, _, err = await sm(settings, "tail", "predictions", "--filter", "novalue")
-    assert code == 1 and "KEY=VALUE" in err
+    assert code == 1 and "write FIELD OP VALUE" in err
+    code, _, err = await sm(settings, "tail", "predictions", "--offset", "3", "--from-beginning")
+    assert code == 1 and "give one" in err
     code, _, err = await sm(settings, "dlq", "replay", "--since", "yesterday")
     assert code == 1 and "ISO-8601" in err
     code, _, err = await sm(settings, "events", "send", "-", stdin=b"")
@@ -195,3 +198,104 @@ async def test_tail_reads_the_label_join_state(settings: Settings) -> None:
     shown = orjson.loads(out.splitlines()[0])
     assert shown["v"] == 2 and shown["l"] == ["1", 5]
     assert shown["head"] == head_fields
+
+
+async def test_tail_shows_what_kcat_shows_and_starts_and_stops_where_asked(
+    settings: Settings,
+) -> None:
+    """Key, partition, offset, timestamp and headers (-J); --partition, --offset (negative:
+    from the end), --from-beginning, --exit-at-end; nested filters; table and YAML."""
+    topic = settings.topic("events.raw")
+    records = []
+    for i in range(6):
+        event = {
+            "event_id": f"e{i}",
+            "entity_id": f"c{i}",
+            "event_time": 1_700_000_000_000 + i,
+            "features": {"age": 50 + 5 * i},
+        }
+        records.append((topic, i % 2, f"c{i}".encode(), orjson.dumps(event)))
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await send_records(producer, records[:4])
+        await producer.send_and_wait(
+            topic, records[4][3], key=b"c4", partition=0, headers=[("trace", b"t-4")]
+        )
+        await send_records(producer, records[5:])
+    finally:
+        await producer.stop()
+
+    code, out, err = await sm(settings, "tail", "events.raw", "-J", "--from-beginning", "-e")
+    assert code == 0, err
+    shown = [orjson.loads(line) for line in out.splitlines()]
+    assert sorted(r["value"]["event_id"] for r in shown) == [f"e{i}" for i in range(6)]
+    four = next(r for r in shown if r["value"]["event_id"] == "e4")
+    assert four["key"] == "c4" and four["partition"] == 0 and four["offset"] == 2
+    assert four["headers"] == {"trace": "t-4"} and four["timestamp"] > 0
+    assert four["topic"] == topic and four["time"].endswith("+00:00")
+
+    code, out, _ = await sm(
+        settings, "tail", "events.raw", "-p", "1", "--from-beginning", "--exit-at-end"
+    )
+    assert [orjson.loads(x)["event_id"] for x in out.splitlines()] == ["e1", "e3", "e5"]
+    code, out, _ = await sm(settings, "tail", "events.raw", "--offset", "-1", "-e")
+    assert sorted(orjson.loads(x)["event_id"] for x in out.splitlines()) == ["e4", "e5"]
+    code, out, _ = await sm(settings, "tail", "events.raw", "-p", "0", "--offset", "1", "-e")
+    assert [orjson.loads(x)["event_id"] for x in out.splitlines()] == ["e2", "e4"]
+    code, out, _ = await sm(
+        settings, "tail", "events.raw", "--from-beginning", "-e", "--filter", "features.age>60"
+    )
+    assert sorted(orjson.loads(x)["event_id"] for x in out.splitlines()) == ["e3", "e4", "e5"]
+    code, out, _ = await sm(
+        settings, "tail", "events.raw", "-p", "0", "--from-beginning", "-e", "-o", "table"
+    )
+    header, *rows = out.splitlines()
+    assert header.split()[:4] == ["PARTITION", "OFFSET", "TIME", "(UTC)"]
+    assert [row.split()[:2] for row in rows] == [["0", "0"], ["0", "1"], ["0", "2"]]
+    code, out, _ = await sm(
+        settings, "tail", "events.raw", "-p", "1", "--from-beginning", "-e", "-J", "-o", "yaml"
+    )
+    assert [d["offset"] for d in yaml.safe_load_all(out)] == [0, 1, 2]
+    code, _, err = await sm(settings, "tail", "events.raw", "-p", "9", "-e")
+    assert code == 1 and "has partitions 0-" in err
+
+
+async def test_topics_create_list_describe_on_a_cluster_without_them(settings: Settings) -> None:
+    """Idempotent, with --dry-run; a topic that differs from the catalog is reported."""
+    from scoremesh.contract.catalog import catalog
+    from services.common.kafka import delete_topics
+
+    fresh = settings.replace(topic_prefix=settings.topic_prefix + "own.")
+    try:
+        code, out, err = await sm(fresh, "topics", "create", "predictions", "labels", "--dry-run")
+        assert code == 0, err
+        assert "cluster: Kafka" in err and "would create 2, 0 already there" in out
+        code, out, _ = await sm(fresh, "topics", "list", "-o", "json")
+        listed = {r["topic"]: r for r in orjson.loads(out)}
+        assert not listed[fresh.topic("predictions")]["on_broker"]
+        code, out, err = await sm(fresh, "topics", "create", "predictions", "labels", "-o", "json")
+        assert code == 0, err
+        made = orjson.loads(out)
+        assert [(t["topic"], t["action"]) for t in made["topics"]] == [
+            (fresh.topic("predictions"), "created"),
+            (fresh.topic("labels"), "created"),
+        ]
+        predictions = made["topics"][0]
+        assert predictions["partitions"] == catalog()["predictions"].partitions
+        assert predictions["configs"]["retention.ms"] == str(catalog()["predictions"].retention_ms)
+        code, out, _ = await sm(fresh, "topics", "create", "predictions", "labels")
+        assert code == 0 and "created 0, 2 already there" in out
+        code, out, _ = await sm(fresh, "topics", "describe", "predictions", "-o", "yaml")
+        described = yaml.safe_load(out)
+        assert described["broker"]["partitions"] == described["catalog"]["partitions"]
+        assert described["differences"] == []
+        code, out, _ = await sm(fresh, "topics", "list")
+        assert any(
+            line.split()[0] == fresh.topic("labels") and "missing" not in line
+            for line in out.splitlines()
+        )
+        code, _, err = await sm(fresh, "topics", "describe", "nope")
+        assert code == 1 and "unknown topic 'nope'" in err
+    finally:
+        await delete_topics(fresh, list(catalog()))

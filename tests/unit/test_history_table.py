@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.cli.models import history_table
+import pytest
+
+from services.cli.models import HISTORY_COLUMNS, history_rows
+from services.cli.output import table
 
 
 def event(**fields: Any) -> dict[str, Any]:
@@ -27,7 +30,14 @@ def event(**fields: Any) -> dict[str, Any]:
     return base | fields
 
 
-def test_each_line_has_time_actor_action_versions_and_reason() -> None:
+def history_table(events: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    table(history_rows(events), HISTORY_COLUMNS, max_width=100)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_each_line_has_time_actor_action_versions_and_reason(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     lines = history_table(
         [
             event(action="register", version="1.0.0", actor="bootstrap", reason="first"),
@@ -49,7 +59,8 @@ def test_each_line_has_time_actor_action_versions_and_reason() -> None:
                 reason="canary worse than champion",
             ),
             event(version="3.0.0", outcome="refused", detail="no such version credit@3.0.0"),
-        ]
+        ],
+        capsys,
     )
     header, *rows = lines
     assert header.split() == ["TIME", "(UTC)", "ACTOR", "ACTION", "VERSION", "CHANGE", "REASON"]

@@ -36,7 +36,7 @@ def test_json_lines_keep_line_numbers_and_say_what_is_wrong() -> None:
     assert [r.line for r in rows] == [1, 3, 4, 5]
     assert rows[0] == Row(1, {"a": 1})
     assert rows[1].values is None and "a JSON list" in str(rows[1].problem)
-    assert rows[2].values is None and "not JSON" in str(rows[2].problem)
+    assert rows[2].values is None and "not valid JSON" in str(rows[2].problem)
     assert rows[3].values == {"b": True}
 
 

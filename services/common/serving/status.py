@@ -130,6 +130,7 @@ class Replica:
     serving: dict[str, str]
     failures: dict[str, str]
     age_ms: int
+    models: tuple[str, ...] = ()  # the models it was told to serve (SCOREMESH_MODELS); () = all
 
 
 def live_replicas(statuses: Iterable[ServingStatus], now_ms: int) -> list[Replica]:
@@ -142,6 +143,7 @@ def live_replicas(statuses: Iterable[ServingStatus], now_ms: int) -> list[Replic
             dict(s["serving"]),
             dict(s.get("failures") or {}),
             now_ms - s["at"],
+            tuple(s.get("models") or ()),
         )
         for s in statuses
         if s["state"] == "up" and now_ms - s["at"] <= MISSED_BEATS * s["interval_ms"]
