@@ -1,8 +1,10 @@
 """A scorer serving three models against one serving one model, on the embedded stack.
 
-Paired rounds (one model, then three, order alternating): the same number of events on
-events.valid, drained by a ScorerService in this process; events/s of each, and their
-ratio (target >= 0.8). Three models get a third of the events each, with the `model`
+Paired rounds (one model, then three, order alternating), after a discarded warm-up: the
+same number of events on events.valid, drained by a ScorerService in this process. The
+target (three vs one >= 0.8) is judged on the scorer's capacity, events per second of its
+own CPU (this process's CPU per event; the machine is shared, so wall-clock rates move with
+whatever else runs: they are reported too). Three models get a third of the events each, with the `model`
 header the validator writes. Also: each model's prediction latency p99 (the scorer's own
 consume -> prediction time, from the predictions' latency_ms), and the memory one loaded
 model costs (RSS of a fresh interpreter holding 1 and then 4 sessions of the artifact).
@@ -117,6 +119,8 @@ async def phase(
         "models": list(names),
         "events": n,
         "events_per_s": timing["events_per_s"],
+        "cpu_us_per_event": timing["process_cpu_us_per_event"],
+        "events_per_cpu_s": round(1e6 / timing["process_cpu_us_per_event"], 1),
         "prediction_latency_ms": await latencies(settings, n),
     }
 
@@ -161,6 +165,8 @@ async def run(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
         seed=3,
     )
     run_id = f"{int(time.time())}"
+    bp.say("warm-up (discarded)")
+    await phase(base, f"{run_id}-warm", "warm", MODELS[:1], trained.onnx, min(args.events, 10_000))
     rounds = []
     for r in range(args.rounds):
         order = [("one", MODELS[:1]), ("three", MODELS)]
@@ -172,15 +178,32 @@ async def run(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
             result[label] = await phase(
                 base, f"{run_id}-{r}", label, names, trained.onnx, args.events
             )
-        ratio = result["three"]["events_per_s"] / result["one"]["events_per_s"]
-        rounds.append({**result, "ratio_three_vs_one": round(ratio, 3)})
-    ratios = [x["ratio_three_vs_one"] for x in rounds]
+        capacity = result["three"]["events_per_cpu_s"] / result["one"]["events_per_cpu_s"]
+        wall = result["three"]["events_per_s"] / result["one"]["events_per_s"]
+        rounds.append(
+            {
+                **result,
+                "capacity_ratio_three_vs_one": round(capacity, 3),
+                "wall_ratio_three_vs_one": round(wall, 3),
+            }
+        )
+    ratios = [x["capacity_ratio_three_vs_one"] for x in rounds]
+    walls = [x["wall_ratio_three_vs_one"] for x in rounds]
     median = statistics.median(ratios)
     return {
         "benchmark": "scorer serving three models vs one",
         "events_per_phase": args.events,
         "rounds": rounds,
-        "ratio_three_vs_one": {"median": median, "min": min(ratios), "max": max(ratios)},
+        "capacity_ratio_three_vs_one": {
+            "median": median,
+            "min": min(ratios),
+            "max": max(ratios),
+        },
+        "wall_ratio_three_vs_one": {
+            "median": statistics.median(walls),
+            "min": min(walls),
+            "max": max(walls),
+        },
         "target_ratio": TARGET_RATIO,
         "meets_target": median >= TARGET_RATIO,
         "memory_per_loaded_model": memory_per_model(trained.onnx),

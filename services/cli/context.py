@@ -141,6 +141,40 @@ def parse_ref(text: str, *, version: bool | None = None, where: str = "argument"
     return Ref(name, number or None)
 
 
+def resolve(
+    target: str | None,
+    model: str | None,
+    settings: Settings,
+    *,
+    version: bool | None = None,
+    where: str = "argument",
+) -> Ref:
+    """The model (and version) a command is about, one rule for every command:
+    ``NAME@VERSION`` names both; a bare ``VERSION`` (``1.1.0``) or no argument takes the
+    model from ``-m/--model``, else the configured default model; a bare ``NAME`` is a
+    model. ``version`` as for ``parse_ref``. ``-m`` and a ``NAME@`` that disagree are a
+    usage error."""
+    named = check_model(model) if model else None
+    if target and SEMVER.match(target):
+        ref = Ref(named or settings.model_name, target)
+    elif target:
+        ref = parse_ref(target, version=version, where=where)
+        if named and named != ref.name:
+            raise UsageProblem(
+                f"{where} {target!r} is a version of {ref.name!r}, not of -m {named!r}"
+            )
+        return ref
+    else:
+        ref = Ref(named or settings.model_name)
+    if version is True and ref.version is None:
+        raise UsageProblem(
+            f"{where}: name a version, e.g. {ref.name}@1.1.0 (or 1.1.0 with -m {ref.name})"
+        )
+    if version is False and ref.version is not None:
+        raise UsageProblem(f"{where} {target!r}: name a model here, not a version")
+    return ref
+
+
 def model_or_default(name: str | None, settings: Settings) -> str:
     """The model a command is about: the one named, else the configured default model."""
     return check_model(name) if name else settings.model_name

@@ -14,10 +14,10 @@ REMOVED_IN = "the next release"
 # The options of the rewritten commands that take a value (so their values are not
 # mistaken for positional arguments).
 VALUED = {
-    "promote": {"--to", "--percent", "--reason", "-o", "--output"},
-    "retire": {"--reason", "-o", "--output"},
-    "flag": {"--reason", "-o", "--output"},
-    "rollback": {"--reason", "--version", "-o", "--output"},
+    "promote": {"--to", "--percent", "--reason", "-o", "--output", "-m", "--model"},
+    "retire": {"--reason", "-o", "--output", "-m", "--model"},
+    "flag": {"--reason", "-o", "--output", "-m", "--model"},
+    "rollback": {"--reason", "--version", "-o", "--output", "-m", "--model"},
 }
 GLOBAL_VALUED = {"--bootstrap-server", "--redis-url"}
 
@@ -84,7 +84,7 @@ def _positionals(args: list[str], start: int, valued: set[str]) -> list[int]:
 def _models(action: str, args: list[str], start: int) -> list[str]:
     if action in ("promote", "retire", "flag"):
         found = _positionals(args, start, VALUED[action])
-        if len(found) == 2 and "@" not in args[found[0]]:
+        if len(found) == 2 and "@" not in args[found[0]] and "@" not in args[found[1]]:
             name, version = args[found[0]], args[found[1]]
             _notice(f"models {action} {name} {version}", f"models {action} {name}@{version}")
             args = [a for i, a in enumerate(args) if i != found[1]]

@@ -17,13 +17,13 @@ import typer
 
 from services.cli.context import (
     ModelOption,
-    Ref,
     UsageProblem,
     check_model,
     examples,
     load_settings,
     model_or_default,
     parse_ref,
+    resolve,
     run_async,
 )
 from services.cli.output import Output, OutputOption, emit, progress, table
@@ -68,12 +68,17 @@ class Stage(StrEnum):
 ModelArgument = Annotated[
     str | None,
     typer.Argument(
-        help="The model, e.g. credit (default: SCOREMESH_MODEL_NAME).", show_default=False
+        help="The model, e.g. credit; the same as -m credit (default: SCOREMESH_MODEL_NAME).",
+        metavar="[MODEL]",
+        show_default=False,
     ),
 ]
 VersionArgument = Annotated[
     str,
-    typer.Argument(help="The version as NAME@VERSION, e.g. credit@1.1.0.", metavar="NAME@VERSION"),
+    typer.Argument(
+        help="The version: NAME@VERSION (credit@1.1.0), or VERSION (1.1.0) of the -m model.",
+        metavar="NAME@VERSION",
+    ),
 ]
 ReasonOption = Annotated[str, typer.Option(help="Why, for the deployment log.")]
 DryRunOption = Annotated[
@@ -169,16 +174,19 @@ def show(
     target: Annotated[
         str | None,
         typer.Argument(
-            help="A model (its champion) or NAME@VERSION (default: the default model).",
+            help="A model (its champion), NAME@VERSION, or VERSION of the -m model (default: "
+            "the default model's champion).",
             metavar="NAME[@VERSION]",
             show_default=False,
         ),
     ] = None,
+    model: ModelOption = None,
     output: OutputOption = Output.table,
 ) -> None:
     """One version: stage, artifact, metrics, feature spec and metadata."""
-    settings = _ready(load_settings())
-    ref = parse_ref(target, where="NAME[@VERSION]") if target else Ref(settings.model_name)
+    settings = load_settings()
+    ref = resolve(target, model, settings, where="NAME[@VERSION]")
+    _ready(settings)
     state = run_async(_fold(settings))
     chosen = state.versions.get(ref.key) if ref.version else state.champion(ref.name)
     if chosen is None:
@@ -218,12 +226,15 @@ def _show_version(data: dict[str, Any]) -> None:
 @app.command(
     epilog=examples("scoremesh models history credit", "scoremesh models history fraud -o json")
 )
-def history(model: ModelArgument = None, output: OutputOption = Output.table) -> None:
+def history(
+    target: ModelArgument = None, model: ModelOption = None, output: OutputOption = Output.table
+) -> None:
     """The deployment log of a model: when, who, what (versions and stages) and why."""
     from services.common.commands import read_history
 
-    settings = _ready(load_settings())
-    name = model_or_default(model, settings)
+    settings = load_settings()
+    name = resolve(target, model, settings, version=False, where="MODEL").name
+    _ready(settings)
     events = run_async(read_history(settings, name))
     emit(
         events,
@@ -273,7 +284,8 @@ def history_rows(events: list[DeploymentEvent]) -> list[dict[str, Any]]:
     )
 )
 def status(
-    model: ModelArgument = None,
+    target: ModelArgument = None,
+    model: ModelOption = None,
     wait: Annotated[
         bool,
         typer.Option(
@@ -290,8 +302,9 @@ def status(
 
     Exit 0 when every live replica that serves the model has loaded its champion; 1 when
     one has not (with --wait: still not after --timeout), or when none serves the model."""
-    settings = _ready(load_settings())
-    name = model_or_default(model, settings)
+    settings = load_settings()
+    name = resolve(target, model, settings, version=False, where="MODEL").name
+    _ready(settings)
     report = run_async(_rollout(settings, name, wait, timeout))
     emit(report, output, lambda: _print_rollout(report))
     if not report["rolled_out"]:
@@ -432,6 +445,7 @@ async def _would(settings: Settings, cmd: ModelCommand) -> DeploymentEvent:
 def promote(
     version: VersionArgument,
     to: Annotated[Stage, typer.Option("--to", help="The stage to move the version to.")],
+    model: ModelOption = None,
     percent: Annotated[
         float | None,
         typer.Option(
@@ -445,8 +459,9 @@ def promote(
     """Move a version to a stage (promoting a champion demotes the previous one)."""
     from services.common.commands import new_command
 
-    ref = parse_ref(version, version=True, where="NAME@VERSION")
-    settings = _ready(load_settings())
+    settings = load_settings()
+    ref = resolve(version, model, settings, version=True, where="NAME@VERSION")
+    _ready(settings)
     options = {"percent": str(percent)} if percent is not None else {}
     cmd = new_command(
         ref.name,
@@ -477,6 +492,7 @@ def rollback(
             show_default=False,
         ),
     ] = None,
+    model: ModelOption = None,
     reason: ReasonOption = "",
     dry_run: DryRunOption = False,
     output: OutputOption = Output.table,
@@ -484,8 +500,9 @@ def rollback(
     """Restore the previous champion, or roll back a challenger."""
     from services.common.commands import new_command
 
-    settings = _ready(load_settings())
-    ref = parse_ref(target, where="NAME[@VERSION]") if target else Ref(settings.model_name)
+    settings = load_settings()
+    ref = resolve(target, model, settings, where="NAME[@VERSION]")
+    _ready(settings)
     cmd = new_command(ref.name, "rollback", "cli", version=ref.version, reason=reason)
     _send(settings, cmd, dry_run, output)
 
@@ -498,6 +515,7 @@ def rollback(
 )
 def retire(
     version: VersionArgument,
+    model: ModelOption = None,
     reason: ReasonOption = "",
     dry_run: DryRunOption = False,
     output: OutputOption = Output.table,
@@ -505,8 +523,9 @@ def retire(
     """Take a version out of service."""
     from services.common.commands import new_command
 
-    ref = parse_ref(version, version=True, where="NAME@VERSION")
-    settings = _ready(load_settings())
+    settings = load_settings()
+    ref = resolve(version, model, settings, version=True, where="NAME@VERSION")
+    _ready(settings)
     cmd = new_command(ref.name, "retire", "cli", version=ref.version, reason=reason)
     _send(settings, cmd, dry_run, output)
 
@@ -525,14 +544,16 @@ def flag(
             "--on/--off", help="Switch the challenger's variant on or off.", show_default=False
         ),
     ],
+    model: ModelOption = None,
     reason: ReasonOption = "",
     output: OutputOption = Output.table,
 ) -> None:
     """Switch a challenger variant off or on, instantly."""
     from services.common.commands import new_command
 
-    ref = parse_ref(version, version=True, where="NAME@VERSION")
-    settings = _ready(load_settings())
+    settings = load_settings()
+    ref = resolve(version, model, settings, version=True, where="NAME@VERSION")
+    _ready(settings)
     cmd = new_command(
         ref.name,
         "flag",
@@ -781,14 +802,16 @@ def register(
     )
 )
 def retrain(
-    model: Annotated[
+    target: Annotated[
         str | None,
         typer.Argument(
-            help="The model to retrain; its champion is the starting point (default: "
-            "SCOREMESH_MODEL_NAME).",
+            help="The model to retrain, the same as -m; its champion is the starting point "
+            "(default: SCOREMESH_MODEL_NAME).",
+            metavar="[MODEL]",
             show_default=False,
         ),
     ] = None,
+    model: ModelOption = None,
     reason: ReasonOption = "",
     wait: Annotated[
         bool,
@@ -831,8 +854,9 @@ def retrain(
 
     if window_days is not None and window_days <= 0:
         raise UsageProblem(f"--window-days must be positive, got {window_days:g}")
-    settings = _ready(load_settings())
-    name = model_or_default(model, settings)
+    settings = load_settings()
+    name = resolve(target, model, settings, version=False, where="MODEL").name
+    _ready(settings)
     now = int(time.time() * 1000)
     end = parse_time(window_end, "--window-end") or now
     window_s = window_days * 86400 if window_days else settings.retrain.policy.window_s

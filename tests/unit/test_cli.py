@@ -271,3 +271,69 @@ def test_shell_completion(words: str, expected: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("target", "model", "version", "expected"),
+    [
+        ("credit@1.1.0", None, True, ("credit", "1.1.0")),
+        ("1.1.0", "fraud", True, ("fraud", "1.1.0")),
+        ("1.1.0", None, True, ("credit", "1.1.0")),  # the default model
+        (None, "fraud", False, ("fraud", None)),
+        ("fraud", None, False, ("fraud", None)),
+        (None, None, None, ("credit", None)),
+        ("fraud@2.0.0", "fraud", None, ("fraud", "2.0.0")),
+    ],
+)
+def test_one_rule_names_the_model_and_version_of_every_command(
+    target: str | None, model: str | None, version: bool | None, expected: tuple[str, str | None]
+) -> None:
+    from services.cli.context import resolve
+    from services.common.settings import Settings
+
+    ref = resolve(target, model, Settings.model_validate({}), version=version)
+    assert (ref.name, ref.version) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "model", "version", "message"),
+    [
+        ("credit@1.1.0", "fraud", None, "not of -m 'fraud'"),
+        ("credit", None, True, "names a model, not a version"),
+        (None, "fraud", True, "name a version"),
+        ("credit@1.1.0", None, False, "name a model here"),
+        ("Bad!", None, None, "a model name is lower-case"),
+    ],
+)
+def test_a_name_that_cannot_mean_anything_is_a_usage_error(
+    target: str | None, model: str | None, version: bool | None, message: str
+) -> None:
+    from services.cli.context import UsageProblem, resolve
+    from services.common.settings import Settings
+
+    with pytest.raises(UsageProblem, match=message):
+        resolve(target, model, Settings.model_validate({}), version=version)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "history",
+        "status",
+        "show",
+        "rollback",
+        "retrain",
+        "promote",
+        "retire",
+        "flag",
+        "list",
+        "register",
+        "bootstrap",
+    ],
+)
+def test_every_model_command_takes_dash_m(command: str) -> None:
+    import typer.main
+
+    models: Any = typer.main.get_command(app).commands["models"]  # type: ignore[attr-defined]
+    options = {o for p in models.commands[command].params for o in p.opts}
+    assert {"-m", "--model"} <= options, command
