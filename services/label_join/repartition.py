@@ -117,12 +117,13 @@ class Repartitioner:
         self.check = True
         self.forwarded: dict[Kind, int] = {"label": 0, "prediction": 0}
         self._avro_first = _event_id_first()
+        self._heads = frozenset(MAGIC + fingerprint for fingerprint in self._avro_first)
+        self._kinds: dict[str, Kind] = {predictions: "prediction", labels: "label"}
 
     def kind_of(self, record: Record) -> Kind:
-        if record.topic == self.predictions:
-            return "prediction"
-        if record.topic == self.labels:
-            return "label"
+        kind = self._kinds.get(record.topic)
+        if kind is not None:
+            return kind
         for name, value in record.headers or ():  # the repartition topic: as forwarded
             if name == KIND_HEADER:
                 return "prediction" if value == b"prediction" else "label"
@@ -134,25 +135,35 @@ class Repartitioner:
             for record in records:
                 self._keep(out, record, self.kind_of(record))
             return out
-        avro_first = self._avro_first
-        ids = [event_id_of(r.value, avro_first) for r in records]
-        readable: list[int] = []
+        heads, first = self._heads, self._avro_first
+        ids: list[bytes | None] = []
         keys: list[bytes] = []
-        for i, event_id in enumerate(ids):
+        for record in records:
+            value = record.value
+            # the common case inline: Avro of a known version, an id of 1-63 bytes
+            if value is not None and value[:HEADER_LEN] in heads and len(value) > HEADER_LEN:
+                size = value[HEADER_LEN]
+                end = HEADER_LEN + 1 + (size >> 1)
+                if 0 < size < 0x80 and not size & 1 and end <= len(value):
+                    event_id: bytes | None = value[HEADER_LEN + 1 : end]
+                else:
+                    event_id = event_id_of(value, first)
+            else:
+                event_id = event_id_of(value, first)
+            ids.append(event_id)
             if event_id is not None:
-                readable.append(i)
                 keys.append(event_id)
-        hashes = murmur2_batch(keys)
-        wanted: list[int | None] = [None] * len(records)
+        hashes = iter(murmur2_batch(keys))
         n = self.partitions
-        for i, h in zip(readable, hashes, strict=True):
-            wanted[i] = (h & 0x7FFFFFFF) % n
-        for record, partition, event_id in zip(records, wanted, ids, strict=True):
+        for record, event_id in zip(records, ids, strict=True):
             kind = self.kind_of(record)
-            if partition is None or partition == record.partition:
+            if event_id is None:  # nothing to place it by: the join says what is wrong
+                self._keep(out, record, kind)
+                continue
+            partition = (next(hashes) & 0x7FFFFFFF) % n
+            if partition == record.partition:
                 self._keep(out, record, kind)
             else:
-                assert event_id is not None
                 out.forwards.append(Forward(kind, record, partition, event_id))
         return out
 
