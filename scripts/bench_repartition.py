@@ -1,7 +1,14 @@
 """What the join's own partitioning costs (docs/adr/0019-join-owns-its-partitioning.md).
 
 The label join reads each input record's event_id and checks it against the record's
-partition; a record elsewhere goes through label-join.repartition. Three ways, each on a
+partition; a record elsewhere goes through label-join.repartition.
+
+First without a broker (``check_cost_in_process``): this process's CPU per input record for
+the route (the check, or with it off only the split by kind) and the join of the same
+batches, fresh state each time, in paired rounds; the rate ratio the check alone allows.
+This is the steady figure: on a shared 2-core machine the broker runs below move by ±30 %.
+
+Then on the embedded broker, three ways, each on a
 fresh topic prefix with the same inputs (P predictions of one model version with feature
 bins, and a label for 90 % of them), LabelJoinService in this process, timed from its first
 batch until every input is committed, with this process's CPU time over the same span:
