@@ -21,6 +21,8 @@ batch until every input is committed, with this process's CPU time over the same
 ``check_on`` and ``check_off`` are paired in each of ``--rounds`` rounds (their order
 alternates); the ratio that matters is the median of the rounds' check_on/check_off rate
 ratios (target >= 0.95). ``labels_misplaced`` is timed in the same rounds: the extra hop's cost.
+Last, its latency: labels sent one by one to a join holding their predictions, every other
+one misplaced, each timed from its send to its row on predictions.labeled.
 
     python scripts/bench_repartition.py [--events 40000] [--rounds 3] [--quick]
         [--output bench-results/repartition.json]
@@ -61,7 +63,14 @@ from scoremesh.contract.catalog import catalog
 from scoremesh.contract.codec import codec
 from scoremesh.contract.partitioner import partitions_for_keys
 from services.common.devstack import DevStack
-from services.common.kafka import delete_topics, make_producer, send_records, start_with_retry
+from services.common.kafka import (
+    assign_all,
+    delete_topics,
+    make_consumer,
+    make_producer,
+    send_records,
+    start_with_retry,
+)
 from services.common.batchloop import Record
 from services.common.model_version import ModelVersion
 from services.common.registry_view import RegistryState
@@ -282,6 +291,83 @@ def check_cost(data: Inputs, rounds: int, batch: int) -> dict[str, Any]:
     }
 
 
+async def hop_latency(
+    base: Settings, run_id: str, data: Inputs, n: int, rate: float, timeout_s: float
+) -> dict[str, Any]:
+    """Label to joined row, for labels sent one by one at ``rate`` to a join that holds
+    their predictions: every other label on its partition, the others on the next one."""
+    settings = lj.phase_settings(base, run_id, "latency")
+    await lj.create_topics(settings)
+    predictions = data.predictions[:n]
+    labels = data.labels[:n]
+    await lj.produce(settings, "models.registry", [(b"credit@1.0.0", data.registry)])
+    await produce_placed(settings, PREDICTIONS, predictions)
+    ids = {p[1] for p in predictions}
+    labels = [lab for lab in labels if lab[1] in ids]
+    misplaced = {lab[1]: m for lab, m in zip(data.labels, data.misplaced, strict=True)}
+    service = LabelJoinService(settings, lj.CONFIG, publish_interval_s=3600)
+    probe = lj.Probe(service.loop)
+    consumer = make_consumer(settings, group_id=None, max_poll_records=5000)
+    producer = make_producer(settings)
+    await start_with_retry(consumer.start, "latency-consumer", settings)
+    await start_with_retry(producer.start, "latency-producer", settings)
+    sent: dict[bytes, float] = {}
+    joined: dict[bytes, float] = {}
+    try:
+        async with lj.running(service) as task:
+            await lj.drain_time(probe, len(predictions), task, timeout_s)
+            await assign_all(consumer, settings.topic("predictions.labeled"))
+
+            async def follow() -> None:
+                while True:
+                    batches = await consumer.getmany(timeout_ms=20)
+                    now = time.perf_counter()
+                    for records in batches.values():
+                        for r in records:
+                            if r.key is not None:
+                                joined.setdefault(r.key, now)
+
+            follower = asyncio.create_task(follow())
+            started = time.perf_counter()
+            futures = []
+            for i, (partition, key, value) in enumerate(labels):
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if i % 2:
+                    partition = misplaced[key][0]
+                sent[key] = time.perf_counter()
+                futures.append(
+                    await producer.send(settings.topic(LABELS), value, key=key, partition=partition)
+                )
+                lj.check_alive(task, follower)
+            await asyncio.gather(*futures)
+            deadline = time.monotonic() + timeout_s
+            while len(joined) < len(sent) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        forwarded = service.repartition.forwarded["label"]
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        with contextlib.suppress(Exception):
+            await delete_topics(settings, list(catalog()))
+    placed_ms = [(joined[k] - sent[k]) * 1000 for i, (_, k, _) in enumerate(labels) if not i % 2]
+    moved_ms = [(joined[k] - sent[k]) * 1000 for i, (_, k, _) in enumerate(labels) if i % 2]
+    result = {
+        "labels": len(sent),
+        "rate": rate,
+        "forwarded": forwarded,
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "in_place_ms": lj.percentiles(placed_ms),
+        "forwarded_ms": lj.percentiles(moved_ms),
+    }
+    lj.say(f"label -> joined row: {result}")
+    return result
+
+
 async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     partitions = catalog()[PREDICTIONS].partitions
     data = inputs(args.events, partitions)
@@ -294,6 +380,9 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         for mode in [*order, "labels_misplaced"]:
             results[mode] = await one_run(settings, f"{run_id}-r{r}", mode, data, args.timeout)
         rounds.append(results)
+    latency = await hop_latency(
+        settings, run_id, data, min(args.latency_labels, len(data.labels)), args.rate, args.timeout
+    )
 
     def ratios(num: str, den: str, field: str, invert: bool = False) -> list[float]:
         out = []
@@ -332,6 +421,7 @@ async def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             "cpu_ratio_median": median(cpu_misplaced),
             "note": "every label forwarded once and read twice: the extra hop's cost",
         },
+        "label_to_joined_row_latency": latency,
     }
 
 
@@ -339,12 +429,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--events", type=int, default=40_000, help="predictions per run")
     parser.add_argument("--rounds", type=int, default=3, help="paired check_on/check_off rounds")
+    parser.add_argument("--latency-labels", type=int, default=600, help="in the latency phase")
+    parser.add_argument("--rate", type=float, default=200.0, help="labels/s in the latency phase")
     parser.add_argument("--quick", action="store_true", help="5,000 events, 3 rounds")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--output", type=Path, default=Path("bench-results/repartition.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.events = 5_000
+        args.latency_labels = 200
     if args.rounds < 3:
         parser.error(f"--rounds must be at least 3 (a median of paired rounds), not {args.rounds}")
     return args
