@@ -109,7 +109,7 @@ def changelog_spec() -> TopicSpec:
         )
 
 
-# --- the batch loop over two co-partitioned topics ----------------------------------------
+# --- the batch loop over the co-partitioned inputs ----------------------------------------
 
 
 class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
