@@ -75,12 +75,19 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
         writes=("predictions", "events.rejected", "models.commands", "serving.status"),
     ),
     "label-join": ServiceAccess(
-        reads=("predictions", "labels", "label-join.changelog", "models.registry"),
+        reads=(
+            "predictions",
+            "labels",
+            "label-join.repartition",
+            "label-join.changelog",
+            "models.registry",
+        ),
         writes=(
             "predictions.labeled",
             "training.examples",
             "labels.unmatched",
             "monitoring.stats",
+            "label-join.repartition",
             "label-join.changelog",
         ),
         keeps_state=True,

@@ -105,12 +105,16 @@ def _decoder(name: str) -> Callable[[str, bytes], dict[str, Any]]:
     """How a topic's values are shown: the catalog's format, or a service's own for its
     internal topics (the label join's state is a JSON line and the event's Avro fields)."""
     from scoremesh.contract.codec import decode_any
-    from scoremesh.contract.topics import LABEL_JOIN_CHANGELOG
+    from scoremesh.contract.topics import LABEL_JOIN_CHANGELOG, LABEL_JOIN_REPARTITION
 
     if name == LABEL_JOIN_CHANGELOG:
         from services.label_join.join import state_record  # only this topic needs the join
 
         return lambda _, data: state_record(data)
+    if name == LABEL_JOIN_REPARTITION:
+        from services.label_join.repartition import repartition_record
+
+        return lambda _, data: repartition_record(data)
     return decode_any
 
 

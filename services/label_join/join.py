@@ -50,6 +50,7 @@ from services.common.performance import (
 from services.common.registry_view import RegistryState
 from services.common.settings import Settings
 from services.label_join import telemetry
+from services.label_join.labels import InvalidLabel, decode_label
 from services.label_join.rows import EventRows
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ UNMATCHED_REASONS: dict[str, str] = {
     "unknown_event": "no prediction for the event arrived within the join window",
     "invalid_class": "the label is not one of the model's classes",
     "invalid_label": "event_id, value or label_time is missing or malformed",
-    "undecodable": "the bytes are not a Label record",
+    "undecodable": "the bytes are neither a Label record (Avro) nor a JSON object",
 }
 
 
@@ -690,10 +691,13 @@ class JoinCore:
 
     def _on_label(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
         value = record.value or b""
-        try:
-            label = self._label_codec.decode(value)
+        try:  # Avro, or JSON by the rules of a label file (label_time: the record's, if none)
+            label = decode_label(value, record.timestamp)
         except CodecError as exc:
             outputs.append(self._unmatched(record, None, "undecodable", str(exc)))
+            return
+        except InvalidLabel as exc:
+            outputs.append(self._unmatched(record, exc.raw, "invalid_label", str(exc)))
             return
         event_id, cls, label_time = label["event_id"], label["value"], label["label_time"]
         problem = _label_problem(event_id, cls, label_time)

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from scoremesh.contract.codec import codec
-from scoremesh.contract.featurespec import event_time_ms
+from scoremesh.contract.codec import MAGIC, codec, decode_any
+from scoremesh.contract.featurespec import MAX_ID_LEN, event_time_ms
 from scoremesh.contract.topics import TopicName
 from services.common.errors import UserError
 from services.common.kafka import make_producer, start_with_retry
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
 from services.common.tabular import csv_header, detect, read_rows
-from services.label_join.join import MAX_ID_LEN
 
 LABELS_TOPIC: TopicName = "labels"
 CSV_COLUMNS = ("event_id", "value", "label_time")
@@ -32,6 +31,15 @@ FileFormat = Literal["jsonl", "csv"]
 
 class LabelFileError(UserError, ValueError):
     """The file cannot be read at all (missing, unreadable, no header)."""
+
+
+class InvalidLabel(ValueError):
+    """A JSON label on the labels topic that breaks the rules of ``check_label``; ``raw`` is
+    the object as it came (its event_id, when it has one, keys the unmatched record)."""
+
+    def __init__(self, message: str, raw: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.raw = raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +104,10 @@ def _rows(text: str, path: Path) -> tuple[FileFormat, Iterator[tuple[int, dict[s
 
 
 def check_label(
-    raw: dict[str, Any], classes: Collection[str] | None, now_ms: int
+    raw: dict[str, Any], classes: Collection[str] | None, now_ms: int | None
 ) -> dict[str, Any] | str:
-    """A Label record from one row, or what is wrong with it."""
+    """A Label record from one row, or what is wrong with it. ``now_ms``: the label_time of
+    a row without one (None: such a row is wrong)."""
     event_id = raw.get("event_id")
     if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_ID_LEN:
         return f"event_id must be a non-empty string of at most {MAX_ID_LEN} characters"
@@ -114,6 +123,8 @@ def check_label(
         return f"value {value!r} is not one of the model's classes {sorted(classes)}"
     stamp = raw.get("label_time")
     if stamp is None or stamp == "":
+        if now_ms is None:
+            return "label_time is missing and the record has no timestamp to use instead"
         label_time: int | None = now_ms
     elif isinstance(stamp, str) and stamp.strip().lstrip("-").isdigit():
         label_time = event_time_ms(int(stamp))
@@ -122,6 +133,27 @@ def check_label(
     if label_time is None:
         return f"label_time {stamp!r} is neither whole epoch milliseconds nor ISO-8601 with a zone"
     return {"event_id": event_id, "value": value, "label_time": label_time}
+
+
+def decode_label(data: bytes, record_time_ms: int | None) -> dict[str, Any]:
+    """A label from the labels topic: Avro Label (any released version), or a JSON object
+    read by the rules of a label file (``check_label``: the class may be a JSON integer,
+    label_time epoch ms or ISO-8601 with a zone), whose missing label_time is the Kafka
+    record's timestamp, as a JSON event's missing event_time is.
+
+    Raises CodecError (neither Avro nor a JSON object) or InvalidLabel."""
+    if data[:2] == MAGIC:
+        return codec("Label").decode(data)
+    raw = decode_any(LABELS_TOPIC, data)
+    stamp = record_time_ms if record_time_ms is not None and record_time_ms >= 0 else None
+    checked = check_label(raw, None, stamp)
+    if isinstance(checked, str):
+        raise InvalidLabel(checked, raw)
+    model = raw.get("model")
+    if model is not None and not (isinstance(model, str) and 0 < len(model) <= MAX_ID_LEN):
+        raise InvalidLabel("model must be a model's name (a string) or absent", raw)
+    checked["model"] = model
+    return checked
 
 
 def read_labels(

@@ -5,6 +5,8 @@ Runtime (docs/adr/0006-label-join-state.md): the shared aiokafka batch loop over
 co-partitioned topics (range assignment, so partition p of each comes to the same owner),
 the join state in memory per partition, and its own compacted changelog topic
 (``label-join.changelog``, keyed by event_id, written to the input's partition number).
+A third input, ``label-join.repartition``, brings the labels and predictions a producer put
+on another partition than their event_id's (services/label_join/repartition.py, ADR 0019).
 
 Per batch: join (pure) -> send every output and wait for the acknowledgements -> write the
 changelog records of the events it changed and wait -> commit the input offsets. So the
@@ -55,6 +57,7 @@ from services.label_join.join import (
     OutputTopics,
     VersionCatalog,
 )
+from services.label_join.repartition import Repartitioner
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ EXAMPLES: TopicName = "training.examples"
 UNMATCHED: TopicName = "labels.unmatched"
 STATS: TopicName = "monitoring.stats"
 CHANGELOG: TopicName = "label-join.changelog"
+REPARTITION: TopicName = "label-join.repartition"
 
 # Prometheus gets the headline metrics, never the per-feature bins (label cardinality).
 GAUGE_METRICS = (
@@ -105,7 +109,7 @@ def changelog_spec() -> TopicSpec:
         )
 
 
-# --- the batch loop over two co-partitioned topics ----------------------------------------
+# --- the batch loop over the co-partitioned inputs ----------------------------------------
 
 
 class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -297,9 +301,16 @@ class LabelJoinService:
             settings,
             self.name,
             f"{settings.topic_prefix}scoremesh-label-join",
-            [settings.topic(PREDICTIONS), settings.topic(LABELS)],
+            [settings.topic(name) for name in (PREDICTIONS, LABELS, REPARTITION)],
             self.producer,
             self._process,
+        )
+        # the join's own partitioning (ADR 0019); the partition count is checked at start
+        self.repartition = Repartitioner(
+            settings.topic(PREDICTIONS),
+            settings.topic(LABELS),
+            settings.topic(REPARTITION),
+            catalog()[PREDICTIONS].partitions,
         )
         if redis_client is None and settings.redis_url:
             redis_client = connect(settings)
@@ -344,7 +355,7 @@ class LabelJoinService:
         await consumer.topics()
         counts = {
             name: len(consumer.partitions_for_topic(self.settings.topic(name)) or ())
-            for name in (PREDICTIONS, LABELS, CHANGELOG)
+            for name in (PREDICTIONS, LABELS, REPARTITION, CHANGELOG)
         }
         missing = [name for name, n in counts.items() if n == 0]
         if missing:
@@ -354,9 +365,10 @@ class LabelJoinService:
             )
         if len(set(counts.values())) != 1:
             raise ConfigError(
-                f"predictions, labels and {CHANGELOG} must have the same partition count "
-                f"(co-partitioned by event_id), found {counts}"
+                f"predictions, labels, {REPARTITION} and {CHANGELOG} must have the same "
+                f"partition count (co-partitioned by event_id), found {counts}"
             )
+        self.repartition.partitions = counts[PREDICTIONS]
         # An output keyed by event_id goes where murmur2 would put it anyway when its topic
         # has the inputs' partition count: the state's partition, without hashing the key.
         outputs = [self.settings.topic(name) for name in (LABELED, EXAMPLES, UNMATCHED)]
@@ -454,9 +466,11 @@ class LabelJoinService:
         """Join a batch and queue its sends; ``take_durable()`` then says when they are on
         the broker in the order ADR 0006 needs (outputs, then the changelog)."""
         async with self._lock:
-            predictions = [r for r in records if r.topic == self._predictions]
-            labels = [r for r in records if r.topic != self._predictions]
-            result = self.core.process(predictions, labels)
+            # records on another partition than their event_id's go to it (ADR 0019); the
+            # batch's commit waits for the forwards' acknowledgements like its outputs'
+            routed = self.repartition.route(records)
+            forwarded = await self.repartition.forward(self.producer, routed.forwards, self.name)
+            result = self.core.process(routed.predictions, routed.labels)
             acks, _ = await enqueue_records(
                 self.producer,
                 ((o.topic, o.partition, o.key, o.value) for o in result.outputs),
@@ -468,7 +482,7 @@ class LabelJoinService:
             for topic, n in per_topic.items():
                 EVENTS_OUT.labels(self.name, topic).inc(n)
             self._durable = asyncio.ensure_future(
-                self._write_changelog(self._durable, acks, result.changelog)
+                self._write_changelog(self._durable, forwarded + acks, result.changelog)
             )
             telemetry.JOIN_STATE_ENTRIES.set(self.core.pending_entries)
         return []

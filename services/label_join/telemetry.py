@@ -66,6 +66,12 @@ class LabelHistogram(Collector):
 UNMATCHED = Counter(
     "scoremesh_labels_unmatched_total", "Labels sent to labels.unmatched", ["reason"]
 )
+REPARTITIONED = Counter(
+    "scoremesh_label_join_repartitioned_total",
+    "Labels and predictions that arrived on another partition than murmur2 of their event_id "
+    "picks, forwarded to it through label-join.repartition",
+    ["kind"],
+)
 EXPIRED_UNLABELED = Counter(
     "scoremesh_predictions_expired_unlabeled_total",
     "Predictions whose join window closed before a label arrived",

@@ -25,6 +25,7 @@ from scoremesh.client import (
     confluent,
     decode,
     encode,
+    encode_json,
     partition_for,
 )
 from services.common.devstack import free_port
@@ -172,7 +173,7 @@ async def test_an_undecodable_record_stops_the_consumer_unless_taken(settings: S
 async def test_mistakes_are_refused_with_a_reason(settings: Settings) -> None:
     config = client_config(settings)
     with pytest.raises(ClientError, match="not JSON"):
-        aio.LabelProducer(config, value_format="json")
+        encode_json("predictions", {})  # type: ignore[call-overload]
     with pytest.raises(ClientError, match="murmur2"):
         confluent.LabelProducer(config, extra={"partitioner": "consistent_random"})
     with pytest.raises(ClientError, match="group_id"):

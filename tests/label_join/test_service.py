@@ -234,7 +234,9 @@ sys.exit(
 """
 
 
-def start_service(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+def start_service(
+    settings: Settings, log_path: Path, code: str = SERVICE_CODE
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     env["SCOREMESH_HOME"] = os.environ["SCOREMESH_HOME"]
     env["SCOREMESH_IGNORE_DEV_STACK"] = "1"
@@ -254,7 +256,7 @@ def start_service(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]
     env["PYTHONPATH"] = str(ROOT)
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-c", SERVICE_CODE],
+            [sys.executable, "-c", code],
             cwd=ROOT,
             env=env,
             stdout=log,

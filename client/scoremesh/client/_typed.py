@@ -117,9 +117,13 @@ def decode(topic: TopicName, data: bytes) -> Any:
     return decode_value(topic, data)
 
 
-def encode_json(topic: Literal["events.raw"], record: Event) -> bytes:
+@overload
+def encode_json(topic: Literal["events.raw"], record: Event) -> bytes: ...
+@overload
+def encode_json(topic: Literal["labels"], record: Label) -> bytes: ...
+def encode_json(topic: TopicName, record: Any) -> bytes:
     """A record as JSON bytes, for the topics that accept JSON values
-    (events.raw).
+    (events.raw, labels).
 
     Raises ClientError for any other topic."""
     return encode_json_value(topic, record)

@@ -418,6 +418,7 @@ async def enqueue_records(
     close_batches: bool = False,
     on_too_large: Callable[[str, bytes | None], None] | None = None,
     headers: Sequence[list[tuple[str, bytes]]] | None = None,
+    timestamps: Sequence[int | None] | None = None,
 ) -> tuple[list[asyncio.Future[Any]], int]:
     """Hand the records to the producer in per-partition batches; returns the batches'
     acknowledgement futures (not awaited) and the number of records enqueued.
@@ -426,7 +427,8 @@ async def enqueue_records(
     are a complete unit (a processed batch), so the producer sends them at once instead of
     lingering ``linger_ms`` for more records that will not come. A record larger than an
     empty batch raises ValueError, or, with ``on_too_large``, is handed to it and skipped.
-    ``headers``: each record's Kafka headers, when any record has some.
+    ``headers``: each record's Kafka headers, when any record has some. ``timestamps``:
+    each record's timestamp (epoch ms; None: now), to keep one a forwarded record came with.
     """
     batch_records = records if isinstance(records, list) else list(records)
     placed = await _place(producer, batch_records)
@@ -443,12 +445,13 @@ async def enqueue_records(
             batch = open_batches[tp] = producer.create_batch()
             empty.add(tp)
         extra = NO_HEADERS if headers is None else headers[i]
-        if batch.append(key=key, value=value, timestamp=None, headers=extra) is None:
+        stamp = None if timestamps is None else timestamps[i]
+        if batch.append(key=key, value=value, timestamp=stamp, headers=extra) is None:
             if tp not in empty:  # full: send it, and try the record in a fresh one
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
                 batch = open_batches[tp] = producer.create_batch()
                 empty.add(tp)
-            if batch.append(key=key, value=value, timestamp=None, headers=extra) is None:
+            if batch.append(key=key, value=value, timestamp=stamp, headers=extra) is None:
                 if on_too_large is None:
                     raise ValueError(f"{topic}: a record larger than the producer's batch size")
                 on_too_large(topic, value)

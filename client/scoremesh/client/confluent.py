@@ -9,7 +9,8 @@
 
 librdkafka's default partitioner is ``consistent_random`` (CRC32 of the key), not the
 murmur2 of the Java client, aiokafka and faust: labels it places land on the label join's
-partition about one time in six. These producers set ``partitioner=murmur2_random``, which
+partition about one time in six, and the join forwards the others through its repartition
+topic (an extra hop each). These producers set ``partitioner=murmur2_random``, which
 places every keyed record where Kafka's default partitioner (and the label join) does, and
 refuse a configuration that changes it. Delivery is ``acks=all`` with idempotence unless the
 config turns it off; consumers commit a record's offset only after the loop body that
@@ -120,8 +121,9 @@ class Producer(Generic[R]):
         extra = dict(extra or {})
         if extra.get("partitioner", PARTITIONER) not in (PARTITIONER, "murmur2"):
             raise ClientConfigError(
-                f"partitioner {extra['partitioner']!r}: records must be placed by murmur2 of "
-                "their key, where the label join expects them; leave it out"
+                f"partitioner {extra['partitioner']!r}: these producers place records by "
+                "murmur2 of their key, where the label join reads them (any other placement "
+                "costs each label a hop through label-join.repartition); leave it out"
             )
         opts = librdkafka_options(self.config)
         opts.update(

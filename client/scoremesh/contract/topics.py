@@ -16,6 +16,7 @@ TopicName = Literal[
     "labels.unmatched",
     "predictions.labeled",
     "label-join.changelog",
+    "label-join.repartition",
     "training.examples",
     "monitoring.stats",
     "alerts",
@@ -41,6 +42,7 @@ VALUE_TYPE: dict[TopicName, str] = {
     "labels.unmatched": "UnmatchedLabel",
     "predictions.labeled": "LabeledPrediction",
     "label-join.changelog": "LabelJoinState",
+    "label-join.repartition": "LabelJoinInput",
     "training.examples": "TrainingExample",
     "monitoring.stats": "MonitoringStats",
     "alerts": "Alert",
@@ -54,21 +56,23 @@ VALUE_TYPE: dict[TopicName, str] = {
 }
 
 EVENTS_RAW: Final = "events.raw"
-"""anything may arrive here; the validator reads it"""
+"""anything may arrive here; the validator reads it. Accepts Avro Event (v1, v2) or a JSON object, from any client and any partitioner (the key is only the partitioning hint: events are read one by one); no event_time: the record's timestamp is used and the event flagged event_time_from_record"""
 EVENTS_VALID: Final = "events.valid"
 """events that passed the rule set, stamped with its version"""
 EVENTS_REJECTED: Final = "events.rejected"
 """the dead-letter topic; nothing is dropped silently"""
 PREDICTIONS: Final = "predictions"
-"""one per (event, variant); co-partitioned with labels"""
+"""one per (event, variant); keyed by event_id. Avro Prediction only. The label join repartitions a prediction that any client put on another partition than murmur2(event_id) picks"""
 LABELS: Final = "labels"
-"""ground truth, arriving late; same partition count as predictions"""
+"""ground truth, arriving late; same partition count as predictions. Accepts Avro Label (v1, v2) or a JSON object (label_time: epoch ms or ISO-8601 with a zone; none: the record's timestamp), keyed by event_id or not at all, from any client and any partitioner (the join repartitions by murmur2 of the event_id in the value); bad ones go to labels.unmatched"""
 LABELS_UNMATCHED: Final = "labels.unmatched"
 """late, unknown or invalid labels, visible and not lost"""
 PREDICTIONS_LABELED: Final = "predictions.labeled"
 """prediction + truth + label delay + segment attributes, one per (event, variant)"""
 LABEL_JOIN_CHANGELOG: Final = "label-join.changelog"
 """label-join state, per event a JSON line then the event's Avro fields, or its one Prediction as it arrived (docs/adr/0006), per closed window JSON (null = forgotten); internal"""
+LABEL_JOIN_REPARTITION: Final = "label-join.repartition"
+"""internal to the label join: a label or prediction that arrived on another partition than murmur2(event_id) picks, forwarded as it came (bytes and record timestamp) to that partition; header kind=label|prediction (docs/adr/0019)"""
 TRAINING_EXAMPLES: Final = "training.examples"
 """features + label + event time, once per event"""
 MONITORING_STATS: Final = "monitoring.stats"
@@ -80,7 +84,7 @@ RETRAIN_REQUESTS: Final = "retrain.requests"
 RETRAIN_RESULTS: Final = "retrain.results"
 """progress and outcome of each retrain request (started, succeeded, rejected, failed)"""
 MODELS_COMMANDS: Final = "models.commands"
-"""register / promote / rollback / retire; anyone may write"""
+"""register / promote / rollback / retire; anyone may write: Avro ModelCommand only, keyed by model; the registry answers each by its request id on deployments.log"""
 MODELS_REGISTRY: Final = "models.registry"
 """one live record per version; only the registry service writes"""
 MODELS_ARTIFACTS: Final = "models.artifacts"
