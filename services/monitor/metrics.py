@@ -83,3 +83,11 @@ REPLAYED = Counter(
     "Records replayed to rebuild detector state after a start or rebalance",
     ["topic"],
 )
+SNAPSHOTS = Counter(
+    "scoremesh_monitor_snapshots_total", "Detector snapshots written to monitor.state"
+)
+SNAPSHOT_RESTORES = Counter(
+    "scoremesh_monitor_snapshot_restores_total",
+    "Versions restored from monitor.state, by outcome",
+    ["outcome"],
+)
