@@ -16,11 +16,15 @@ Signals, as they appear in alert keys:
 
 Every detection carries the size of the change it found (``stats``): the change point is
 estimated in the last 500 values (the maximum of the centred cumulative sum, as in
-CUSUM); "after" is the stream since then, "before" the rest of the stream since the
-previous detection (ADWIN's own cut keeps older values on the new side and would
-understate the change). ``shift_sd`` =
-|after - before| / standard deviation, ``psi`` of a category's share, ``increase`` of the
-error rate. Severity rules in the policy judge those numbers.
+CUSUM) and "before" and "after" are the values on either side of it (ADWIN's own cut
+keeps older values on the new side and would understate a step). Local sides make the
+size that of an abrupt change: a slow drift that ADWIN eventually notices moved little
+across any one point, and reads small. The sizes the severity rules judge are
+conservative: the one-sided 95 % lower confidence bound of the difference (so a short,
+noisy side cannot make a small change look big): ``shift_sd`` = that bound of |after -
+before| / standard deviation (for a category, of its 0/1 indicator: the share's move in
+standard deviations; its PSI is evidence), ``increase`` of the error rate by that bound.
+The point estimates are in the evidence.
 
 False alarms: an ADWIN without an explicit delta gets its share of the model version's
 family-wise budget (``BudgetPolicy``, Bonferroni over the signals).
@@ -45,8 +49,11 @@ from river.drift import binary
 from services.common.policies.monitor import BudgetPolicy, DetectorPolicy, DetectorSpec
 from services.monitor.features import FeatureLayout, PreparedBatch
 
-RECENT = 500  # values kept behind the stream: where the change happened is looked for there
+RECENT = 500  # where a change is looked for: the last values before a detection
+REFERENCE = 500  # the values before those: what the values after a detection are measured against
 MIN_SIDE = 20  # values on each side of an estimated change point at least
+Z_LOW = 1.645  # one-sided 95 %: sizes are judged by their lower confidence bound
+CONFIRM_AT = (32, 64, 128)  # values after a detection at which its size is measured again
 RIVER_VERSION = _installed_version("river")  # River's ADWIN state encoding is per release
 
 
@@ -101,11 +108,27 @@ class Change:
     sd: float
     values_seen: int
     estimate: float | None
+    fresh: int = 0  # 0: the detection itself; else measured on this many values after it
 
     @property
     def shift_sd(self) -> float:
+        """The point estimate of |after - before| in standard deviations."""
         gap = abs(self.mean_after - self.mean_before)
         return gap / self.sd if self.sd > 0 else (0.0 if gap == 0 else math.inf)
+
+    @property
+    def shift_sd_low(self) -> float:
+        """Its one-sided 95 % lower confidence bound (what severity rules judge)."""
+        if self.sd <= 0:
+            return self.shift_sd
+        return max(0.0, self.shift_sd - Z_LOW * math.sqrt(1 / self.n_before + 1 / self.n_after))
+
+    @property
+    def rate_gap_low(self) -> float:
+        """For 0/1 streams: the lower bound of |after - before| (binomial errors)."""
+        b, a = self.mean_before, self.mean_after
+        se = math.sqrt(b * (1 - b) / self.n_before + a * (1 - a) / self.n_after)
+        return max(0.0, abs(a - b) - Z_LOW * se)
 
 
 class StreamDetector:
@@ -126,6 +149,8 @@ class StreamDetector:
         self._sum = 0.0
         self._sumsq = 0.0  # of (value - shift)
         self._tail = np.zeros(0, dtype=np.float64)
+        # after a detection: [mean before, n before, sd, sum of fresh values, their count]
+        self._pending: list[float] | None = None
 
     @property
     def effective_delta(self) -> float | None:
@@ -195,11 +220,12 @@ class StreamDetector:
         start = 0
         for i in fired:
             pos = i if positions is None else int(positions[i])
+            self._confirm(values, start, pos + 1, out)
             self._accumulate(values[start : pos + 1])
             sd = self._sd()
-            after, n_after = _after_the_change(history[: offset + pos + 1], self._n)
-            n_before = max(self._n - n_after, 1)
-            before = (self._sum - after * n_after) / n_before
+            before, n_before, after, n_after = _around_the_change(
+                history[: offset + pos + 1], self._n
+            )
             out.append(
                 Change(
                     pos,
@@ -212,14 +238,50 @@ class StreamDetector:
                     self.estimation,
                 )
             )
+            self._pending = [*_reference_before(history[: offset + pos + 1], self._n), sd, 0.0, 0.0]
+            if self._pending[1] == 0:
+                self._pending[:2] = [before, float(n_before)]
             self.detections += 1
             self._shift, self._n, self._sum, self._sumsq = None, 0, 0.0, 0.0
             start = pos + 1
+        self._confirm(values, start, n, out)
         self._accumulate(values[start:])
         self.seen += n
         self.fed += len(fed)
-        self._tail = history[-RECENT:]
+        self._tail = history[-(RECENT + REFERENCE) :]
         return out
+
+    def _confirm(self, values: np.ndarray, start: int, end: int, out: list[Change]) -> None:
+        """Measure a pending detection on the values that came after it, at CONFIRM_AT
+        of them: fresh values carry none of the selection that made the detector fire."""
+        pending = self._pending
+        if pending is None or end <= start:
+            return
+        before, n_before, sd, fresh_sum, fresh_n = pending
+        segment = values[start:end]
+        sums = np.cumsum(segment)
+        for at in CONFIRM_AT:
+            k = at - int(fresh_n)
+            if 0 < k <= len(segment):
+                mean = (fresh_sum + float(sums[k - 1])) / at
+                pos = start + k - 1
+                out.append(
+                    Change(
+                        pos,
+                        before,
+                        mean,
+                        int(n_before),
+                        at,
+                        sd,
+                        self.seen + pos + 1,
+                        self.estimation,
+                        fresh=at,
+                    )
+                )
+        pending[3] = fresh_sum + float(sums[-1])
+        pending[4] = fresh_n + len(segment)
+        if pending[4] >= CONFIRM_AT[-1]:
+            self._pending = None
 
     # --- state without pickle -------------------------------------------------------
 
@@ -247,6 +309,7 @@ class StreamDetector:
             "detections": self.detections,
             "segment": [self._shift, self._n, self._sum, self._sumsq],
             "tail": _pack(self._tail),
+            "pending": self._pending,
             "river": river_state,
         }
 
@@ -273,20 +336,38 @@ class StreamDetector:
         self._shift = None if shift is None else float(shift)
         self._n, self._sum, self._sumsq = int(n), float(total), float(sumsq)
         self._tail = _unpack(state["tail"])
+        pending = state.get("pending")
+        self._pending = [float(v) for v in pending] if pending else None
         return True
 
 
-def _after_the_change(history: np.ndarray, segment: int) -> tuple[float, int]:
-    """(mean, count) of the values after the most likely change point among the last
-    ``RECENT`` values of the segment: the split that maximises the centred cumulative sum."""
+def _around_the_change(history: np.ndarray, segment: int) -> tuple[float, int, float, int]:
+    """(mean before, count, mean after, count) on either side of the most likely change
+    point among the last ``RECENT`` values of the segment: the split that maximises the
+    centred cumulative sum. Both sides are local, so a step shows its full size while a
+    slow drift (a trend, a season, a random walk) shows only what moved across the split."""
     w = history[-min(RECENT, segment, len(history)) :]
     n = len(w)
     if n < 2 * MIN_SIDE:
-        return float(w.mean()), n
+        half = max(1, n // 2)
+        return float(w[:half].mean()), half, float(w[half:].mean()) if n > half else 0.0, n - half
     bridge = np.abs(np.cumsum(w - w.mean()))
     split = MIN_SIDE - 1 + int(np.argmax(bridge[MIN_SIDE - 1 : n - MIN_SIDE]))
-    after = w[split + 1 :]
-    return float(after.mean()), len(after)
+    before, after = w[: split + 1], w[split + 1 :]
+    return float(before.mean()), len(before), float(after.mean()), len(after)
+
+
+def _reference_before(history: np.ndarray, segment: int) -> tuple[float, float]:
+    """(mean, count) of the REFERENCE values before the window a detection was found in
+    (within the segment since the previous detection), or (0, 0) when there are too few.
+    The detector fired on the window, so the window is biased; the values before it are
+    not, and a slow drift moves them by little."""
+    end = len(history) - RECENT
+    start = max(len(history) - min(segment, len(history)), end - REFERENCE)
+    if end - start < MIN_SIDE * 5:
+        return 0.0, 0.0
+    ref = history[start:end]
+    return float(ref.mean()), float(len(ref))
 
 
 def _pack(values: np.ndarray) -> dict[str, str]:
@@ -335,13 +416,25 @@ def _numeric_detection(signal: str, detector: str, change: Change) -> Detection:
         "n_before": str(change.n_before),
         "n_after": str(change.n_after),
         "sd": _fmt(change.sd),
-        "shift_sd": _fmt(change.shift_sd),
+        "shift_sd": _fmt(change.shift_sd_low),
+        "shift_sd_point": _fmt(change.shift_sd),
         "direction": "up" if change.mean_after > change.mean_before else "down",
         "values_seen": str(change.values_seen),
     }
     if change.estimate is not None:
         evidence["estimate"] = _fmt(change.estimate)
-    return Detection(signal, detector, change.position, evidence, {"shift_sd": change.shift_sd})
+    return Detection(signal, detector, change.position, evidence, _sized(change, evidence))
+
+
+def _sized(change: Change, evidence: dict[str, str]) -> dict[str, float]:
+    """The statistics severity rules judge: none at the detection itself (info: the values
+    that made the detector fire overstate the change), the lower bound of the shift on
+    the values that came after it."""
+    if change.fresh == 0:
+        evidence["measured_on"] = "the detection (sized on the next values)"
+        return {}
+    evidence["measured_on"] = f"{change.fresh} values after the detection"
+    return {"shift_sd": change.shift_sd_low}
 
 
 def _with_delta(detection: Detection, det: StreamDetector) -> Detection:
@@ -432,10 +525,12 @@ class DetectorBank:
             "n_before": str(change.n_before),
             "n_after": str(change.n_after),
             "psi": _fmt(psi),
+            "shift_sd": _fmt(change.shift_sd_low),
+            "shift_sd_point": _fmt(change.shift_sd),
             "direction": "up" if after > before else "down",
             "values_seen": str(change.values_seen),
         }
-        return Detection(signal, detector, change.position, evidence, {"psi": psi})
+        return Detection(signal, detector, change.position, evidence, _sized(change, evidence))
 
     def detectors(self) -> dict[str, list[StreamDetector]]:
         """Every detector by a stable name (snapshot keys)."""
@@ -504,20 +599,25 @@ class ErrorBank:
                 increase = change.mean_after - change.mean_before
                 if self.increase_only and det.name in self.TWO_SIDED and increase <= 0:
                     continue
+                bound = math.copysign(change.rate_gap_low, increase)
                 evidence = {
                     "detector": det.name,
                     "rate_before": _fmt(change.mean_before),
                     "rate_after": _fmt(change.mean_after),
                     "n_before": str(change.n_before),
                     "n_after": str(change.n_after),
-                    "increase": _fmt(increase),
+                    "increase": _fmt(bound),
+                    "increase_point": _fmt(increase),
+                    "measured_on": f"{change.fresh} values after the detection"
+                    if change.fresh
+                    else "the detection",
                     "direction": "up" if increase > 0 else "down",
                     "values_seen": str(change.values_seen),
                 }
                 found.append(
                     _with_delta(
                         Detection(
-                            self.signal, det.name, change.position, evidence, {"increase": increase}
+                            self.signal, det.name, change.position, evidence, {"increase": bound}
                         ),
                         det,
                     )

@@ -123,19 +123,20 @@ class SeverityRule(_Frozen):
 
 
 DEFAULT_RULES: tuple[SeverityRule, ...] = (
-    # Stream detectors: severity from the size of the change found at the detection.
-    # shift_sd: |mean after - mean before| / standard deviation (Cohen's d: 0.2 small,
-    # 0.5 medium, 0.8 large); psi: of a category's share, before vs after; increase: of
-    # the error rate, absolute.
+    # Stream detectors: severity from the size of the change found at the detection, as
+    # the one-sided 95 % lower confidence bound (services/monitor/detectors.py).
+    # shift_sd: |mean after - mean before| / standard deviation, of a feature, the score,
+    # the confidence or a category's 0/1 indicator (Cohen's d: 0.2 small, 0.5 medium, 0.8
+    # large); a 0.5 sd step reads ~0.35, a slow drift < 0.2. increase: of the error rate.
     SeverityRule(
         signal="stream_drift.*",
         statistic="shift_sd",
-        thresholds=Thresholds(info=0.0, warning=0.3, critical=1.0),
+        thresholds=Thresholds(info=0.0, warning=0.2, critical=0.8),
     ),
     SeverityRule(
         signal="category_shift.*",
-        statistic="psi",
-        thresholds=Thresholds(info=0.0, warning=0.1, critical=0.25),
+        statistic="shift_sd",
+        thresholds=Thresholds(info=0.0, warning=0.2, critical=0.8),
     ),
     SeverityRule(
         signal="error_rate",
