@@ -20,7 +20,7 @@ CUSUM) and "before" and "after" are the values on either side of it (ADWIN's own
 keeps older values on the new side and would understate a step). Local sides make the
 size that of an abrupt change: a slow drift that ADWIN eventually notices moved little
 across any one point, and reads small. The sizes the severity rules judge are
-conservative: the one-sided 95 % lower confidence bound of the difference (so a short,
+conservative: the one-sided 97.5 % lower confidence bound of the difference (so a short,
 noisy side cannot make a small change look big): ``shift_sd`` = that bound of |after -
 before| / standard deviation (for a category, of its 0/1 indicator: the share's move in
 standard deviations; its PSI is evidence), ``increase`` of the error rate by that bound.
@@ -52,8 +52,9 @@ from services.monitor.features import FeatureLayout, PreparedBatch
 RECENT = 500  # where a change is looked for: the last values before a detection
 REFERENCE = 500  # the values before those: what the values after a detection are measured against
 MIN_SIDE = 20  # values on each side of an estimated change point at least
-Z_LOW = 1.645  # one-sided 95 %: sizes are judged by their lower confidence bound
-CONFIRM_AT = (32, 64, 128)  # values after a detection at which its size is measured again
+Z_LOW = 1.96  # sizes are judged by their lower confidence bound (97.5 %, one-sided)
+CONFIRM_AT = (64, 128)  # values after a detection at which its size is measured again
+CONFIRM_GATE_SD = 0.3  # ... if the window it fired on shows at least this step (point estimate)
 RIVER_VERSION = _installed_version("river")  # River's ADWIN state encoding is per release
 
 
@@ -118,7 +119,7 @@ class Change:
 
     @property
     def shift_sd_low(self) -> float:
-        """Its one-sided 95 % lower confidence bound (what severity rules judge)."""
+        """Its one-sided 97.5 % lower confidence bound (what severity rules judge)."""
         if self.sd <= 0:
             return self.shift_sd
         return max(0.0, self.shift_sd - Z_LOW * math.sqrt(1 / self.n_before + 1 / self.n_after))
@@ -238,9 +239,17 @@ class StreamDetector:
                     self.estimation,
                 )
             )
-            self._pending = [*_reference_before(history[: offset + pos + 1], self._n), sd, 0.0, 0.0]
-            if self._pending[1] == 0:
-                self._pending[:2] = [before, float(n_before)]
+            # sized again on fresh values only when the window itself shows a clear step:
+            # a slow drift makes the detector fire again and again on small moves, and
+            # each re-measure on a few dozen values is a small chance of a false page
+            gap = abs(after - before)
+            if sd > 0 and gap / sd >= CONFIRM_GATE_SD:
+                reference = _reference_before(history[: offset + pos + 1], self._n)
+                self._pending = [*reference, sd, 0.0, 0.0]
+                if self._pending[1] == 0:
+                    self._pending[:2] = [before, float(n_before)]
+            else:
+                self._pending = None
             self.detections += 1
             self._shift, self._n, self._sum, self._sumsq = None, 0, 0.0, 0.0
             start = pos + 1

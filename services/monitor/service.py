@@ -41,7 +41,7 @@ from services.common.kafka import (
     read_to_end,
     start_with_retry,
 )
-from services.common.policies.monitor import MonitorPolicy, with_sinks
+from services.common.policies.monitor import MonitorPolicy, load_policy, with_sinks
 from services.common.registry_view import RegistryView
 from services.common.settings import Settings
 from services.monitor import metrics as m
@@ -99,8 +99,11 @@ class MonitorService:
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.settings = settings
+        configured = settings.monitor.policy
+        if settings.monitor.policy_file is not None:
+            configured = load_policy(settings.monitor.policy_file)
         self.policy = policy or with_sinks(
-            settings.monitor.policy,
+            configured,
             webhook_url=settings.monitor.webhook_url,
             slack_webhook_url=settings.monitor.slack_webhook_url,
             pagerduty_routing_key=settings.monitor.pagerduty_routing_key,

@@ -69,7 +69,13 @@ class BudgetPolicy(_Frozen):
     feature's category shares; adding features therefore does not add false alarms.
     """
 
-    family_delta: float = Field(0.002, gt=0, lt=1)
+    family_delta: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="ADWIN's false-detection budget of a version, all signals together: a "
+        "detection alone is info; pages need the re-measure on fresh values to confirm it",
+    )
 
 
 class WindowPolicy(_Frozen):
@@ -124,7 +130,7 @@ class SeverityRule(_Frozen):
 
 DEFAULT_RULES: tuple[SeverityRule, ...] = (
     # Stream detectors: severity from the size of the change found at the detection, as
-    # the one-sided 95 % lower confidence bound (services/monitor/detectors.py).
+    # the one-sided 97.5 % lower confidence bound (services/monitor/detectors.py).
     # shift_sd: |mean after - mean before| / standard deviation, of a feature, the score,
     # the confidence or a category's 0/1 indicator (Cohen's d: 0.2 small, 0.5 medium, 0.8
     # large); a 0.5 sd step reads ~0.35, a slow drift < 0.2. increase: of the error rate.
