@@ -949,6 +949,20 @@ class MonitorCore:
         for (model, version, feature), value in drifting.items():
             m.DRIFT_DETECTED.labels(model, version, feature).set(value)
 
+    def version_rows(self) -> dict[str, dict[str, Any]]:
+        """The whole-stream figures of every version whose detectors run here."""
+        out = {}
+        for (model, version), state in self.states.items():
+            row: dict[str, Any] = {"model": model, "version": version, "segment": "all"}
+            row.update(state.stats.as_dict())
+            estimate = state.errors.estimation
+            row["error_rate_now"] = estimate if state.stats.labels else None
+            row["detections"] = sum(
+                int(v.get("detections", 0)) for v in state.bank.states().values()
+            ) + sum(d.detections for d in state.errors.detectors)
+            out[f"{model}@{version}"] = row
+        return out
+
     def drift_rows(self) -> list[dict[str, Any]]:
         return [row.as_dict() for rows in self.drift.values() for row in rows.values()]
 

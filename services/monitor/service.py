@@ -394,17 +394,16 @@ class MonitorService:
         if store is None:
             return
         drift: dict[str, list[dict[str, Any]]] = {}
+        versions: dict[str, dict[str, Any]] = {}
         now = time.monotonic()
-        if (
-            self.core.drift_changed
-            and now - self._drift_written_at >= self.policy.drift_state_interval_s
-        ):
+        if now - self._drift_written_at >= self.policy.drift_state_interval_s:
             for model, version in self.core.drift_changed:
                 rows = self.core.drift.get((model, version), {})
                 drift[f"{model}@{version}"] = [row.as_dict() for row in rows.values()]
             self.core.drift_changed.clear()
+            versions = self.core.version_rows()
             self._drift_written_at = now
-        if not transitions and not drift:
+        if not transitions and not drift and not versions:
             return
         previous = self._store_write
 
@@ -412,6 +411,6 @@ class MonitorService:
             if previous is not None:
                 with contextlib.suppress(Exception):
                     await previous
-            await store.write(transitions, drift)
+            await store.write(transitions, drift, versions)
 
         self._store_write = asyncio.create_task(write())

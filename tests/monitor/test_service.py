@@ -95,7 +95,11 @@ async def test_injected_drift_in_real_predictions_raises_one_alert(
             await wait_for(lambda: monitor.loop.batches > 0 and monitor.store.healthy)
             # the whole stream is in: nothing more may open for this key
             await wait_for(lambda: seen(monitor) >= 6_000)
-            status = await monitor_status(settings, alerts_from="redis")
+            for _ in range(100):  # the read model is written after the batch, off the loop
+                status = await monitor_status(settings, alerts_from="redis")
+                if [v for v in status.versions if v["predictions"] == 6_000]:
+                    break
+                await asyncio.sleep(0.1)
             await wait_for(lambda: _gauge("scoremesh_consumer_group_lag", monitor.group_id) == 0)
     opened = [t for t in sink.seen if t.key == DRIFT_KEY and t.event == "opened"]
     assert len(opened) == 1, [t.event for t in sink.seen if t.key == DRIFT_KEY]
@@ -118,6 +122,11 @@ async def test_injected_drift_in_real_predictions_raises_one_alert(
     salary = [d for d in status.drift if d["signal"] == "reference_drift.salary"]
     assert salary and salary[0]["state"] == "info"
     assert "salary" in format_table(status.alerts, ALERT_COLUMNS, width=200)
+    # per version over the whole stream: what `monitor status` and the API show
+    (figures,) = status.versions
+    assert (figures["model"], figures["version"], figures["segment"]) == ("credit", "1.0.0", "all")
+    assert figures["predictions"] == 6_000 and figures["labels"] == 0
+    assert abs(sum(figures["decisions"].values()) - 1.0) < 1e-9
 
 
 def seen(monitor: MonitorService) -> int:
