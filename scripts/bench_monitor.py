@@ -705,13 +705,16 @@ async def worker(settings_json: str) -> None:
             assigned = sorted(
                 tp.partition for tp in service.loop.assigned if tp.topic.endswith("predictions")
             )
-            state = (assigned, probe.first is not None)
+            seen = sum(st.bank.score[0].seen for st in service.core.states.values())
+            state = (assigned, probe.first is not None, seen)
             if state != reported:
                 first = None
                 if probe.first is not None:
                     first = time.time() - (time.perf_counter() - probe.first)
                 print(
-                    json.dumps({"assigned": assigned, "at": time.time(), "first": first}),
+                    json.dumps(
+                        {"assigned": assigned, "at": time.time(), "first": first, "seen": seen}
+                    ),
                     flush=True,
                 )
                 reported = state
@@ -753,6 +756,7 @@ async def two_processes(
     procs = spawn_workers(settings, 2)
     firsts: list[float] = []
     assignments: list[list[int]] = [[], []]
+    seen = [0, 0]  # predictions through each worker's whole-stream detectors
     settled: list[float] = []  # when both workers held 3 partitions each (final split)
 
     async def follow(i: int, proc: subprocess.Popen[str]) -> None:
@@ -763,6 +767,7 @@ async def two_processes(
                 return
             info = json.loads(line)
             assignments[i] = info["assigned"]
+            seen[i] = info["seen"]
             if info["first"]:
                 firsts.append(info["first"])
             if sorted(len(a) for a in assignments) == [3, 3]:
@@ -779,6 +784,11 @@ async def two_processes(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"two monitors committed {done}/{len(items)}")
             await asyncio.sleep(0.05)
+        # and through the second stage (whichever worker owns the model's signals)
+        while sum(seen) < len(items):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"two monitors' detectors saw {sum(seen)}/{len(items)}")
+            await asyncio.sleep(0.01)
         end = time.time()
     finally:
         for proc in procs:
@@ -808,9 +818,9 @@ async def two_processes(
         "events_per_s": round(len(items) / wall, 1),
         "after_the_split": steady,
         "note": "workers started together on pre-filled predictions; events_per_s is timed "
-        "from the first batch of either to every offset committed (includes the group's "
-        "rebalance when the second worker joins); after_the_split from the moment both "
-        "held 3 partitions",
+        "from the first batch of either to every prediction through the whole-stream "
+        "detectors (includes the group's rebalance when the second worker joins); "
+        "after_the_split from the moment both held 3 partitions",
     }
 
 
