@@ -942,7 +942,10 @@ class MonitorCore:
             feature = a.subject.get("feature")
             if a.kind == "drift" and feature and a.version:
                 key = (a.model, a.version, feature)
-                drifting[key] = max(drifting.get(key, 0), 1 if a.firing else 0)
+                # 1 only for a drift alert that pages: info (slow or harmless drift) is not
+                # for the Prometheus rules either
+                pages = a.firing and severity_rank(a.severity) >= severity_rank("warning")
+                drifting[key] = max(drifting.get(key, 0), 1 if pages else 0)
         for kind in {a.kind for a in self.manager.book.alerts.values()}:
             for severity in ("info", "warning", "critical"):
                 m.ALERTS_OPEN.labels(kind, severity).set(counts.get((kind, severity), 0))

@@ -16,7 +16,7 @@ DRIFT_KS = Gauge(
 )
 DRIFT_DETECTED = Gauge(
     "scoremesh_drift_detected",
-    "1 while a drift alert on this feature is firing, else 0",
+    "1 while a drift alert on this feature is firing at warning or above, else 0",
     ["model", "version", "feature"],
 )
 CLASS_SHIFT_PSI = Gauge(
