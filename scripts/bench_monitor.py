@@ -946,6 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {"core": core_bench(args)}
     say(f"core verdicts: {report['core']['verdicts']}")
     if args.core_only or (args.quick and not args.broker):
+        shutil.rmtree(BENCH_HOME, ignore_errors=True)  # made at import, unused without a stack
         return _write(args, report)
     stack = DevStack(BENCH_HOME, Settings(kafka_bootstrap=None, redis_url=None))
     try:
