@@ -273,3 +273,46 @@ def test_a_retrain_that_needs_a_person_alerts_until_a_retrain_succeeds(model: An
     assert [(t.event, t.key) for t in resolved] == [
         ("resolved", "credit/1.0.0/retrain.needs_person")
     ]
+
+
+def test_a_core_restored_from_its_snapshot_pages_like_one_that_never_stopped(model: Any) -> None:
+    """The second stage stops after 6,144 predictions; another core restores the JSON
+    snapshot (and the alert book, as folded from the alerts topic) and goes on. Its
+    detector transitions are those of a core that never stopped, salary step included."""
+    import orjson
+
+    preds = list(predictions(model, 12_288, seed=5, drift_at=8_000, drift={"salary": 1.3}))
+    whole = make_core(model)
+    topic = whole.settings.topic
+    records = as_records(topic("predictions"), "Prediction", preds)
+    loop = Loopback(topic("monitor.signals"))
+    expected = []
+    for start in range(0, len(records), BATCH):
+        expected += run_batch(whole, loop, records[start : start + BATCH])[0]
+
+    first = make_core(model)
+    loop = Loopback(topic("monitor.signals"))
+    got = []
+    half = 12 * BATCH
+    for start in range(0, half, BATCH):
+        got += run_batch(first, loop, records[start : start + BATCH])[0]
+    snapshots = [orjson.loads(out.value) for out in first.snapshot_outs(range(loop.partitions))]
+    assert len(snapshots) == 1 and snapshots[0]["next_offset"] > 0
+    second = make_core(model)
+    second.manager.book = first.manager.book
+    assert [second.restore(s) for s in snapshots] == [snapshots[0]["next_offset"]]
+    for start in range(half, len(records), BATCH):
+        got += run_batch(second, loop, records[start : start + BATCH])[0]
+
+    def detectors_view(transitions: list[Any]) -> list[tuple[str, str, int, str]]:
+        return [
+            (t.key, t.event, t.record["first_seen"], t.record["severity"])
+            for t in transitions
+            if "/stream_drift." in t.key or t.key.endswith("/error_rate")
+        ]
+
+    assert detectors_view(got) == detectors_view(expected)
+    assert ("credit/1.0.0/stream_drift.salary", "escalated") in {
+        (k, e) for k, e, _, sev in detectors_view(got) if sev == "warning"
+    }
+    assert second.states[("credit", "1.0.0")].bank.score[0].seen == len(preds)
