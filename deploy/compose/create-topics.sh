@@ -25,6 +25,8 @@ create label-join.repartition --partitions 6 --replication-factor 1 --config cle
 create training.examples --partitions 6 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=15552000000
 create monitoring.stats --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
 create alerts --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
+create monitor.signals --partitions 6 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=86400000
+create monitor.state --partitions 6 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 create retrain.requests --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
 create retrain.results --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=7776000000
 create models.commands --partitions 3 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=2592000000
@@ -33,4 +35,4 @@ create models.artifacts --partitions 1 --replication-factor 1 --config cleanup.p
 create serving.status --partitions 1 --replication-factor 1 --config cleanup.policy=compact --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=604800000
 create deployments.log --partitions 1 --replication-factor 1 --config cleanup.policy=delete --config max.message.bytes=1048576 --config min.insync.replicas=1 --config retention.ms=-1
 
-echo "topics ready: 19 catalog topics on $bootstrap"
+echo "topics ready: 21 catalog topics on $bootstrap"

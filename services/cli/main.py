@@ -304,11 +304,17 @@ def monitor_status(
     ] = AlertsFrom.topic,
     output: OutputOption = Output.table,
 ) -> None:
-    """Current drift state and open alerts, as tables."""
+    """Per model version: counts, label coverage and delay, error rate; drift state and
+    open alerts, as tables."""
     import asyncio
 
     from services.cli.context import check_model
-    from services.monitor.status import ALERT_COLUMNS, DRIFT_COLUMNS, monitor_status
+    from services.monitor.status import (
+        ALERT_COLUMNS,
+        DRIFT_COLUMNS,
+        VERSION_COLUMNS,
+        monitor_status,
+    )
 
     if model:
         check_model(model)
@@ -317,11 +323,14 @@ def monitor_status(
     found = asyncio.run(monitor_status(settings, alerts_from=alerts_from.value))
     data = found.as_json()
     if model:
-        for key in ("alerts", "drift"):
+        for key in ("alerts", "drift", "versions"):
             data[key] = [row for row in data[key] if row.get("model") == model]
 
     def human() -> None:
-        print(f"open alerts ({found.alerts_source}): {len(data['alerts'])}")
+        print(f"versions: {len(data['versions'])} (whole stream, per segment)")
+        if data["versions"]:
+            table(data["versions"], VERSION_COLUMNS)
+        print(f"\nopen alerts ({found.alerts_source}): {len(data['alerts'])}")
         if data["alerts"]:
             table(data["alerts"], ALERT_COLUMNS)
         print(f"\ndrift state: {len(data['drift'])} signal(s)")

@@ -103,9 +103,14 @@ class TailOptions:
 
 def _decoder(name: str) -> Callable[[str, bytes], dict[str, Any]]:
     """How a topic's values are shown: the catalog's format, or a service's own for its
-    internal topics (the label join's state is a JSON line and the event's Avro fields)."""
+    internal topics (the label join's state is a JSON line and the event's Avro fields; the
+    monitor's signals are a JSON header and arrays, shown as the header)."""
     from scoremesh.contract.codec import decode_any
-    from scoremesh.contract.topics import LABEL_JOIN_CHANGELOG, LABEL_JOIN_REPARTITION
+    from scoremesh.contract.topics import (
+        LABEL_JOIN_CHANGELOG,
+        LABEL_JOIN_REPARTITION,
+        MONITOR_SIGNALS,
+    )
 
     if name == LABEL_JOIN_CHANGELOG:
         from services.label_join.join import state_record  # only this topic needs the join
@@ -115,6 +120,10 @@ def _decoder(name: str) -> Callable[[str, bytes], dict[str, Any]]:
         from services.label_join.repartition import repartition_record
 
         return lambda _, data: repartition_record(data)
+    if name == MONITOR_SIGNALS:
+        from services.monitor.signals import describe  # the header; the arrays are binary
+
+        return lambda _, data: describe(data)
     return decode_any
 
 

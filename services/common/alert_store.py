@@ -12,7 +12,10 @@ Redis is a read model, never the system of record (that is the alerts topic). La
   one monitor process out of several notifies;
 - ``<p>monitor:drift:<model>@<version>``: hash signal -> JSON of its last windowed
   measurement (stats, state, sample, window); TTL ``redis_alert_ttl_s``;
-- ``<p>monitor:versions``: set of ``model@version`` that have drift state.
+- ``<p>monitor:versions``: set of ``model@version`` that have drift state;
+- ``<p>monitor:version:<model>@<version>``: JSON of the version's whole-stream figures per
+  segment (predictions, decision shares, labels, label coverage and delay, error rate);
+  TTL ``redis_alert_ttl_s``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,16 @@ class AlertReadModel:
             version_key = raw.decode() if isinstance(raw, bytes) else str(raw)
             rows = await self.client.hgetall(f"{self.prefix}monitor:drift:{version_key}")
             out.extend(orjson.loads(v) for v in rows.values())
+        return out
+
+    async def version_rows(self) -> list[dict[str, Any]]:
+        versions = await self.client.smembers(f"{self.prefix}monitor:versions")
+        out: list[dict[str, Any]] = []
+        for raw in sorted(versions):
+            version_key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            found = await self.client.get(f"{self.prefix}monitor:version:{version_key}")
+            if found:
+                out.append(orjson.loads(found))
         return out
 
     async def close(self) -> None:

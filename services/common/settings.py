@@ -126,13 +126,30 @@ class LabelJoinSettings(_Group):
 
 class MonitorSettings(_Group):
     policy: MonitorPolicy = Field(default_factory=MonitorPolicy)
-    webhook_url: str | None = Field(None, description="generic JSON webhook for alerts")
-    slack_webhook_url: SecretStr | None = None
-    pagerduty_routing_key: SecretStr | None = None
+    policy_file: Path | None = Field(
+        None, description="a YAML or JSON policy file; replaces `policy` when set"
+    )
+    webhook_url: str | None = Field(
+        None, description="generic JSON webhook for alerts; `file:/path` reads it from a file"
+    )
+    slack_webhook_url: SecretStr | None = Field(
+        None, description="Slack incoming webhook; `file:/run/secrets/...` reads a secret"
+    )
+    pagerduty_routing_key: SecretStr | None = Field(
+        None, description="PagerDuty Events API v2 routing key; `file:/path` reads a secret"
+    )
 
     @field_validator("webhook_url", "slack_webhook_url", "pagerduty_routing_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and value.startswith("file:"):
+            path = Path(value[len("file:") :])
+            try:
+                value = path.read_text().strip()
+            except FileNotFoundError:
+                value = None  # an optional secret that was not given: that sink is off
+            except OSError as exc:
+                raise ValueError(f"cannot read the secret file {path}: {exc.strerror}") from None
         return _blank_is_none(value)
 
 

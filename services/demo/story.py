@@ -129,7 +129,9 @@ class Observer:
         return max(0, (int(event_time_ms) - START_MS) // STEP_MS)
 
     def detection(self, drift_at: int) -> dict[str, Any] | None:
-        """The first firing performance/drift alert at or after the injected change."""
+        """The first firing performance/drift alert at or after the injected change: the
+        first page (warning or critical) if there is one; an info alert only says that
+        something moved (docs/adr/0007)."""
         firing = [
             a
             for a in self.alerts
@@ -137,6 +139,8 @@ class Observer:
             and a["kind"] in ("performance", "drift")
             and self.index_of(a["first_seen"]) >= drift_at
         ]
+        pages = [a for a in firing if a["severity"] in ("warning", "critical")]
+        firing = pages or firing
         if not firing:
             return None
         first = min(firing, key=lambda a: a["first_seen"])

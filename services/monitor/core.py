@@ -1,14 +1,25 @@
-"""The monitor's batch logic: records in, Alert records and transitions out. No I/O.
+"""The monitor's batch logic: records in, signals, Alert records and transitions out. No I/O.
 
-Detectors run per (partition, model version): partitions are random samples by event_id,
-and a partition's detector state moves with it on a rebalance (rebuilt by replay, never
-pickled). Windows run per (model version) over every partition this process owns. Every
-finding becomes a ``Condition`` keyed ``model/version/signal``, and the ``AlertManager``
-merges them: one alert however many partitions, detectors or processes saw it.
+Two stages, in every monitor process:
+
+1. **Per input partition** (predictions, predictions.labeled): decode, deduplicate, turn
+   each model version's rows into arrays and publish them to ``monitor.signals`` keyed by
+   model (``signals.py``). Stateless but for a bounded memory of recent keys.
+2. **Per model** (the consumer that owns the model's ``monitor.signals`` partition): ONE
+   detector per model version and signal over the version's whole stream, in the order
+   the signals arrived, and the count windows against the training reference. Rows are
+   applied once: each version remembers the next offset of every source partition.
+
+Its state is snapshotted to ``monitor.state`` (JSON, ``snapshot_outs``) and restored
+from there (``restore``); the signals after a snapshot are replayed with alerting off.
+Every finding becomes a ``Condition`` keyed ``model/version/signal`` and the
+``AlertManager`` merges them: one alert however many detectors or processes saw it.
+Severity comes from the size of the change (policy rules), never from how many saw it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from collections import defaultdict
@@ -18,19 +29,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 
 from scoremesh.contract.codec import CodecError, codec
 from scoremesh.contract.topics import TopicName
 from services.common.batchloop import Out, Record
 from services.common.model_version import ModelVersion
-from services.common.policies.monitor import EffectivePolicy, MonitorPolicy, Severity
+from services.common.policies.monitor import (
+    EffectivePolicy,
+    MonitorPolicy,
+    Severity,
+    severity_rank,
+)
 from services.common.registry_view import RegistryState
 from services.common.settings import Settings
 from services.monitor import metrics as m
+from services.monitor import signals as sig
 from services.monitor.alerts import AlertManager, Condition, Transition, alert_key, classify
-from services.monitor.detectors import Detection, DetectorBank, ErrorBank
-from services.monitor.features import FeatureLayout, Preparer
+from services.monitor.detectors import RIVER_VERSION, Detection, DetectorBank, ErrorBank
+from services.monitor.features import FeatureLayout, Preparer, encode_categories
 from services.monitor.performance import PerformanceCheck, label_join_check, performance_signal
+from services.monitor.segments import VersionStats
 from services.monitor.windows import DriftWindow, Measurement, VersionReference
 
 log = logging.getLogger(__name__)
@@ -41,9 +60,39 @@ STATS: TopicName = "monitoring.stats"
 DEPLOYMENTS: TopicName = "deployments.log"
 RETRAIN_RESULTS: TopicName = "retrain.results"
 ALERTS: TopicName = "alerts"
-SOURCES = (PREDICTIONS, LABELED, STATS, DEPLOYMENTS, RETRAIN_RESULTS)
+SIGNALS: TopicName = "monitor.signals"
+STATE: TopicName = "monitor.state"
+SOURCES = (PREDICTIONS, LABELED, STATS, DEPLOYMENTS, RETRAIN_RESULTS, SIGNALS)
 NEEDS_PERSON = "retrain.needs_person"
-REPLAYED_SOURCES = (PREDICTIONS, LABELED)  # detector state lives on these
+SNAPSHOT_FORMAT = 1
+SIGNAL_BYTES = 256 * 1024  # arrays per monitor.signals record at most
+# signals whose rise says the model's output moved (input drift is then more than a curiosity)
+OUTPUT_SIGNALS = ("stream_drift.score", "stream_drift.confidence", "error_rate", "class_shift")
+NOT_INPUTS = frozenset({"score", "confidence"})
+
+RUNBOOK_ANCHORS: tuple[tuple[str, str], ...] = (
+    ("stream_drift.score", "score-drift"),
+    ("stream_drift.confidence", "score-drift"),
+    ("reference_drift.score", "score-drift"),
+    ("stream_drift.*", "input-drift"),
+    ("category_shift.*", "category-shift"),
+    ("reference_drift.*", "reference-drift"),
+    ("class_shift", "score-drift"),
+    ("error_rate", "error-rate"),
+    ("performance.*", "performance"),
+    ("range_violation.*", "data-quality"),
+    ("null_rate.*", "data-quality"),
+    ("model_load", "model-load"),
+    ("deployment_refused.*", "deployment-refused"),
+    ("retrain.*", "retrain-needs-person"),
+)
+
+
+def runbook_anchor(signal: str) -> str:
+    for pattern, anchor in RUNBOOK_ANCHORS:
+        if fnmatch.fnmatchcase(signal, pattern):
+            return anchor
+    return "alerts"
 
 
 def iso(ms: int) -> str:
@@ -76,12 +125,27 @@ class RecentKeys:
 
 @dataclass
 class VersionContext:
+    """What the first stage needs of a version: how to turn its predictions into arrays."""
+
     version: ModelVersion
     policy: EffectivePolicy
     layout: FeatureLayout
     preparer: Preparer
+
+
+@dataclass
+class VersionState:
+    """The second stage's state of one version: its whole-stream detectors and windows."""
+
+    ctx: VersionContext
+    signals_partition: int
+    bank: DetectorBank
+    errors: ErrorBank
     window: DriftWindow
-    banks: dict[int, DetectorBank] = field(default_factory=dict)
+    stats: VersionStats
+    sources: dict[str, int] = field(default_factory=dict)  # "kind/partition" -> next offset
+    signals_next: int = 0  # signal records below this offset are already in the state
+    restored_from: int | None = None  # the snapshot's offset, when restored
 
 
 @dataclass
@@ -90,6 +154,7 @@ class CoreResult:
     transitions: list[Transition]
     predictions: int = 0
     labeled: int = 0
+    signal_rows: int = 0
 
 
 @dataclass
@@ -135,14 +200,21 @@ class MonitorCore:
         self.performance_check = performance_check or label_join_check(policy.performance)
         self.topic_names = {settings.topic(name): name for name in (*SOURCES, ALERTS)}
         self.alerts_topic = settings.topic(ALERTS)
+        self.signals_topic = settings.topic(SIGNALS)
+        self.state_topic = settings.topic(STATE)
         self.registry: dict[tuple[str, str], ModelVersion] = {}
         self.contexts: dict[tuple[str, str], VersionContext] = {}
-        self.error_banks: dict[tuple[int, str, str], ErrorBank] = {}
+        self.states: dict[tuple[str, str], VersionState] = {}
         self.recent: dict[tuple[str, int], RecentKeys] = {}
         self.clocks: dict[str, int] = {}
         self.drift: dict[tuple[str, str], dict[str, DriftRow]] = {}
         self.drift_changed: set[tuple[str, str]] = set()
         self.detections_total = 0
+        # second stage, per monitor.signals partition: the next offset to apply, records
+        # since the last snapshot, and when it was taken (wall time)
+        self.signal_positions: dict[int, int] = {}
+        self.since_snapshot: dict[int, int] = defaultdict(int)
+        self.snapshot_at: dict[int, float] = {}
         self._codecs = {
             PREDICTIONS: codec("Prediction"),
             LABELED: codec("LabeledPrediction"),
@@ -161,6 +233,7 @@ class MonitorCore:
             self.registry[key] = version
             if held is not None and held.artifact_sha256 != version.artifact_sha256:
                 self.contexts.pop(key, None)  # never expected; rebuild from the new record
+                self.states.pop(key, None)
 
     def context(self, model: str, version: str) -> VersionContext | None:
         key = (model, version)
@@ -172,35 +245,51 @@ class MonitorCore:
             return None
         effective = self.policy.for_model(model)
         layout = FeatureLayout.of(mv.feature_spec, effective.exclude_features)
-        metadata = mv.metadata
-        reference = VersionReference(layout, metadata.reference, metadata.class_balance)
-        ctx = VersionContext(
-            version=mv,
-            policy=effective,
-            layout=layout,
-            preparer=Preparer(layout),
-            window=DriftWindow(layout, reference, effective.window),
-        )
+        ctx = VersionContext(version=mv, policy=effective, layout=layout, preparer=Preparer(layout))
         self.contexts[key] = ctx
         return ctx
+
+    def version_state(self, model: str, version: str, partition: int) -> VersionState | None:
+        key = (model, version)
+        state = self.states.get(key)
+        if state is not None:
+            return state
+        ctx = self.context(model, version)
+        if ctx is None:
+            return None
+        metadata = ctx.version.metadata
+        reference = VersionReference(ctx.layout, metadata.reference, metadata.class_balance)
+        policy = ctx.policy
+        bank = DetectorBank(ctx.layout, policy.detectors, policy.budget, self.seed)
+        state = VersionState(
+            ctx=ctx,
+            signals_partition=partition,
+            bank=bank,
+            errors=ErrorBank(policy.detectors, bank.delta, self.seed),
+            window=DriftWindow(ctx.layout, reference, policy.window),
+            stats=VersionStats(ctx.layout, reference),
+        )
+        self.states[key] = state
+        return state
 
     # --- partitions -----------------------------------------------------------------
 
     def drop_partition(self, topic: str, partition: int) -> None:
-        """A partition went to another consumer: its detector state goes with it."""
+        """A partition went to another consumer: its state goes with it (the new owner
+        restores the second stage's from ``monitor.state``)."""
         name = self.topic_names.get(topic, topic)
         self.recent.pop((name, partition), None)
-        if name == PREDICTIONS:
-            for ctx in self.contexts.values():
-                ctx.banks.pop(partition, None)
-        elif name == LABELED:
-            for key in [k for k in self.error_banks if k[0] == partition]:
-                del self.error_banks[key]
+        if name == SIGNALS:
+            for key in [k for k, s in self.states.items() if s.signals_partition == partition]:
+                del self.states[key]
+            self.signal_positions.pop(partition, None)
+            self.since_snapshot.pop(partition, None)
+            self.snapshot_at.pop(partition, None)
 
     # --- the batch ------------------------------------------------------------------
 
     def process(self, records: Iterable[Record], warm: bool = False) -> CoreResult:
-        """Fold a batch. ``warm``: replayed history: update state, raise nothing."""
+        """Fold a batch. ``warm``: replayed signals: update state, raise nothing."""
         by_topic: dict[str, list[Record]] = defaultdict(list)
         for record in records:
             name = self.topic_names.get(record.topic)
@@ -211,27 +300,37 @@ class MonitorCore:
         conditions: list[Condition] = []
         clears: list[tuple[str, int]] = []
         result = CoreResult([], [])
+        if warm:
+            result.signal_rows = self._signals(by_topic.get(SIGNALS, []), True, [], [])
+            return result
+        if by_topic.get(SIGNALS):
+            # state as of the last batch, whose alerts are acknowledged: a snapshot never
+            # gets ahead of the alerts it has seen
+            parts = {r.partition for r in by_topic[SIGNALS]}
+            result.outs.extend(self.snapshot_outs(self.snapshots_due(parts)))
+            result.signal_rows = self._signals(by_topic[SIGNALS], False, conditions, clears)
         if by_topic.get(PREDICTIONS):
-            result.predictions = self._predictions(by_topic[PREDICTIONS], warm, conditions, clears)
+            result.predictions = self._predictions(by_topic[PREDICTIONS], result.outs)
         if by_topic.get(LABELED):
-            result.labeled = self._labeled(by_topic[LABELED], warm, conditions)
-        if not warm:
-            if by_topic.get(STATS):
-                self._stats(by_topic[STATS], conditions, clears)
-            if by_topic.get(DEPLOYMENTS):
-                self._deployments(by_topic[DEPLOYMENTS], conditions)
-            if by_topic.get(RETRAIN_RESULTS):
-                self._retrain_results(by_topic[RETRAIN_RESULTS], conditions, clears)
-            self.clocks["wall"] = int(time.time() * 1000)
-            transitions = self.apply(conditions, clears)
-            result.transitions = transitions
-            result.outs = [self.out(t) for t in transitions]
+            result.labeled = self._labeled(by_topic[LABELED], result.outs)
+        if by_topic.get(STATS):
+            self._stats(by_topic[STATS], conditions, clears)
+        if by_topic.get(DEPLOYMENTS):
+            self._deployments(by_topic[DEPLOYMENTS], conditions)
+        if by_topic.get(RETRAIN_RESULTS):
+            self._retrain_results(by_topic[RETRAIN_RESULTS], conditions, clears)
+        self.clocks["wall"] = int(time.time() * 1000)
+        transitions = self.apply(conditions, clears)
+        result.transitions = transitions
+        result.outs.extend(self.out(t) for t in transitions)
         return result
 
     def apply(self, conditions: list[Condition], clears: list[tuple[str, int]]) -> list[Transition]:
         """Conditions and clears, in time order, then a sweep for quiet alerts."""
         transitions: list[Transition] = []
+        runbook = self.policy.alerts.runbook_url
         for cond in sorted(conditions, key=lambda c: c.at_ms):
+            cond.evidence.setdefault("runbook", f"{runbook}#{runbook_anchor(cond.signal)}")
             transitions.extend(self.manager.observe(cond))
         for key, at in clears:
             transitions.extend(self.manager.clear(key, at))
@@ -247,90 +346,204 @@ class MonitorCore:
             self._alert_codec.encode(transition.record),
         )
 
-    def _decode(self, name: TopicName, records: list[Record]) -> list[tuple[int, dict[str, Any]]]:
+    def _decode(
+        self, name: TopicName, records: list[Record]
+    ) -> list[tuple[int, int, dict[str, Any]]]:
         decode = self._codecs[name].decode
-        out: list[tuple[int, dict[str, Any]]] = []
+        out: list[tuple[int, int, dict[str, Any]]] = []
         for record in records:
             try:
-                out.append((record.partition, decode(record.value or b"")))
+                out.append((record.partition, record.offset, decode(record.value or b"")))
             except CodecError as exc:
                 m.SKIPPED.labels(name, exc.code).inc()
         return out
 
     def _dedupe(
-        self, name: str, decoded: list[tuple[int, dict[str, Any]]]
-    ) -> list[tuple[int, dict[str, Any]]]:
+        self, name: str, decoded: list[tuple[int, int, dict[str, Any]]]
+    ) -> list[tuple[int, int, dict[str, Any]]]:
         cap = self.policy.dedupe_per_partition
         out = []
-        for partition, value in decoded:
+        for partition, offset, value in decoded:
             recent = self.recent.get((name, partition))
             if recent is None:
                 recent = self.recent[(name, partition)] = RecentKeys(cap)
             if recent.seen((value["event_id"], value["variant"])):
                 m.SKIPPED.labels(name, "duplicate").inc()
                 continue
-            out.append((partition, value))
+            out.append((partition, offset, value))
         return out
 
-    # --- predictions ----------------------------------------------------------------
+    def _signal_outs(self, batch: sig.SignalBatch, outs: list[Out]) -> None:
+        """One record per ``SIGNAL_BYTES`` of arrays (well below the topic's size limit)."""
+        n = len(batch)
+        per_row = max(1, sum(a.nbytes for a in batch.arrays.values()) // max(n, 1))
+        step = max(1, SIGNAL_BYTES // per_row)
+        key = batch.model.encode()
+        for start in range(0, n, step):
+            part = batch if n <= step else batch.rows(np.arange(start, min(n, start + step)))
+            outs.append(Out(self.signals_topic, key, sig.encode(part)))
 
-    def _predictions(
+    # --- first stage: predictions and labels to signals -----------------------------
+
+    def _predictions(self, records: list[Record], outs: list[Out]) -> int:
+        decoded = self._dedupe(PREDICTIONS, self._decode(PREDICTIONS, records))
+        groups: dict[tuple[str, str, int], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+        for partition, offset, p in decoded:
+            groups[(p["model"], p["model_version"], partition)].append((offset, p))
+        for (model, version, partition), rows in groups.items():
+            ctx = self.context(model, version)
+            if ctx is None:
+                m.SKIPPED.labels(PREDICTIONS, "unknown_version").inc(len(rows))
+                continue
+            batch = ctx.preparer.prepare([p for _, p in rows])
+            offsets = np.fromiter((o for o, _ in rows), dtype=np.int64, count=len(rows))
+            self._signal_outs(sig.from_predictions(model, version, partition, offsets, batch), outs)
+        return len(decoded)
+
+    def _labeled(self, records: list[Record], outs: list[Out]) -> int:
+        decoded = self._dedupe(LABELED, self._decode(LABELED, records))
+        groups: dict[tuple[int, str, str], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+        for partition, offset, lp in decoded:
+            groups[(partition, lp["model"], lp["model_version"])].append((offset, lp))
+        for (partition, model, version), rows in groups.items():
+            n = len(rows)
+            self._signal_outs(
+                sig.from_labeled(
+                    model,
+                    version,
+                    partition,
+                    np.fromiter((o for o, _ in rows), dtype=np.int64, count=n),
+                    np.fromiter((not r["correct"] for _, r in rows), dtype=np.uint8, count=n),
+                    np.fromiter((r["event_time"] for _, r in rows), dtype=np.int64, count=n),
+                    np.fromiter((r["label_time"] for _, r in rows), dtype=np.int64, count=n),
+                    np.fromiter(
+                        (r.get("label_delay_ms") or 0 for _, r in rows),
+                        dtype=np.int64,
+                        count=n,
+                    ),
+                ),
+                outs,
+            )
+        return len(decoded)
+
+    # --- second stage: whole-stream detectors ---------------------------------------
+
+    def _signals(
         self,
         records: list[Record],
         warm: bool,
         conditions: list[Condition],
         clears: list[tuple[str, int]],
     ) -> int:
-        decoded = self._dedupe(PREDICTIONS, self._decode(PREDICTIONS, records))
-        groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
-        for partition, p in decoded:
-            groups[(p["model"], p["model_version"], partition)].append(p)
+        rows = 0
         touched: set[tuple[str, str]] = set()
-        for (model, version, partition), preds in groups.items():
-            ctx = self.context(model, version)
-            if ctx is None:
-                m.SKIPPED.labels(PREDICTIONS, "unknown_version").inc(len(preds))
-                continue
-            batch = ctx.preparer.prepare(preds)
-            bank = ctx.banks.get(partition)
-            if bank is None:
-                bank = ctx.banks[partition] = DetectorBank(
-                    ctx.layout, ctx.policy.detectors, partition, self.seed
-                )
-            detections = bank.update(batch)
-            ctx.window.add(batch)
-            touched.add((model, version))
-            last = int(batch.event_times.max())
-            self.clocks["events"] = max(self.clocks.get("events", 0), last)
+        # a fetch holds one batch of every input partition (from every replica): merged
+        # and put in time order, the detectors see the stream as it happened, not
+        # partition after partition
+        pending: dict[tuple[str, str, str], list[sig.SignalBatch]] = defaultdict(list)
+        for record in records:
+            part = record.partition
+            self.signal_positions[part] = max(self.signal_positions.get(part, 0), record.offset + 1)
             if not warm:
-                for det in detections:
-                    at = int(batch.event_times[det.index])
-                    conditions.append(
-                        self._detection(model, version, ctx.policy, partition, det, at)
-                    )
+                self.since_snapshot[part] += 1
+            try:
+                batch = sig.decode(record.value or b"")
+            except sig.SignalError as exc:
+                m.SKIPPED.labels(SIGNALS, "undecodable").inc()
+                log.error("skipping a monitor.signals record", extra={"error": str(exc)})
+                continue
+            state = self.version_state(batch.model, batch.version, part)
+            if state is None:
+                m.SKIPPED.labels(SIGNALS, "unknown_version").inc(len(batch))
+                continue
+            if record.offset < state.signals_next:
+                continue  # already in the restored state
+            state.signals_next = record.offset + 1
+            source = f"{batch.kind}/{batch.source_partition}"
+            seen = state.sources.get(source, 0)
+            if len(batch) and int(batch.offsets.max()) < seen:
+                m.SKIPPED.labels(SIGNALS, "duplicate").inc(len(batch))
+                continue
+            if len(batch) and int(batch.offsets.min()) < seen:
+                keep = batch.offsets >= seen
+                m.SKIPPED.labels(SIGNALS, "duplicate").inc(int((~keep).sum()))
+                batch = batch.rows(keep)
+            if not len(batch):
+                continue
+            state.sources[source] = int(batch.offsets.max()) + 1
+            rows += len(batch)
+            pending[(batch.model, batch.version, batch.kind)].append(batch)
+        for (model, version, kind), batches in pending.items():
+            state = self.states[(model, version)]
+            merged = sig.merge(batches, "event_times" if kind == "predictions" else "label_times")
+            if kind == "predictions":
+                self._predictions_stage2(state, merged, warm, conditions)
+                touched.add((model, version))
+            else:
+                self._labeled_stage2(state, merged, warm, conditions)
         if not warm:
             for key in touched:
-                ctx = self.contexts[key]
-                if ctx.window.due:
-                    self._evaluate(ctx, conditions, clears)
-        return len(decoded)
+                state = self.states[key]
+                if state.window.due:
+                    self._evaluate(state, conditions, clears)
+        return rows
+
+    def _predictions_stage2(
+        self, state: VersionState, batch: sig.SignalBatch, warm: bool, conditions: list[Condition]
+    ) -> None:
+        layout = state.ctx.layout
+        matrix = batch.arrays["matrix"]
+        codes = {
+            j: encode_categories(matrix[:, j].astype(np.float64), values)
+            for j, values in layout.cat_values.items()
+        }
+        prepared = sig.prepared(batch, codes)
+        detections = state.bank.update(prepared)
+        state.window.add(prepared)
+        state.stats.add_predictions(prepared)
+        times = prepared.event_times
+        self.clocks["events"] = max(self.clocks.get("events", 0), int(times.max()))
+        if warm:
+            return
+        mv = state.ctx.version
+        for det in detections:
+            conditions.append(
+                self._detection(mv.name, mv.version, state.ctx.policy, det, int(times[det.index]))
+            )
+
+    def _labeled_stage2(
+        self, state: VersionState, batch: sig.SignalBatch, warm: bool, conditions: list[Condition]
+    ) -> None:
+        a = batch.arrays
+        errors = a["errors"].astype(np.float64)
+        found = state.errors.update(errors)
+        state.stats.add_labels(errors, a["label_delays"])
+        label_times = a["label_times"]
+        self.clocks["labels"] = max(self.clocks.get("labels", 0), int(label_times.max()))
+        mv = state.ctx.version
+        estimate = state.errors.estimation
+        if estimate is not None:
+            m.ERROR_RATE.labels(mv.name, mv.version).set(estimate)
+        if warm:
+            return
+        for det in found:
+            det.evidence["event_time_ms"] = str(int(a["event_times"][det.index]))
+            conditions.append(
+                self._detection(
+                    mv.name, mv.version, state.ctx.policy, det, int(label_times[det.index])
+                )
+            )
 
     def _detection(
         self,
         model: str,
         version: str,
         policy: EffectivePolicy,
-        partition: int,
         det: Detection,
         at: int,
     ) -> Condition:
-        key = alert_key(model, version, det.signal)
-        held = self.manager.book.alerts.get(key)
-        partitions = {partition}
-        if held is not None and held.firing and held.evidence.get("partitions"):
-            partitions |= {int(p) for p in held.evidence["partitions"].split(",")}
-        verdict = classify(policy.rules, det.signal, {"partitions": float(len(partitions))}, 1.0)
-        severity: Severity = verdict.severity or "warning"
+        verdict = classify(policy.rules, det.signal, det.stats, 1.0)
+        severity: Severity = verdict.severity or "info"
         feature = det.signal.split(".", 1)[1] if "." in det.signal else None
         m.DETECTIONS.labels(model, version, det.signal, det.detector).inc()
         self.detections_total += 1
@@ -339,15 +552,24 @@ class MonitorCore:
             "stream_drift.confidence": "the model's confidence changed",
             "error_rate": "the error rate rose",
         }.get(det.signal, f"{feature} changed")
-        before, after = det.evidence.get("mean_before"), det.evidence.get("mean_after")
-        detail = f" (mean {before} -> {after})" if before and after else ""
-        evidence = dict(det.evidence)
+        ev = det.evidence
+        if det.signal == "error_rate":
+            detail = f" ({ev['rate_before']} -> {ev['rate_after']})"
+        elif det.signal.startswith("category_shift."):
+            detail = f" (share of {ev['category']} {ev['share_before']} -> {ev['share_after']})"
+        else:
+            detail = f" (mean {ev['mean_before']} -> {ev['mean_after']}, {ev['shift_sd']} sd)"
+        evidence = dict(ev)
         evidence.update(
-            statistic=det.detector,
-            threshold=_threshold_text(policy, det),
-            sample=det.evidence.get("values_seen", ""),
+            statistic=",".join(det.stats) or det.detector,
+            threshold=_threshold_text(det),
+            rule=_rule_text(det.signal, det.stats, verdict.breached, severity),
+            window=f"{ev.get('n_before', '?')} values before the cut, "
+            f"{ev.get('n_after', '?')} after",
+            sample=ev.get("values_seen", ""),
             detected_at=iso(at),
         )
+        evidence.setdefault("event_time_ms", str(at))
         return Condition(
             model=model,
             version=version,
@@ -355,49 +577,90 @@ class MonitorCore:
             kind="performance" if det.signal == "error_rate" else "drift",
             severity=severity,
             summary=f"{model} {version}: {what}{detail}, seen by {det.detector} "
-            f"on partition {partition}",
+            "over the whole stream",
             at_ms=at,
             subject=_subject(model, version, det.signal, feature),
             evidence=evidence,
-            partition=partition,
         )
 
+    def _output_moved(self, model: str, version: str, found: dict[str, Severity | None]) -> bool:
+        """Did the model's output move (score, confidence, decisions, errors)? Then input
+        drift is more than a curiosity."""
+        for signal in ("reference_drift.score", "class_shift"):
+            level = found.get(signal)
+            if level is not None and severity_rank(level) >= severity_rank("warning"):
+                return True
+        for alert in self.manager.book.alerts.values():
+            if not alert.firing or alert.model != model or alert.version != version:
+                continue
+            signal = alert.key.split("/", 2)[-1]
+            if severity_rank(alert.severity) >= severity_rank("warning") and (
+                signal in OUTPUT_SIGNALS or signal.startswith("performance.")
+            ):
+                return True
+        return False
+
     def _evaluate(
-        self, ctx: VersionContext, conditions: list[Condition], clears: list[tuple[str, int]]
+        self, state: VersionState, conditions: list[Condition], clears: list[tuple[str, int]]
     ) -> None:
-        mv = ctx.version
+        mv = state.ctx.version
+        policy = state.ctx.policy
         key = (mv.name, mv.version)
         rows = self.drift.setdefault(key, {})
         ratio = self.policy.alerts.resolve_ratio
-        for meas in ctx.window.evaluate():
-            verdict = classify(ctx.policy.rules, meas.signal, meas.stats, ratio)
+        measured = [
+            (meas, classify(policy.rules, meas.signal, meas.stats, ratio))
+            for meas in state.window.evaluate()
+        ]
+        found = {meas.signal: verdict.severity for meas, verdict in measured}
+        moved: bool | None = None
+        cap = self.policy.alerts.input_drift_alone
+        for meas, verdict in measured:
+            severity = verdict.severity
+            capped = False
+            if (
+                severity is not None
+                and meas.signal.startswith("reference_drift.")
+                and meas.feature not in NOT_INPUTS
+                and severity_rank(severity) > severity_rank(cap)
+            ):
+                if moved is None:
+                    moved = self._output_moved(mv.name, mv.version, found)
+                if not moved:
+                    severity, capped = cap, True
             rows[meas.signal] = DriftRow(
                 mv.name,
                 mv.version,
                 meas.signal,
                 meas.feature,
                 meas.stats,
-                verdict.severity,
+                severity,
                 meas.sample,
                 meas.window_first_ms,
                 meas.window_last_ms,
             )
             _export(mv, meas)
             akey = alert_key(mv.name, mv.version, meas.signal)
-            if verdict.severity is not None:
-                conditions.append(self._breach(ctx, meas, verdict.severity, verdict.breached))
+            if severity is not None:
+                cond = self._breach(state, meas, severity, verdict.breached)
+                if capped:
+                    cond.evidence["rule"] += (
+                        f"; capped at {cap}: the score, decisions and error rate hold "
+                        "(alerts.input_drift_alone)"
+                    )
+                conditions.append(cond)
             elif verdict.clear:
                 clears.append((akey, meas.window_last_ms))
         self.drift_changed.add(key)
 
     def _breach(
         self,
-        ctx: VersionContext,
+        state: VersionState,
         meas: Measurement,
         severity: Severity,
         breached: dict[str, tuple[float, float]],
     ) -> Condition:
-        mv = ctx.version
+        mv = state.ctx.version
         evidence = {name: _fmt(value) for name, value in meas.stats.items()}
         for name, (_, level) in breached.items():
             evidence[f"threshold.{name}"] = _fmt(level)
@@ -405,9 +668,10 @@ class MonitorCore:
         evidence.update(
             statistic=",".join(breached),
             threshold=evidence[f"threshold.{first}"],
+            rule=_rule_text(meas.signal, meas.stats, breached, severity),
             window=f"last {meas.sample} predictions ({iso(meas.window_first_ms)} .. "
             f"{iso(meas.window_last_ms)})",
-            window_size=str(ctx.window.policy.size),
+            window_size=str(state.window.policy.size),
             sample=str(meas.sample),
         )
         stats = ", ".join(f"{n} {_fmt(v)} >= {_fmt(lv)}" for n, (v, lv) in breached.items())
@@ -431,43 +695,108 @@ class MonitorCore:
             explicit_clear=True,
         )
 
-    # --- labels ---------------------------------------------------------------------
+    # --- snapshots: the second stage's state on monitor.state -----------------------
 
-    def _labeled(self, records: list[Record], warm: bool, conditions: list[Condition]) -> int:
-        decoded = self._dedupe(LABELED, self._decode(LABELED, records))
-        groups: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
-        for partition, lp in decoded:
-            groups[(partition, lp["model"], lp["model_version"])].append(lp)
-        for (partition, model, version), rows in groups.items():
-            bank = self.error_banks.get((partition, model, version))
-            if bank is None:
-                bank = self.error_banks[(partition, model, version)] = ErrorBank(
-                    self.policy.for_model(model).detectors, partition, self.seed
-                )
-            errors = np.fromiter(
-                (0.0 if r["correct"] else 1.0 for r in rows), dtype=np.float64, count=len(rows)
-            )
-            times = [int(r["label_time"]) for r in rows]
-            self.clocks["labels"] = max(self.clocks.get("labels", 0), max(times))
-            found = bank.update(errors)
-            for detector in bank.detectors:
-                if detector.estimation is not None:
-                    m.ERROR_RATE.labels(model, version).set(detector.estimation)
-                    break
-            if warm:
+    def snapshots_due(self, partitions: Iterable[int], now: float | None = None) -> set[int]:
+        now = time.monotonic() if now is None else now
+        policy = self.policy.state
+        due = set()
+        for part in partitions:
+            taken = self.snapshot_at.setdefault(part, now)
+            if self.since_snapshot[part] and (
+                self.since_snapshot[part] >= policy.snapshot_every_records
+                or now - taken >= policy.snapshot_interval_s
+            ):
+                due.add(part)
+        return due
+
+    def snapshot(self, state: VersionState) -> dict[str, Any]:
+        mv = state.ctx.version
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "model": mv.name,
+            "version": mv.version,
+            "river": RIVER_VERSION,
+            "signals_partition": state.signals_partition,
+            "next_offset": self.signal_positions.get(state.signals_partition, 0),
+            "sources": dict(state.sources),
+            "detectors": {
+                name: [d.snapshot() for d in detectors]
+                for name, detectors in state.bank.detectors().items()
+            },
+            "errors": [d.snapshot() for d in state.errors.detectors],
+            "stats": state.stats.snapshot(),
+            "taken_at": int(time.time() * 1000),
+        }
+
+    def snapshot_outs(self, partitions: Iterable[int]) -> list[Out]:
+        """One monitor.state record per version whose signals are on these partitions."""
+        parts = set(partitions)
+        outs = []
+        for state in self.states.values():
+            if state.signals_partition not in parts:
                 continue
-            policy = self.policy.for_model(model)
-            for det in found:
-                at = times[det.index]
-                conditions.append(self._detection(model, version, policy, partition, det, at))
-        return len(decoded)
+            mv = state.ctx.version
+            outs.append(
+                Out(
+                    self.state_topic,
+                    f"{mv.name}@{mv.version}".encode(),
+                    orjson.dumps(self.snapshot(state)),
+                )
+            )
+        now = time.monotonic()
+        for part in parts:
+            self.since_snapshot[part] = 0
+            self.snapshot_at[part] = now
+        if outs:
+            m.SNAPSHOTS.inc(len(outs))
+        return outs
+
+    def restore(self, snapshot: dict[str, Any]) -> int | None:
+        """A version's second-stage state from its snapshot; the signals offset to replay
+        from, or None when the snapshot cannot be used (then the version starts fresh)."""
+        model, version = snapshot.get("model"), snapshot.get("version")
+        if snapshot.get("format") != SNAPSHOT_FORMAT or not model or not version:
+            return None
+        part = int(snapshot["signals_partition"])
+        self.states.pop((model, version), None)
+        state = self.version_state(model, version, part)
+        if state is None:
+            return None
+        if snapshot.get("river") != RIVER_VERSION:
+            log.warning(
+                "detector snapshot from another River version; starting that version fresh",
+                extra={"model": model, "version": version, "river": snapshot.get("river")},
+            )
+            return None
+        try:
+            ok = all(
+                det.restore(snap)
+                for name, detectors in state.bank.detectors().items()
+                for det, snap in zip(detectors, snapshot["detectors"].get(name) or [], strict=True)
+            ) and all(
+                det.restore(snap)
+                for det, snap in zip(state.errors.detectors, snapshot["errors"], strict=True)
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("unusable detector snapshot", extra={"model": model, "error": str(exc)})
+            ok = False
+        if not ok:
+            self.states.pop((model, version), None)  # fresh, not half-restored
+            return None
+        state.stats.restore(snapshot.get("stats") or {})
+        state.sources = {k: int(v) for k, v in (snapshot.get("sources") or {}).items()}
+        state.signals_next = int(snapshot["next_offset"])
+        state.restored_from = state.signals_next
+        self.signal_positions[part] = max(self.signal_positions.get(part, 0), state.signals_next)
+        return state.signals_next
 
     # --- stats and deployments ------------------------------------------------------
 
     def _stats(
         self, records: list[Record], conditions: list[Condition], clears: list[tuple[str, int]]
     ) -> None:
-        for _, stats in self._decode(STATS, records):
+        for _, _, stats in self._decode(STATS, records):
             model, version = stats["model"], stats["model_version"]
             segment = stats.get("segment") or "all"
             variant = stats.get("variant", "")
@@ -516,7 +845,7 @@ class MonitorCore:
     def _deployments(self, records: list[Record], conditions: list[Condition]) -> None:
         policy = self.policy.alerts
         oldest = int((time.time() - policy.deployment_max_age_s) * 1000)
-        for _, event in self._decode(DEPLOYMENTS, records):
+        for _, _, event in self._decode(DEPLOYMENTS, records):
             at = int(event["at"])
             if at < oldest:
                 continue
@@ -567,7 +896,7 @@ class MonitorCore:
         open until a later retrain of that version succeeds."""
         policy = self.policy.alerts
         oldest = int((time.time() - policy.deployment_max_age_s) * 1000)
-        for _, result in self._decode(RETRAIN_RESULTS, records):
+        for _, _, result in self._decode(RETRAIN_RESULTS, records):
             at = int(result["at"])
             model, version = result["model"], result.get("parent_version")
             key = alert_key(model, version, NEEDS_PERSON)
@@ -613,12 +942,29 @@ class MonitorCore:
             feature = a.subject.get("feature")
             if a.kind == "drift" and feature and a.version:
                 key = (a.model, a.version, feature)
-                drifting[key] = max(drifting.get(key, 0), 1 if a.firing else 0)
+                # 1 only for a drift alert that pages: info (slow or harmless drift) is not
+                # for the Prometheus rules either
+                pages = a.firing and severity_rank(a.severity) >= severity_rank("warning")
+                drifting[key] = max(drifting.get(key, 0), 1 if pages else 0)
         for kind in {a.kind for a in self.manager.book.alerts.values()}:
             for severity in ("info", "warning", "critical"):
                 m.ALERTS_OPEN.labels(kind, severity).set(counts.get((kind, severity), 0))
         for (model, version, feature), value in drifting.items():
             m.DRIFT_DETECTED.labels(model, version, feature).set(value)
+
+    def version_rows(self) -> dict[str, dict[str, Any]]:
+        """The whole-stream figures of every version whose detectors run here."""
+        out = {}
+        for (model, version), state in self.states.items():
+            row: dict[str, Any] = {"model": model, "version": version, "segment": "all"}
+            row.update(state.stats.as_dict())
+            estimate = state.errors.estimation
+            row["error_rate_now"] = estimate if state.stats.labels else None
+            row["detections"] = sum(
+                int(v.get("detections", 0)) for v in state.bank.states().values()
+            ) + sum(d.detections for d in state.errors.detectors)
+            out[f"{model}@{version}"] = row
+        return out
 
     def drift_rows(self) -> list[dict[str, Any]]:
         return [row.as_dict() for rows in self.drift.values() for row in rows.values()]
@@ -631,19 +977,25 @@ def _subject(model: str, version: str | None, signal: str, feature: str | None) 
     return subject
 
 
-def _threshold_text(effective: EffectivePolicy, det: Detection) -> str:
-    if det.detector == "chi2":
-        return f"p < {det.evidence.get('alpha', '')}"
-    policy = effective.detectors
-    specs = {
-        "error_rate": policy.error,
-        "stream_drift.score": policy.score,
-        "stream_drift.confidence": policy.confidence,
-    }.get(det.signal, policy.numeric)
-    for spec in specs:
-        if spec.kind == det.detector:
-            return ",".join(f"{k}={v}" for k, v in sorted(spec.params.items())) or "defaults"
-    return ""
+def _threshold_text(det: Detection) -> str:
+    delta = det.evidence.get("delta")
+    return f"{det.detector} delta={delta}" if delta else det.detector
+
+
+def _rule_text(
+    signal: str,
+    stats: dict[str, float],
+    breached: dict[str, tuple[float, float]],
+    severity: str,
+) -> str:
+    """Which severity rule fired, in words: ``shift_sd 0.52 >= 0.3 -> warning``."""
+    if breached:
+        parts = [
+            f"{name} {_fmt(value)} >= {_fmt(level)}" for name, (value, level) in breached.items()
+        ]
+        return f"{signal}: {', '.join(parts)} -> {severity}"
+    shown = ", ".join(f"{name} {_fmt(value)}" for name, value in stats.items())
+    return f"{signal}: {shown or 'no statistic'}: no rule above it -> {severity}"
 
 
 def _export(mv: ModelVersion, meas: Measurement) -> None:

@@ -2,9 +2,10 @@
 
 Committed offsets come from the admin client's ``list_consumer_group_offsets`` with the
 partitions named explicitly (without them the embedded broker drops the connection,
-MEASURED.md). End offsets are the high watermarks a fetch reports, not ``end_offsets()``
-(which some brokers answer with the first offset of the last batch + 1): the collector's
-own consumer seeks one record before that answer, fetches, and reads ``highwater``.
+docs/benchmarks/embedded-broker.md). End offsets are the high watermarks a fetch reports,
+not ``end_offsets()`` (which some brokers answer with the first offset of the last batch
++ 1): the collector's own consumer seeks one record before that answer, fetches, and
+reads ``highwater``.
 """
 
 from __future__ import annotations

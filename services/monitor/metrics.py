@@ -16,7 +16,7 @@ DRIFT_KS = Gauge(
 )
 DRIFT_DETECTED = Gauge(
     "scoremesh_drift_detected",
-    "1 while a drift alert on this feature is firing, else 0",
+    "1 while a drift alert on this feature is firing at warning or above, else 0",
     ["model", "version", "feature"],
 )
 CLASS_SHIFT_PSI = Gauge(
@@ -82,4 +82,12 @@ REPLAYED = Counter(
     "scoremesh_monitor_replayed_total",
     "Records replayed to rebuild detector state after a start or rebalance",
     ["topic"],
+)
+SNAPSHOTS = Counter(
+    "scoremesh_monitor_snapshots_total", "Detector snapshots written to monitor.state"
+)
+SNAPSHOT_RESTORES = Counter(
+    "scoremesh_monitor_snapshot_restores_total",
+    "Versions restored from monitor.state, by outcome",
+    ["outcome"],
 )

@@ -34,6 +34,18 @@ ALERT_COLUMNS = (
     "last_seen",
     "count",
 )
+VERSION_COLUMNS = (
+    "model",
+    "version",
+    "segment",
+    "predictions",
+    "labels",
+    "label_coverage",
+    "label_delay_mean_s",
+    "error_rate",
+    "mean_score",
+    "detections",
+)
 DRIFT_COLUMNS = (
     "model",
     "version",
@@ -53,9 +65,11 @@ class MonitorStatus:
     alerts: list[dict[str, Any]]
     alerts_source: str  # "topic" | "redis"
     notes: list[str] = field(default_factory=list)
+    versions: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "versions": self.versions,
             "drift": self.drift,
             "alerts": self.alerts,
             "alerts_source": self.alerts_source,
@@ -114,6 +128,18 @@ def drift_rows(measurements: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def version_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model version and segment: counts, label coverage and delay, error rate."""
+    out = []
+    for r in rows:
+        row = dict(r)
+        for name in ("label_coverage", "label_delay_mean_s", "error_rate", "mean_score"):
+            row[name] = _num(r.get(name))
+        out.append(row)
+    out.sort(key=lambda r: (r.get("model", ""), r.get("version", ""), r.get("segment", "")))
+    return out
+
+
 def _num(value: Any) -> str:
     return "" if value is None else f"{float(value):.4g}"
 
@@ -148,10 +174,12 @@ async def monitor_status(
         store = AlertStore(settings, ttl_s=60, recent=1)
     drift: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
+    versions: list[dict[str, Any]] = []
     try:
         if store is not None:
             try:
                 drift = drift_rows(await store.drift_rows())
+                versions = version_rows(await store.version_rows())
                 if alerts_from == "redis":
                     alerts = alert_rows(await store.open_alerts())
             except (RedisError, OSError) as exc:
@@ -166,4 +194,6 @@ async def monitor_status(
             await store.close()
     if not drift:
         notes.append("no drift measurements yet: is `scoremesh run monitor` running?")
-    return MonitorStatus(drift=drift, alerts=alerts, alerts_source=alerts_from, notes=notes)
+    return MonitorStatus(
+        drift=drift, alerts=alerts, alerts_source=alerts_from, notes=notes, versions=versions
+    )

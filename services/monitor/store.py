@@ -62,7 +62,10 @@ class AlertStore(AlertReadModel):
         self._write = self.client.register_script(_WRITE_ALERTS)
 
     async def write(
-        self, transitions: Sequence[Transition], drift: dict[str, list[dict[str, Any]]]
+        self,
+        transitions: Sequence[Transition],
+        drift: dict[str, list[dict[str, Any]]],
+        versions: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Alert records (if newer) and drift rows per ``model@version``; failures are
         counted and logged, never raised."""
@@ -80,6 +83,13 @@ class AlertStore(AlertReadModel):
                     key = f"{self.prefix}monitor:drift:{version_key}"
                     pipe.hset(key, mapping={row["signal"]: orjson.dumps(row) for row in rows})
                     pipe.expire(key, self.ttl_s)
+                    pipe.sadd(f"{self.prefix}monitor:versions", version_key)
+                await pipe.execute()
+            if versions:
+                pipe = self.client.pipeline(transaction=False)
+                for version_key, row in versions.items():
+                    key = f"{self.prefix}monitor:version:{version_key}"
+                    pipe.set(key, orjson.dumps(row), ex=self.ttl_s)
                     pipe.sadd(f"{self.prefix}monitor:versions", version_key)
                 await pipe.execute()
         except (RedisError, OSError) as exc:

@@ -256,6 +256,11 @@ class MonitoringOut(BaseModel):
     stats: list[dict[str, Any]] = Field(
         description="the monitor's latest drift measurement per version x signal"
     )
+    versions: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per version and segment over the whole stream: predictions, decision "
+        "shares, labels, label coverage and delay, error rate",
+    )
     note: str | None = None
 
 

@@ -130,3 +130,18 @@ def test_stateful_services_keep_state_on_named_volumes() -> None:
 def test_prometheus_loads_the_alert_rules() -> None:
     volumes = compose()["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
+
+
+def test_the_monitor_reads_its_paging_endpoints_from_secrets() -> None:
+    doc = compose()
+    monitor = doc["services"]["monitor"]
+    env = monitor["environment"]
+    for name, secret in (
+        ("SCOREMESH_MONITOR_SLACK_WEBHOOK_URL", "slack_webhook_url"),
+        ("SCOREMESH_MONITOR_PAGERDUTY_ROUTING_KEY", "pagerduty_routing_key"),
+        ("SCOREMESH_MONITOR_WEBHOOK_URL", "alert_webhook_url"),
+    ):
+        assert env[name] == f"file:/run/secrets/{secret}"
+        assert secret in monitor["secrets"]
+        assert doc["secrets"][secret]["environment"].startswith("SCOREMESH_ALERT_")
+    assert env["SCOREMESH_KAFKA_BOOTSTRAP"] == "kafka:9092"  # the shared settings too

@@ -470,3 +470,16 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(target: 
             assert [p["port"] for rule in open_to_all for p in rule["ports"]] == [8080]
         else:
             assert not open_to_all, f"{service}: ingress from anywhere"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_monitor_reads_its_paging_endpoints_from_an_optional_secret(target: str) -> None:
+    (monitor,) = [w for w in workloads(render(target)) if w["metadata"]["name"] == "monitor"]
+    env = {e["name"]: e for e in monitor["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name in (
+        "SCOREMESH_MONITOR_SLACK_WEBHOOK_URL",
+        "SCOREMESH_MONITOR_PAGERDUTY_ROUTING_KEY",
+        "SCOREMESH_MONITOR_WEBHOOK_URL",
+    ):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "scoremesh-alerting" and ref["optional"] is True

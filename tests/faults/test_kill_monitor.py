@@ -2,10 +2,11 @@
 
 What the monitor keeps: its consumer-group offsets (committed after each batch's alerts
 are on the broker), the alert book (folded back from the alerts topic) and detector state
-(rebuilt by replaying each partition's last records). Exact accounting, from outside:
-every prediction after the last commit is consumed by the new process exactly once, the
-group's committed offsets reach the end (nothing skipped), the replay is exactly the
-configured number of records per partition, and the alert is not opened a second time.
+(its last JSON snapshot on monitor.state, then the monitor.signals records after it
+replayed with alerting off). Exact accounting, from outside: every prediction after the
+last commit is consumed by the new process exactly once, the group's committed offsets
+reach the end (nothing skipped), the replay is bounded by the snapshot interval, and the
+alert is not opened a second time.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.fault
 
 N = 15_000
 RATE = 1_500.0
-REPLAY = 500  # small_policy(): records replayed per partition
+SNAPSHOT_EVERY = 20  # small_policy(): signal records between two snapshots
 
 
 async def committed(settings: Settings, group: str) -> dict[int, Lag]:
@@ -93,7 +94,10 @@ async def test_sigkill_monitor_mid_stream_keeps_its_state(
             await asyncio.sleep(0.5)
         caught_up_s = time.monotonic() - killed_at
         consumed_after = metric(ports[1], "scoremesh_events_consumed_total", topic=topic)
-        replayed = metric(ports[1], "scoremesh_monitor_replayed_total", topic=topic)
+        replayed = metric(
+            ports[1], "scoremesh_monitor_replayed_total", topic=s.topic("monitor.signals")
+        )
+        restored = metric(ports[1], "scoremesh_monitor_snapshot_restores_total", outcome="restored")
         skipped = metric(ports[1], "scoremesh_monitor_records_skipped_total", topic="predictions")
         alerts = await consume_until(s, "alerts", lambda r: False, timeout_s=3)
     finally:
@@ -105,9 +109,10 @@ async def test_sigkill_monitor_mid_stream_keeps_its_state(
     # exactly the records after the last commit, each once, none skipped or undecodable
     assert consumed_after == after_commit, (consumed_after, after_commit)
     assert skipped == 0
-    # detector state rebuilt from exactly the last REPLAY records of each partition
-    assert all(x.committed > REPLAY for x in at_kill.values()), at_kill
-    assert replayed == sum(min(REPLAY, x.committed) for x in at_kill.values())
+    # detector state from its last snapshot, then at most the signals since (one batch's
+    # worth past the snapshot interval), not the history
+    assert restored >= 1
+    assert 0 <= replayed <= 3 * SNAPSHOT_EVERY, replayed
     # the alert book came back from the topic: the alert was not opened a second time
     drift = alerts_of(alerts, DRIFT_KEY)
     assert {a["first_seen"] for a in drift} == {alerts_of(first, DRIFT_KEY)[0]["first_seen"]}

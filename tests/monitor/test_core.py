@@ -1,7 +1,8 @@
 """The monitor's batch logic on real, Avro-encoded predictions and labels (no broker).
 
 Credit events from River's Agrawal generator are scored by the session's trained ONNX
-model; the monitor sees them as six partitions of Kafka records in batches of 512.
+model; the monitor sees them as six partitions of Kafka records in batches of 512, and
+its signals come back through an in-process stand-in for monitor.signals.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from services.common.serving.models import ServingSet
 from services.common.serving.scoring import score_events
 from services.common.settings import Settings
 from services.monitor.core import MonitorCore
+from services.monitor.inprocess import Loopback, run_batch
 from services.trainer.datasets import credit_events
 from tests.monitor.streams import as_records, credit_version, labeled, loaded, predictions
 
@@ -54,9 +56,10 @@ def run(
         else []
     )
     transitions = []
+    loop = Loopback(topic("monitor.signals"))
     for start in range(0, len(records), BATCH):
         batch = records[start : start + BATCH] + label_records[start : start + BATCH]
-        transitions += core.process(batch).transitions
+        transitions += run_batch(core, loop, batch)[0]
     return transitions
 
 
@@ -76,29 +79,34 @@ def first_alerts(transitions: list[Any]) -> dict[str, tuple[int, str]]:
     return out
 
 
-def test_a_stationary_stream_of_100000_events_raises_no_alert(model: Any) -> None:
+def test_a_stationary_stream_of_100000_events_pages_nothing(model: Any) -> None:
     n = 100_000
     preds = list(predictions(model, n, seed=5))
     labels = [y for _, y in credit_events(n, seed=5)]
     core = make_core(model)
-    assert run(core, preds, labels) == []
-    ctx = core.contexts[("credit", "1.0.0")]
-    # not vacuous: every event went through every detector and the windows were tested
-    assert len(ctx.banks) == 6 and sum(b.score[0].seen for b in ctx.banks.values()) == n
-    assert sum(b.detectors[0].seen for b in core.error_banks.values()) == n
-    assert ctx.window.total == n and core.detections_total == 0
+    transitions = run(core, preds, labels)
+    # a detector may notice noise (info: a detection alone never pages); nothing pages
+    assert [t.key for t in transitions if t.record["severity"] != "info"] == []
+    assert all(t.key.split("/")[-1].startswith("stream_drift.") for t in transitions)
+    state = core.states[("credit", "1.0.0")]
+    # not vacuous: every event went through one detector per signal and the windows
+    assert state.bank.score[0].seen == n and state.errors.detectors[0].seen == n
+    assert state.window.total == n
     rows = core.drift[("credit", "1.0.0")]
     assert len(rows) == 19 and all(row.severity is None for row in rows.values())
 
 
 def test_feature_drift_is_detected_at_pinned_events(model: Any) -> None:
-    """Salary x1.3 from event 30,000 on: the stream detectors on six partitions, then the
-    windowed test against the training reference, open one alert each."""
+    """Salary x1.3 from event 30,000 on (0.67 sd): one detector over the whole stream of
+    six partitions warns (from the size of the shift); the windowed test against the
+    training reference says info only, as the score and decisions hold."""
     preds = list(predictions(model, 40_000, seed=5, drift_at=30_000, drift={"salary": 1.3}))
     alerts = first_alerts(run(make_core(model), preds))
+    # (detections of noise on other features are info: left out)
+    alerts = {k: v for k, v in alerts.items() if v[1] != "info" or "salary" in k}
     assert alerts == {
-        "credit/1.0.0/stream_drift.salary": (30_331, "warning"),
-        "credit/1.0.0/reference_drift.salary": (32_767, "critical"),
+        "credit/1.0.0/stream_drift.salary": (30_047, "warning"),
+        "credit/1.0.0/reference_drift.salary": (32_767, "info"),
     }
 
 
@@ -120,8 +128,9 @@ def test_concept_drift_raises_the_error_rate_alert_only(model: Any) -> None:
         ).predictions
     ]
     alerts = first_alerts(run(make_core(model), preds, [y for _, y in pairs]))
-    # two partitions agreed within the episode: critical (the default rule for error_rate)
-    assert alerts == {"credit/1.0.0/error_rate": (30_199, "critical")}
+    alerts = {k: v for k, v in alerts.items() if v[1] != "info"}
+    # one detector over the whole labelled stream; the rise is large: critical
+    assert alerts == {"credit/1.0.0/error_rate": (30_107, "critical")}
 
 
 def stats_record(f1: float, window_end: int, labeled: int = 500) -> dict[str, Any]:
@@ -264,3 +273,46 @@ def test_a_retrain_that_needs_a_person_alerts_until_a_retrain_succeeds(model: An
     assert [(t.event, t.key) for t in resolved] == [
         ("resolved", "credit/1.0.0/retrain.needs_person")
     ]
+
+
+def test_a_core_restored_from_its_snapshot_pages_like_one_that_never_stopped(model: Any) -> None:
+    """The second stage stops after 6,144 predictions; another core restores the JSON
+    snapshot (and the alert book, as folded from the alerts topic) and goes on. Its
+    detector transitions are those of a core that never stopped, salary step included."""
+    import orjson
+
+    preds = list(predictions(model, 12_288, seed=5, drift_at=8_000, drift={"salary": 1.3}))
+    whole = make_core(model)
+    topic = whole.settings.topic
+    records = as_records(topic("predictions"), "Prediction", preds)
+    loop = Loopback(topic("monitor.signals"))
+    expected = []
+    for start in range(0, len(records), BATCH):
+        expected += run_batch(whole, loop, records[start : start + BATCH])[0]
+
+    first = make_core(model)
+    loop = Loopback(topic("monitor.signals"))
+    got = []
+    half = 12 * BATCH
+    for start in range(0, half, BATCH):
+        got += run_batch(first, loop, records[start : start + BATCH])[0]
+    snapshots = [orjson.loads(out.value) for out in first.snapshot_outs(range(loop.partitions))]
+    assert len(snapshots) == 1 and snapshots[0]["next_offset"] > 0
+    second = make_core(model)
+    second.manager.book = first.manager.book
+    assert [second.restore(s) for s in snapshots] == [snapshots[0]["next_offset"]]
+    for start in range(half, len(records), BATCH):
+        got += run_batch(second, loop, records[start : start + BATCH])[0]
+
+    def detectors_view(transitions: list[Any]) -> list[tuple[str, str, int, str]]:
+        return [
+            (t.key, t.event, t.record["first_seen"], t.record["severity"])
+            for t in transitions
+            if "/stream_drift." in t.key or t.key.endswith("/error_rate")
+        ]
+
+    assert detectors_view(got) == detectors_view(expected)
+    assert ("credit/1.0.0/stream_drift.salary", "escalated") in {
+        (k, e) for k, e, _, sev in detectors_view(got) if sev == "warning"
+    }
+    assert second.states[("credit", "1.0.0")].bank.score[0].seen == len(preds)

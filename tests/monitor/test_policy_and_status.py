@@ -128,3 +128,26 @@ def test_status_rows_show_open_alerts_worst_first_and_drift_as_a_table() -> None
     assert drift[0]["psi"] == "0.3123" and drift[0]["state"] == "critical"
     assert "reference_drift.salary" in format_table(drift, DRIFT_COLUMNS)
     assert format_table([], DRIFT_COLUMNS) == "(none)"
+
+
+def test_the_example_policy_in_the_docs_loads() -> None:
+    root = Path(__file__).resolve().parents[2]
+    policy = load_policy(root / "examples" / "monitor-policy.yaml")
+    assert policy.sinks.min_severity["pagerduty"] == "critical"
+    assert policy.for_model("credit").rules[0].signal == "error_rate"
+    assert policy.alerts.input_drift_alone == "info"
+
+
+def test_paging_secrets_are_read_from_files_and_a_missing_one_is_off(tmp_path: Path) -> None:
+    from services.common.settings import MonitorSettings
+
+    secret = tmp_path / "slack_webhook_url"
+    secret.write_text("https://hooks.slack.test/T0/B0/x\n")
+    settings = MonitorSettings(
+        slack_webhook_url=f"file:{secret}",
+        pagerduty_routing_key=f"file:{tmp_path / 'absent'}",
+        webhook_url="file:" + str(tmp_path / "absent"),
+    )
+    assert settings.slack_webhook_url is not None
+    assert settings.slack_webhook_url.get_secret_value() == "https://hooks.slack.test/T0/B0/x"
+    assert settings.pagerduty_routing_key is None and settings.webhook_url is None

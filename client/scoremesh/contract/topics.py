@@ -20,6 +20,8 @@ TopicName = Literal[
     "training.examples",
     "monitoring.stats",
     "alerts",
+    "monitor.signals",
+    "monitor.state",
     "retrain.requests",
     "retrain.results",
     "models.commands",
@@ -46,6 +48,8 @@ VALUE_TYPE: dict[TopicName, str] = {
     "training.examples": "TrainingExample",
     "monitoring.stats": "MonitoringStats",
     "alerts": "Alert",
+    "monitor.signals": "MonitorSignals",
+    "monitor.state": "MonitorState",
     "retrain.requests": "RetrainRequest",
     "retrain.results": "RetrainResult",
     "models.commands": "ModelCommand",
@@ -79,6 +83,10 @@ MONITORING_STATS: Final = "monitoring.stats"
 """windowed metrics per version x variant x segment"""
 ALERTS: Final = "alerts"
 """the monitor is the only writer"""
+MONITOR_SIGNALS: Final = "monitor.signals"
+"""per input batch, one model version's signal values (features, score, errors) as arrays; keyed by model so one consumer runs each model's detectors over its whole stream (docs/adr/0007); internal"""
+MONITOR_STATE: Final = "monitor.state"
+"""JSON snapshot of one model version's detectors and the monitor.signals offset it covers (docs/adr/0007); internal"""
 RETRAIN_REQUESTS: Final = "retrain.requests"
 """why, evidence and data window of each retrain"""
 RETRAIN_RESULTS: Final = "retrain.results"

@@ -39,29 +39,42 @@ class DetectorSpec(_Frozen):
     sample_every: int = Field(1, ge=1)
 
 
-class CategoryTestPolicy(_Frozen):
-    """Chi-square test of each tumbling window's category counts against the counts since
-    the last detection (a frequency-change test, not a comparison with training)."""
-
-    window: int = Field(500, ge=20)
-    alpha: float = Field(1e-5, gt=0, lt=1)
-    baseline_max: int = Field(20_000, ge=100, description="older counts are scaled down")
-
-
-# delta 0.0002: no false alarm in 2M stationary N(0,1) values (River's 0.002: 2), and a
-# 0.5-sigma step still found after ~95-220 values (docs/adr/0007-monitor.md).
-ADWIN_FEATURE = DetectorSpec(kind="adwin", params={"delta": 0.0002})
-ADWIN_ERROR = DetectorSpec(kind="adwin", params={"delta": 0.002})
+# ADWIN without an explicit delta takes its share of the model's false-alarm budget
+# (``BudgetPolicy``); a delta given here is used as it is.
+ADWIN = DetectorSpec(kind="adwin")
 
 
 class DetectorPolicy(_Frozen):
-    numeric: tuple[DetectorSpec, ...] = (ADWIN_FEATURE,)
-    categorical: CategoryTestPolicy | None = CategoryTestPolicy()
-    score: tuple[DetectorSpec, ...] = (ADWIN_FEATURE,)
-    confidence: tuple[DetectorSpec, ...] = (ADWIN_FEATURE,)
-    error: tuple[DetectorSpec, ...] = (ADWIN_ERROR,)
+    """Stream detectors of one model version, each fed the version's whole stream.
+
+    ``categorical``: one detector per category share (the 0/1 indicator of each category,
+    and of "any other value"), so a share that moves is found as fast as a mean that moves.
+    """
+
+    numeric: tuple[DetectorSpec, ...] = (ADWIN,)
+    categorical: tuple[DetectorSpec, ...] = (ADWIN,)
+    score: tuple[DetectorSpec, ...] = (ADWIN,)
+    confidence: tuple[DetectorSpec, ...] = (ADWIN,)
+    error: tuple[DetectorSpec, ...] = (ADWIN,)
     error_direction: Literal["increase", "both"] = Field(
         "increase", description="a falling error rate is good news, not an alert"
+    )
+
+
+class BudgetPolicy(_Frozen):
+    """The family-wise false-alarm budget of one model version's stream detectors.
+
+    Bonferroni: every signal (a feature, the score, the confidence, the error rate) gets
+    ``family_delta / signals`` as its ADWIN delta, split again among a categorical
+    feature's category shares; adding features therefore does not add false alarms.
+    """
+
+    family_delta: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="ADWIN's false-detection budget of a version, all signals together: a "
+        "detection alone is info; pages need the re-measure on fresh values to confirm it",
     )
 
 
@@ -116,6 +129,28 @@ class SeverityRule(_Frozen):
 
 
 DEFAULT_RULES: tuple[SeverityRule, ...] = (
+    # Stream detectors: severity from the size of the change found at the detection, as
+    # the one-sided 97.5 % lower confidence bound (services/monitor/detectors.py).
+    # shift_sd: |mean after - mean before| / standard deviation, of a feature, the score,
+    # the confidence or a category's 0/1 indicator (Cohen's d: 0.2 small, 0.5 medium, 0.8
+    # large); a 0.5 sd step reads ~0.35, a slow drift < 0.2. increase: of the error rate.
+    SeverityRule(
+        signal="stream_drift.*",
+        statistic="shift_sd",
+        thresholds=Thresholds(info=0.0, warning=0.2, critical=0.8),
+    ),
+    SeverityRule(
+        signal="category_shift.*",
+        statistic="shift_sd",
+        thresholds=Thresholds(info=0.0, warning=0.2, critical=0.8),
+    ),
+    SeverityRule(
+        signal="error_rate",
+        statistic="increase",
+        thresholds=Thresholds(info=0.0, warning=0.02, critical=0.05),
+    ),
+    # Windows against the training reference (an input feature's reference drift pages
+    # above info only when the model's output moved too: AlertPolicy.input_drift_alone).
     SeverityRule(
         signal="reference_drift.*",
         statistic="psi",
@@ -139,20 +174,6 @@ DEFAULT_RULES: tuple[SeverityRule, ...] = (
         statistic="increase",
         thresholds=Thresholds(warning=0.05, critical=0.2),
     ),
-    # Stream detectors: the more partitions (independent random samples) agree, the surer.
-    SeverityRule(
-        signal="stream_drift.*",
-        statistic="partitions",
-        thresholds=Thresholds(warning=1, critical=3),
-    ),
-    SeverityRule(
-        signal="category_shift.*",
-        statistic="partitions",
-        thresholds=Thresholds(warning=1, critical=3),
-    ),
-    SeverityRule(
-        signal="error_rate", statistic="partitions", thresholds=Thresholds(warning=1, critical=2)
-    ),
 )
 
 
@@ -171,6 +192,16 @@ class AlertPolicy(_Frozen):
         0.8, gt=0, le=1, description="a windowed statistic clears below this share of its level"
     )
     rules: tuple[SeverityRule, ...] = DEFAULT_RULES
+    input_drift_alone: Severity = Field(
+        "info",
+        description="the highest severity of an input feature's reference drift while the "
+        "model's score and decisions hold and its error rate has not risen: slow, harmless "
+        "input drift (a trend, a season, a random walk) is worth knowing, not a page",
+    )
+    runbook_url: str = Field(
+        "docs/operations.md",
+        description="alerts link to <runbook_url>#<anchor> (the anchor names the signal)",
+    )
     deployment_refused_severity: Severity = "warning"
     model_load_failed_severity: Severity = "critical"
     retrain_needs_person_severity: Severity = Field(
@@ -207,11 +238,22 @@ class PerformancePolicy(_Frozen):
     rules: tuple[PerformanceRule, ...] = (PerformanceRule(),)
 
 
-class ReplayPolicy(_Frozen):
-    records_per_partition: int = Field(
-        5_000, ge=0, description="rebuild detectors and windows from this many records"
+class StatePolicy(_Frozen):
+    """Detector snapshots on ``monitor.state`` (JSON; the state of a River ADWIN is the
+    library's own plain-data encoding, base64) and the bounded replay that follows them."""
+
+    snapshot_every_records: int = Field(
+        500, ge=1, description="signal records of a partition between two snapshots"
     )
-    timeout_s: float = Field(30.0, gt=0)
+    snapshot_interval_s: float = Field(
+        30.0, gt=0, description="and at least this often while signals arrive"
+    )
+    cold_replay_records: int = Field(
+        2_000,
+        ge=0,
+        description="with no snapshot (first start): signal records replayed per partition",
+    )
+    timeout_s: float = Field(60.0, gt=0)
 
 
 def _default_min_severity() -> dict[SinkName, Severity]:
@@ -235,6 +277,7 @@ class ModelPolicy(_Frozen):
     """Per-model overrides; unset parts fall back to the policy-wide ones."""
 
     detectors: DetectorPolicy | None = None
+    budget: BudgetPolicy | None = None
     window: WindowPolicy | None = None
     rules: tuple[SeverityRule, ...] = Field((), description="checked before the policy-wide rules")
     performance: PerformancePolicy | None = None
@@ -244,6 +287,7 @@ class ModelPolicy(_Frozen):
 @dataclass(frozen=True)
 class EffectivePolicy:
     detectors: DetectorPolicy
+    budget: BudgetPolicy
     window: WindowPolicy
     rules: tuple[SeverityRule, ...]
     performance: PerformancePolicy
@@ -255,7 +299,8 @@ class MonitorPolicy(_Frozen):
     window: WindowPolicy = WindowPolicy()
     alerts: AlertPolicy = AlertPolicy()
     performance: PerformancePolicy = PerformancePolicy()
-    replay: ReplayPolicy = ReplayPolicy()
+    budget: BudgetPolicy = BudgetPolicy()
+    state: StatePolicy = StatePolicy()
     sinks: SinkPolicy = SinkPolicy()
     models: dict[str, ModelPolicy] = Field(default_factory=dict)
     lag_interval_s: float = Field(15.0, ge=0, description="0 = no consumer-lag export")
@@ -270,6 +315,7 @@ class MonitorPolicy(_Frozen):
         override = self.models.get(model, ModelPolicy())
         return EffectivePolicy(
             detectors=override.detectors or self.detectors,
+            budget=override.budget or self.budget,
             window=override.window or self.window,
             rules=override.rules + self.alerts.rules,
             performance=override.performance or self.performance,

@@ -44,8 +44,14 @@ async def monitoring(
 ) -> Any:
     try:
         rows = await _alert_store(runtime).drift_rows()
+        figures = await _alert_store(runtime).version_rows()
     except (RedisError, OSError) as exc:
         raise _unavailable(exc) from exc
+    versions = [
+        r
+        for r in figures
+        if r.get("model") == model and (version is None or r.get("version") == version)
+    ]
     stats = [
         r
         for r in rows
@@ -58,7 +64,7 @@ async def monitoring(
             f"no drift measurements for {model!r} yet: the monitor service writes them once "
             "it runs and has seen a window of predictions"
         )
-    return {"model": model, "stats": stats, "note": note}
+    return {"model": model, "stats": stats, "versions": versions, "note": note}
 
 
 @router.get(
