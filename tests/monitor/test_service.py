@@ -88,7 +88,13 @@ async def test_injected_drift_in_real_predictions_raises_one_alert(
         )
         assert outcome["outcome"] == "applied", outcome
         async with Running(MonitorService(settings, small_policy(), sinks=[sink])) as monitor:
-            await publish(settings, scored(trained_model, 6_000, seed=5, drift_at=3_000))
+            stream = scored(trained_model, 6_000, seed=5, drift_at=3_000)
+            # as a live stream arrives: the change after what came before it. Published at
+            # once, a fetch may hold one partition's rows from both sides of the change
+            # before another's from before it, and the detectors would see several steps.
+            await publish(settings, stream[:3_000])
+            await wait_for(lambda: seen(monitor) >= 3_000)
+            await publish(settings, stream[3_000:])
             records = await consume_until(
                 settings, "alerts", lambda rs: bool(alerts_of(rs, DRIFT_KEY)), timeout_s=90
             )
