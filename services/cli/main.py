@@ -304,14 +304,16 @@ def monitor_status(
     ] = AlertsFrom.topic,
     output: OutputOption = Output.table,
 ) -> None:
-    """Per model version: counts, label coverage and delay, error rate; drift state and
-    open alerts, as tables."""
+    """Per model version: counts, label coverage and delay, error rate; per variant and
+    segment: the model's metrics and its worst feature bin; drift state and open alerts,
+    as tables."""
     import asyncio
 
     from services.cli.context import check_model
     from services.monitor.status import (
         ALERT_COLUMNS,
         DRIFT_COLUMNS,
+        SEGMENT_COLUMNS,
         VERSION_COLUMNS,
         monitor_status,
     )
@@ -323,13 +325,16 @@ def monitor_status(
     found = asyncio.run(monitor_status(settings, alerts_from=alerts_from.value))
     data = found.as_json()
     if model:
-        for key in ("alerts", "drift", "versions"):
+        for key in ("alerts", "drift", "versions", "segments"):
             data[key] = [row for row in data[key] if row.get("model") == model]
 
     def human() -> None:
         print(f"versions: {len(data['versions'])} (whole stream, per segment)")
         if data["versions"]:
             table(data["versions"], VERSION_COLUMNS)
+        print(f"\nperformance: {len(data['segments'])} (label join, per variant and segment)")
+        if data["segments"]:
+            table(data["segments"], SEGMENT_COLUMNS)
         print(f"\nopen alerts ({found.alerts_source}): {len(data['alerts'])}")
         if data["alerts"]:
             table(data["alerts"], ALERT_COLUMNS)

@@ -15,7 +15,11 @@ Redis is a read model, never the system of record (that is the alerts topic). La
 - ``<p>monitor:versions``: set of ``model@version`` that have drift state;
 - ``<p>monitor:version:<model>@<version>``: JSON of the version's whole-stream figures per
   segment (predictions, decision shares, labels, label coverage and delay, error rate);
-  TTL ``redis_alert_ttl_s``.
+  TTL ``redis_alert_ttl_s``;
+- ``<p>monitor:<model>:index`` and ``<p>monitor:<model>:<version>:<variant>:<segment>``: the
+  label join's newest MonitoringStats per version, variant and segment (its metrics, label
+  delay percentiles and error rate per feature bin), written by the label join
+  (``latest_stats_key`` in services/common/performance.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from services.common.performance import latest_stats_key, stats_index_key
 from services.common.redis_client import answers, connect
 from services.common.settings import Settings
 
@@ -105,5 +110,40 @@ class AlertReadModel:
                 out.append(orjson.loads(found))
         return out
 
+    async def performance_records(self, model: str | None = None) -> list[dict[str, Any]]:
+        """The label join's newest statistics per model version x variant x segment: its
+        sliding window where it has published one, else its newest tumbling window
+        (MonitoringStats records as JSON objects)."""
+        if model is None:
+            head, tail = f"{self.prefix}monitor:", ":index"
+            keys = [
+                _text(k) async for k in self.client.scan_iter(match=f"{head}*{tail}", count=1_000)
+            ]
+            models = sorted({k[len(head) : -len(tail)] for k in keys})
+        else:
+            models = [model]
+        out: list[dict[str, Any]] = []
+        for name in models:
+            groups = sorted(
+                _text(m) for m in await self.client.smembers(stats_index_key(self.prefix, name))
+            )
+            if not groups:
+                continue
+            async with self.client.pipeline(transaction=False) as pipe:
+                for group in groups:
+                    version, variant, segment = group.split(":", 2)
+                    key = latest_stats_key(self.prefix, name, version, variant, segment)
+                    pipe.hmget(key, ["sliding", "tumbling"])
+                found = await pipe.execute()
+            for sliding, tumbling in found:
+                body = sliding or tumbling
+                if body:
+                    out.append(orjson.loads(body))
+        return out
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -219,6 +219,21 @@ class GroupStats:
         )
 
 
+# --- where the label join publishes its latest statistics (Redis) -------------------------
+
+
+def latest_stats_key(prefix: str, model: str, version: str, variant: str, segment: str) -> str:
+    """Hash of the newest published MonitoringStats of one group: fields ``tumbling`` and
+    ``sliding``, each the record as JSON (written by the label join, read by the monitor's
+    status and the query API)."""
+    return f"{prefix}monitor:{model}:{version}:{variant}:{segment}"
+
+
+def stats_index_key(prefix: str, model: str) -> str:
+    """Set of ``version:variant:segment`` with a latest-statistics hash, per model."""
+    return f"{prefix}monitor:{model}:index"
+
+
 def _bump(counts: dict[Any, int], key: Any, by: int) -> None:
     value = counts.get(key, 0) + by
     if value:

@@ -2,7 +2,8 @@
 
 Alerts come from the alerts topic (folded, authoritative: works with no monitor running)
 or from Redis; drift state comes from Redis, where the monitor writes every window's
-measurements. ``format_table`` (services.common.tables) renders rows for a terminal.
+measurements; performance per version, variant and segment (metrics, label coverage and
+delay, the error rate by feature bin) from Redis, where the label join publishes it. ``format_table`` (services.common.tables) renders rows for a terminal.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ VERSION_COLUMNS = (
     "mean_score",
     "detections",
 )
+SEGMENT_COLUMNS = (
+    "model",
+    "version",
+    "variant",
+    "segment",
+    "window",
+    "labeled",
+    "coverage",
+    "accuracy",
+    "f1",
+    "log_loss",
+    "label_delay_p50_s",
+    "label_delay_p99_s",
+    "worst_bin",
+)
+# a feature bin with fewer joined rows than this is listed but never called the worst
+MIN_BIN_ROWS = 20
 DRIFT_COLUMNS = (
     "model",
     "version",
@@ -66,10 +84,12 @@ class MonitorStatus:
     alerts_source: str  # "topic" | "redis"
     notes: list[str] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "versions": self.versions,
+            "segments": self.segments,
             "drift": self.drift,
             "alerts": self.alerts,
             "alerts_source": self.alerts_source,
@@ -140,6 +160,61 @@ def version_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def error_bins(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """The error rate per feature bin in a MonitoringStats metrics map, worst first (bins
+    with fewer than ``MIN_BIN_ROWS`` rows after the rest)."""
+    bins: list[dict[str, Any]] = []
+    for name, rate in metrics.items():
+        if not name.startswith("error_rate:"):
+            continue
+        feature, _, bin_name = name[len("error_rate:") :].rpartition(":")
+        rows = int(metrics.get(f"n:{feature}:{bin_name}", 0))
+        bins.append({"feature": feature, "bin": bin_name, "error_rate": rate, "rows": rows})
+    bins.sort(key=lambda b: (b["rows"] < MIN_BIN_ROWS, -b["error_rate"], b["feature"], b["bin"]))
+    return bins
+
+
+def segment_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model version, variant and segment: the label join's newest statistics."""
+    rows = []
+    for r in records:
+        metrics = {k: float(v) for k, v in (r.get("metrics") or {}).items()}
+        bins = error_bins(metrics)
+        worst = bins[0] if bins and bins[0]["rows"] >= MIN_BIN_ROWS else None
+        rows.append(
+            {
+                "model": r["model"],
+                "version": r["model_version"],
+                "variant": r["variant"],
+                "segment": r["segment"],
+                "window": f"{r['window_kind']} to {_when(r.get('window_end'))}",
+                "labeled": int(metrics.get("labeled", r.get("count", 0))),
+                "coverage": _num(metrics.get("coverage")),
+                "accuracy": _num(metrics.get("accuracy")),
+                "f1": _num(metrics.get("f1")),
+                "log_loss": _num(metrics.get("log_loss")),
+                "label_delay_p50_s": _seconds(metrics.get("label_delay_p50_ms")),
+                "label_delay_p99_s": _seconds(metrics.get("label_delay_p99_ms")),
+                "worst_bin": (
+                    f"{worst['feature']} {worst['bin']}: {worst['error_rate']:.3g} "
+                    f"of {worst['rows']}"
+                    if worst
+                    else ""
+                ),
+                "metrics": {k: v for k, v in metrics.items() if ":" not in k},
+                "error_bins": bins,
+            }
+        )
+    rows.sort(
+        key=lambda r: (r["model"], r["version"], r["variant"], r["segment"] != "all", r["segment"])
+    )
+    return rows
+
+
+def _seconds(ms: float | None) -> str:
+    return "" if ms is None else _num(ms / 1000)
+
+
 def _num(value: Any) -> str:
     return "" if value is None else f"{float(value):.4g}"
 
@@ -175,11 +250,13 @@ async def monitor_status(
     drift: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
     versions: list[dict[str, Any]] = []
+    segments: list[dict[str, Any]] = []
     try:
         if store is not None:
             try:
                 drift = drift_rows(await store.drift_rows())
                 versions = version_rows(await store.version_rows())
+                segments = segment_rows(await store.performance_records())
                 if alerts_from == "redis":
                     alerts = alert_rows(await store.open_alerts())
             except (RedisError, OSError) as exc:
@@ -195,5 +272,10 @@ async def monitor_status(
     if not drift:
         notes.append("no drift measurements yet: is `scoremesh run monitor` running?")
     return MonitorStatus(
-        drift=drift, alerts=alerts, alerts_source=alerts_from, notes=notes, versions=versions
+        drift=drift,
+        alerts=alerts,
+        alerts_source=alerts_from,
+        notes=notes,
+        versions=versions,
+        segments=segments,
     )

@@ -261,6 +261,12 @@ class MonitoringOut(BaseModel):
         description="per version and segment over the whole stream: predictions, decision "
         "shares, labels, label coverage and delay, error rate",
     )
+    segments: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per version, variant and segment, the label join's newest statistics "
+        "(sliding window): MonitoringStats records (count, metrics with label delay "
+        "percentiles and the error rate per feature bin)",
+    )
     note: str | None = None
 
 

@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from scoremesh.contract.codec import codec
+from services.common.performance import latest_stats_key, stats_index_key
 from services.common.query_store import QueryStore
 from services.common.routing import in_canary
 from services.common.settings import Settings
@@ -288,7 +289,7 @@ async def test_health_and_metrics(served: Served) -> None:
 async def test_monitoring_and_alerts_show_what_the_monitor_wrote(served: Served) -> None:
     client = served.client
     empty = (await client.get("/v1/monitoring/credit")).json()
-    assert empty["stats"] == [] and "monitor" in empty["note"]
+    assert empty["stats"] == [] and empty["segments"] == [] and "monitor" in empty["note"]
     assert (await client.get("/v1/alerts")).json()["alerts"] == []
     store = QueryStore(served.settings)
     p = served.settings.redis_key_prefix
@@ -308,9 +309,18 @@ async def test_monitoring_and_alerts_show_what_the_monitor_wrote(served: Served)
     await store.client.hset(f"{p}alerts:by-key:{alert['alert_key']}", "alert", orjson.dumps(alert))
     await store.client.zadd(f"{p}alerts:open", {alert["alert_key"]: 5})
     await store.client.lpush(f"{p}alerts:recent", orjson.dumps(resolved), orjson.dumps(alert))
+    performance = {"model": "credit", "model_version": "1.0.0", "segment": "all", "count": 3}
+    await store.client.hset(
+        latest_stats_key(p, "credit", "1.0.0", "champion", "all"),
+        "sliding",
+        orjson.dumps(performance),
+    )
+    await store.client.sadd(stats_index_key(p, "credit"), "1.0.0:champion:all")
     try:
         got = (await client.get("/v1/monitoring/credit")).json()
         assert got["stats"] == [drift] and got["note"] is None
+        assert got["segments"] == [performance]  # as the label join published it
+        assert (await client.get("/v1/monitoring/credit?version=2.0.0")).json()["segments"] == []
         assert (await client.get("/v1/monitoring/credit?version=2.0.0")).json()["stats"] == []
         assert (await client.get("/v1/alerts?model=credit")).json()["alerts"] == [alert]
         assert (await client.get("/v1/alerts?state=resolved")).json()["alerts"] == [resolved]

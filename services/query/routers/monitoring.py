@@ -45,6 +45,7 @@ async def monitoring(
     try:
         rows = await _alert_store(runtime).drift_rows()
         figures = await _alert_store(runtime).version_rows()
+        segments = await _alert_store(runtime).performance_records(model)
     except (RedisError, OSError) as exc:
         raise _unavailable(exc) from exc
     versions = [
@@ -64,7 +65,14 @@ async def monitoring(
             f"no drift measurements for {model!r} yet: the monitor service writes them once "
             "it runs and has seen a window of predictions"
         )
-    return {"model": model, "stats": stats, "versions": versions, "note": note}
+    segments = [r for r in segments if version is None or r.get("model_version") == version]
+    return {
+        "model": model,
+        "stats": stats,
+        "versions": versions,
+        "segments": segments,
+        "note": note,
+    }
 
 
 @router.get(
