@@ -556,10 +556,11 @@ class JoinCore:
                 pred.bins = info.bins_of(features)
         return entry
 
-    def apply(self, ps: PartitionState, records: Iterable[tuple[bytes, bytes | None]]) -> None:
+    def apply(self, ps: PartitionState, records: Iterable[tuple[bytes, bytes | None]]) -> int:
         """Changelog records onto the partition's state (last record per key wins): each
         event's entry replaced, its indexes and its share of the statistics with it, so
-        records the state already holds change nothing. The store keeps them (``seal``)."""
+        records the state already holds change nothing. The store keeps them (``seal``:
+        the number returned, for ``JoinStore.checkpoint``)."""
         latest: dict[bytes, bytes | None] = {}
         for key, value in records:
             latest[key] = value
@@ -587,9 +588,9 @@ class JoinCore:
             if entry.event_time is not None and not entry.expired:
                 ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
             self._count_entry(ps, entry, +1)
-        self._seal(ps, list(latest.items()))
+        return self._seal(ps, list(latest.items()))
 
-    def finish_restore(self, ps: PartitionState) -> None:
+    def finish_restore(self, ps: PartitionState) -> int:
         """After the last ``apply``: closed windows' finals replace what their entries
         still add up to, and are published again (the crash may have beaten the
         publisher)."""
@@ -600,10 +601,11 @@ class JoinCore:
         for group in [k for k, held in ps.stats.items() if held.predicted <= 0]:
             del ps.stats[group]  # every entry that counted in it was replaced
             ps.removed_stats.add(group)
-        self._seal(ps, [])
+        sealed = self._seal(ps, [])
         ps.groups.clear()
         ps.dirty_groups.clear()
         ps.dirty_stats.clear()
+        return sealed
 
     def _count_entry(self, ps: PartitionState, entry: Entry, sign: int) -> None:
         """Add (1) or retract (-1) an entry's share of the window statistics."""
