@@ -113,10 +113,11 @@ def expected(s: Scenario, variant: str, channel: str | None = None) -> dict[str,
     return sklearn_metrics(truth, [p["decision"] for p in rows], [p["scores"]["1"] for p in rows])
 
 
+@pytest.mark.parametrize("store", ["disk", "memory"])
 async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
-    join_settings: Settings,
+    join_settings: Settings, store: str, tmp_path: Path
 ) -> None:
-    settings = join_settings
+    settings = join_settings.replace(label_join_store=store, label_join_data_dir=tmp_path)
     s = scenario(300, seed=8, window_ms=CONFIG.window_ms)
     service = LabelJoinService(settings, CONFIG, publish_interval_s=0.3)
     counts = service.core.counts
@@ -234,7 +235,12 @@ sys.exit(
 """
 
 
-def start_service(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+def start_service(
+    settings: Settings,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+    code: str = SERVICE_CODE,
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     env["SCOREMESH_HOME"] = os.environ["SCOREMESH_HOME"]
     env["SCOREMESH_IGNORE_DEV_STACK"] = "1"
@@ -252,9 +258,10 @@ def start_service(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]
         env[f"SCOREMESH_{name.upper()}"] = str(getattr(settings, name))
     env["SCOREMESH_METRICS_PORT"] = "0"
     env["PYTHONPATH"] = str(ROOT)
+    env.update(extra_env or {})
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-c", SERVICE_CODE],
+            [sys.executable, "-c", code],
             cwd=ROOT,
             env=env,
             stdout=log,
