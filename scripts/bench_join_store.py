@@ -353,13 +353,14 @@ def service_part(store_kind: str, entries: int, directory: Path, seed: int) -> d
         rps = restorer.attach(fresh)
         chunk: list[tuple[bytes, bytes | None]] = []
         position = 0
-        for item in read_changelog(changelog_path):
+        for item in read_changelog(changelog_path):  # as the service restores onto a new disk
             chunk.append(item)
             position += 1
             if len(chunk) >= 20_000:
-                fresh.checkpoint(restorer.apply(rps, chunk), position)
+                fresh.load_raw(chunk, position)
                 chunk = []
-        fresh.checkpoint(restorer.apply(rps, chunk), position)
+        fresh.load_raw(chunk, position)
+        fresh.rebuild(restorer, rps)
         fresh.checkpoint(restorer.finish_restore(rps), position)
     else:
         rps = restorer.restore(0, read_changelog(changelog_path))

@@ -45,7 +45,14 @@ from rocksdict import (
 )
 
 from services.common.performance import GroupStats
-from services.label_join.join import WINDOW_KEY, Entry, GroupKey, window_group
+from services.label_join.join import (
+    WINDOW_KEY,
+    Entry,
+    GroupKey,
+    JoinCore,
+    PartitionState,
+    window_group,
+)
 from services.label_join.store import ChangelogRecord, Index, JoinStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,7 @@ _WATERMARK = _META + b"watermark"
 _ENTRIES = _META + b"entries"
 _OWNER = _META + b"owner"  # JSON: format, changelog topic, partition
 _SAVED_AT = _META + b"saved_at"  # wall-clock ms of the last checkpoint
+_REBUILDING = _META + b"rebuilding"  # set while a restore's raw records await their indexes
 _BUCKET_BIAS = 1 << 63  # event times are epoch ms; the bias keeps negative ones sortable
 _MISSING: Any = object()
 
@@ -148,6 +156,7 @@ class DiskStore(JoinStore):
             {"format": FORMAT, "changelog": changelog_topic, "partition": partition}
         )
         self._load_entry = load_entry
+        self._closed = False
         path.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(path), options)
         held = self._db.get(_OWNER)
@@ -188,6 +197,7 @@ class DiskStore(JoinStore):
         self.offset = _int(db.get(_OFFSET))
         self.watermark = _int(db.get(_WATERMARK))
         self.saved_at = _int(db.get(_SAVED_AT))
+        self.rebuilding = db.get(_REBUILDING) is not None
         self._count = _int(db.get(_ENTRIES)) or 0
         for key, value in self._scan(_STATS):
             model, version, variant, segment, start = orjson.loads(key[1:])
@@ -301,7 +311,12 @@ class DiskStore(JoinStore):
         stats: Mapping[GroupKey, bytes | None],
         watermark: int | None,
     ) -> int:
+        live = self._live
         for key, value in records:
+            if value is not None and key[:1] != WINDOW_KEY[:1]:
+                entry = live.get(key.decode())
+                if entry is not None and not entry.expired:
+                    value = entry.encode(with_bins=True)  # read back without decoding features
             self._write(_CHANGELOG + key, value)
         for group, blob in stats.items():
             self._write(_STATS + orjson.dumps(list(group)), blob)
@@ -338,7 +353,9 @@ class DiskStore(JoinStore):
 
     def close(self) -> None:
         """Unwritten batches are dropped: the changelog has (or will replay) them."""
-        self._db.close()
+        if not self._closed:
+            self._closed = True
+            self._db.close()
 
     def all_entries(self) -> Iterable[tuple[str, Entry]]:
         """Every entry on disk (checkpointed batches only): for tools and tests."""
@@ -354,6 +371,42 @@ class DiskStore(JoinStore):
             bucket = int.from_bytes(key[2:10], "big") - _BUCKET_BIAS
             out.setdefault(bucket, set()).add(key[10:].decode())
         return out
+
+    # --- a restore onto an empty store ------------------------------------------------------
+
+    def load_raw(self, records: list[ChangelogRecord], changelog_offset: int) -> None:
+        """Changelog records written as they are (last one per key wins), nothing decoded:
+        the first pass of a restore onto an empty store; ``rebuild`` is the second. Until
+        it ends the store says so, and a store opened in that state is rebuilt."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in records:
+            if value is None:
+                batch.delete(_CHANGELOG + key)
+            else:
+                batch.put(_CHANGELOG + key, value)
+        batch.put(_REBUILDING, b"1")
+        batch.put(_OFFSET, str(changelog_offset).encode())
+        self._db.write(batch)
+        self.offset = changelog_offset
+        self.rebuilding = True
+
+    def rebuild(self, core: JoinCore, ps: PartitionState, chunk: int = 20_000) -> None:
+        """The second pass: every entry on disk read once, indexed and counted."""
+        assert ps.store is self and not self._sealed
+        n = 0
+        for key, value in self._scan(_CHANGELOG):
+            if key.startswith(_CHANGELOG + WINDOW_KEY):
+                ps.final_windows[window_group(key[1:])] = GroupStats.from_json(value)
+                continue
+            event_id = key[1:].decode()
+            entry = self._load_entry(event_id, value)
+            self._count += 1
+            core.adopt(ps, entry)
+            n += 1
+            if n % chunk == 0:
+                self.checkpoint(self.seal([], {}, ps.watermark), None)
+        self._batch.delete(_REBUILDING)
+        self.rebuilding = False
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

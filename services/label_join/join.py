@@ -337,24 +337,25 @@ class Entry:
     label_time: int | None = None
     expired: bool = False  # a marker: the window closed; remembered for `too_late`
 
-    def encode(self) -> bytes:
+    def encode(self, with_bins: bool = False) -> bytes:
         """The changelog value. Version 2: a JSON line (time, label, predictions, the head's
         offsets), then the head's bytes. Version 1 (JSON with the decoded features) is still
         read; markers are unchanged. An event whose one prediction is all that is known of
         it is written by the join as that Prediction's own bytes instead (``decode`` reads
-        both): nothing to encode."""
+        both): nothing to encode. ``with_bins``: each prediction's feature bins too (``b``),
+        as a disk store keeps an entry, so that reading it back decodes no features."""
         if self.expired:
             return orjson.dumps({"v": 1, "t": self.event_time, "x": 1})
-        meta = orjson.dumps(
-            {
-                "v": 2,
-                "t": self.event_time,
-                "h": [self.time_end, self.attrs_at],
-                "p": {variant: p.to_list() for variant, p in self.preds.items()},
-                "l": None if self.label is None else [self.label, self.label_time],
-            }
-        )
-        return meta + b"\n" + self.head
+        meta: dict[str, Any] = {
+            "v": 2,
+            "t": self.event_time,
+            "h": [self.time_end, self.attrs_at],
+            "p": {variant: p.to_list() for variant, p in self.preds.items()},
+            "l": None if self.label is None else [self.label, self.label_time],
+        }
+        if with_bins:
+            meta["b"] = {variant: p.bins for variant, p in self.preds.items()}
+        return orjson.dumps(meta) + b"\n" + self.head
 
     @classmethod
     def decode(cls, event_id: str, data: bytes, rows: EventRows) -> Entry:
@@ -388,6 +389,8 @@ class Entry:
         if version == 2:
             entry.head = head
             entry.time_end, entry.attrs_at = raw["h"]
+            for variant, bins in (raw.get("b") or {}).items():
+                entry.preds[variant].bins = tuple(map(sys.intern, bins))
         elif entry.event_time is not None:  # version 1: the head is written from its fields
             entry.head, entry.time_end, entry.attrs_at = rows.head_of(
                 {
@@ -543,14 +546,28 @@ class JoinCore:
     def load_entry(self, event_id: str, data: bytes) -> Entry:
         """An entry from its changelog value, ready to join: attributes shared, names
         interned, feature bins made (they are not kept: the catalog decides them)."""
-        entry = Entry.decode(event_id, data, self.rows)
+        features: dict[str, Any] | None = None  # decoded only for versions with bins
+        if data[:2] == MAGIC:  # a Prediction's bytes: its features come with it
+            p, head, time_end, attrs_at = self.rows.read_prediction(data)
+            if p["event_id"] != event_id:
+                raise ValueError(f"a prediction for {p['event_id']!r} kept as {event_id!r}")
+            entry = Entry(
+                event_id,
+                event_time=p["event_time"],
+                head=head,
+                time_end=time_end,
+                attrs_at=attrs_at,
+                preds={sys.intern(p["variant"]): Pred.from_record(p)},
+            )
+            features = p["features"]
+        else:
+            entry = Entry.decode(event_id, data, self.rows)
         if entry.head:
             entry.attributes = self._shared(entry.head[entry.attrs_at :])
-        features: dict[str, Any] | None = None  # decoded only for versions with bins
         for pred in entry.preds.values():
             pred.model, pred.version = sys.intern(pred.model), sys.intern(pred.version)
             info = self.catalog.info(pred.model, pred.version, pred.scores)
-            if info.binners:
+            if info.binners and not pred.bins:
                 if features is None:
                     features = self.rows.decode_head(entry.head)["features"] if entry.head else {}
                 pred.bins = info.bins_of(features)
@@ -584,11 +601,16 @@ class JoinCore:
                 continue
             entry = self.load_entry(event_id, raw_value)
             store.put(entry)
-            self._index(ps, entry)
-            if entry.event_time is not None and not entry.expired:
-                ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
-            self._count_entry(ps, entry, +1)
+            self.adopt(ps, entry)
         return self._seal(ps, list(latest.items()))
+
+    def adopt(self, ps: PartitionState, entry: Entry) -> None:
+        """An entry the store holds now (from the changelog): its indexes, the watermark,
+        its share of the statistics."""
+        self._index(ps, entry)
+        if entry.event_time is not None and not entry.expired:
+            ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
+        self._count_entry(ps, entry, +1)
 
     def finish_restore(self, ps: PartitionState) -> int:
         """After the last ``apply``: closed windows' finals replace what their entries

@@ -488,6 +488,7 @@ class LabelJoinService:
                 extra={"partition": partition, "reason": reason, "path": str(store.path)},
             )
             store.wipe()
+        empty = store.offset is None
         resumed_at = store.offset if store.offset is not None else begin
         ps = self.core.attach(store)
         replayed = 0
@@ -504,10 +505,15 @@ class LabelJoinService:
                         chunk.append((record.key, record.value))
                 position = await self._restorer.position(tp)
                 if len(chunk) >= 20_000 or (position >= end and chunk):
-                    store.checkpoint(self.core.apply(ps, chunk), position)
+                    if empty:  # written as they are, indexed once at the end
+                        store.load_raw(chunk, position)
+                    else:  # each replaces what the store holds of its event
+                        store.checkpoint(self.core.apply(ps, chunk), position)
                     chunk = []
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"could not read {tp.topic}[{partition}] to {end} in 600s")
+            if empty:
+                store.rebuild(self.core, ps)
         store.checkpoint(self.core.finish_restore(ps), end)
         self._restorer.assign([])
         self.restored_partitions.add(partition)
@@ -677,6 +683,8 @@ class LabelJoinService:
 
 def _rebuild_reason(store: DiskStore, begin: int, end: int, max_stale_s: float) -> str | None:
     """Why a disk store cannot be brought forward by the changelog [begin, end), or None."""
+    if store.rebuilding:
+        return "a restore onto it was interrupted"
     if store.offset is None:
         return "no checkpoint" if len(store) or store.stats else None
     if store.offset > end:

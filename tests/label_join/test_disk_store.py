@@ -202,3 +202,37 @@ def test_a_store_of_another_changelog_is_rebuilt(tmp_path: Path) -> None:
     )
     assert (len(store), store.offset, store.stats) == (0, None, {})
     store.close()
+
+
+@pytest.mark.parametrize("config", [DEFAULT, SMALL], ids=["hour-buckets", "minute-buckets"])
+def test_a_restore_onto_an_empty_disk_in_two_passes_is_a_full_restore(
+    tmp_path: Path, config: JoinConfig
+) -> None:
+    s = scenario(600, seed=9, window_ms=config.window_ms)
+    run = Run(make_core(config))
+    for batch in batches_of(s)[:-1]:
+        run.feed(batch)
+    core = make_core(config)
+    core.drop(0)
+    store = open_disk(core, tmp_path)
+    ps = core.attach(store)
+    for i in range(0, len(run.changelog), 500):
+        store.load_raw(run.changelog[i : i + 500], min(len(run.changelog), i + 500))
+    store.close()  # a crash between the passes: the store knows it is half-built
+    core.drop(0)
+    store = open_disk(core, tmp_path)
+    assert store.rebuilding
+    ps = core.attach(store)
+    store.rebuild(core, ps, chunk=97)
+    store.checkpoint(core.finish_restore(ps), len(run.changelog))
+    assert not store.rebuilding
+    full = make_core(config)
+    full.drop(0)
+    expected = full.restore(0, run.changelog)
+    assert_same_state(ps, expected)
+    assert ps.watermark == expected.watermark
+    store.close()
+    core.drop(0)
+    reopened = open_disk(core, tmp_path)
+    assert not reopened.rebuilding and reopened.offset == len(run.changelog)
+    assert len(reopened) == len(expected.store)
