@@ -162,7 +162,11 @@ def store_part(entries: int, directory: Path) -> dict[str, Any]:
     rng = random.Random(1)
     pool = [codec("Prediction").encode(prediction(0, T0, rng)) for _ in range(4096)]
     marker_id = event_id(0).encode()
-    pairs = [tuple(v.split(marker_id)) for v in pool]
+    templates = []  # (entry as the join holds it, its head around the event_id)
+    for value in pool:
+        entry = core.load_entry(event_id(0), value)
+        before, after = entry.head.split(marker_id)
+        templates.append((entry, before, after))
     span = 7 * DAY_MS  # the window the pending predictions spread over
     store = stores.open("bench.changelog", 0, core.load_entry)
     reopen: list[dict[str, float]] = []
@@ -175,11 +179,23 @@ def store_part(entries: int, directory: Path) -> dict[str, Any]:
         for i in range(first, min(entries, first + BATCH)):
             eid = event_id(i)
             t = T0 + i * span // entries
-            store.put(Entry(eid, event_time=t))
-            store.index(Index.EVENTS, t - t % HOUR_MS, eid)
             key = eid.encode()
-            head, tail = pairs[i % 4093]
-            records.append((key, head + key + tail))
+            like, before, after = templates[i % 4093]
+            # the event's entry as the join makes it from its prediction; the store writes
+            # it with its feature bins (the changelog gets the Prediction's bytes)
+            store.put(
+                Entry(
+                    eid,
+                    event_time=t,
+                    head=before + key + after,
+                    time_end=like.time_end,
+                    attrs_at=like.attrs_at,
+                    attributes=like.attributes,
+                    preds=like.preds,
+                )
+            )
+            store.index(Index.EVENTS, t - t % HOUR_MS, eid)
+            records.append((key, b"(the Prediction's bytes)"))
         waiting.append((store.seal(records, {}, t), first + len(records)))
         if len(waiting) > LAG:
             store.checkpoint(*waiting.pop(0))
@@ -239,7 +255,8 @@ def store_part(entries: int, directory: Path) -> dict[str, Any]:
         "batch": BATCH,
         "block_cache_mb": CACHE_MB,
         "write_buffer_mb": WRITE_BUFFER_MB,
-        "value_bytes": round(sum(map(len, pool)) / len(pool), 1),
+        "prediction_bytes": round(sum(map(len, pool)) / len(pool), 1),
+        "stored_value_bytes": len(templates[0][0].encode(with_bins=True)),
         "insert_per_s": round(entries / insert_s),
         "insert_s": round(insert_s, 1),
         "disk_bytes": disk,
@@ -392,9 +409,8 @@ def service_part(store_kind: str, entries: int, directory: Path, seed: int) -> d
 
 def child(args: list[str]) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
-    sys.stderr.write(done.stderr[-2000:] if done.returncode else "")
     if done.returncode:
         raise RuntimeError(f"{args} failed")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])

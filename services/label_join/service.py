@@ -329,6 +329,7 @@ class LabelJoinService:
         self._latest_tumbling: dict[tuple[str, str, str, str], int] = {}
         self._durable: asyncio.Future[None] | None = None  # the last batch's outputs + changelog
         self.restored_partitions: set[int] = set()
+        self.changelog_read: dict[int, int] = {}  # per partition: records its restore read
         self.published = 0  # MonitoringStats records sent
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -517,6 +518,7 @@ class LabelJoinService:
         store.checkpoint(self.core.finish_restore(ps), end)
         self._restorer.assign([])
         self.restored_partitions.add(partition)
+        self.changelog_read[partition] = replayed
         elapsed = time.perf_counter() - started
         telemetry.JOIN_RESTORE_SECONDS.set(elapsed)
         log.info(

@@ -6,6 +6,7 @@ mid-stream, and a lost disk. The totals at the end are exact."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import subprocess
@@ -84,7 +85,21 @@ async def predicted_reaches(settings: Settings, n: int, alive: list[Any]) -> Non
     raise TimeoutError(f"the join did not count {n} predictions per variant")
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize(
+    "when",
+    [
+        "before",
+        # the store has the batch, the input offsets are not committed: what a SIGKILL from
+        # outside also hits; run on demand, to keep CI short
+        pytest.param(
+            "after",
+            marks=pytest.mark.skipif(
+                not os.environ.get("SCOREMESH_TEST_ALL_FAULTS"),
+                reason="set SCOREMESH_TEST_ALL_FAULTS=1 to run",
+            ),
+        ),
+    ],
+)
 async def test_kills_moves_and_a_lost_disk_leave_exact_totals(
     join_settings: Settings, tmp_path: Path, when: str
 ) -> None:

@@ -79,6 +79,14 @@ async def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60.0
         await asyncio.sleep(0.05)
 
 
+def _all_stats(service: LabelJoinService) -> dict[tuple[Any, ...], bytes]:
+    return {
+        (p, key): stats.to_json()
+        for p, ps in service.core.partitions.items()
+        for key, stats in ps.stats.items()
+    }
+
+
 def newest_stats(records: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The last published record per (version, variant, segment, kind, window start)."""
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -141,7 +149,14 @@ async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
         await wait_for("late labels", lambda: counts["unmatched_too_late"] == len(s.late_labels))
         await asyncio.sleep(1.0)  # a publish after the last batch
         health_ok = {tp.partition for tp in service.loop.assigned} <= service.restored_partitions
+        held = (service.core.pending_entries, _all_stats(service))
     assert health_ok
+    if store == "disk":  # a clean restart on the same disk reads nothing from the changelog
+        again = LabelJoinService(settings, CONFIG, publish_interval_s=0.3)
+        async with Running(again):
+            await wait_for("the restore", lambda: len(again.restored_partitions) == 6)
+            assert again.changelog_read == {p: 0 for p in range(6)}
+            assert (again.core.pending_entries, _all_stats(again)) == held
 
     stats = newest_stats(
         await consume_until(settings, "monitoring.stats", lambda r: False, timeout_s=3)
