@@ -456,7 +456,7 @@ def main() -> None:
             print(json.dumps(out["store"], indent=1), file=sys.stderr)
         rounds = []
         for r in range(args.rounds):
-            pair = {}
+            pair: dict[str, Any] = {}
             for kind in ("memory", "disk") if r % 2 == 0 else ("disk", "memory"):
                 where = work / f"service-{r}-{kind}"
                 pair[kind] = child(
@@ -491,7 +491,7 @@ def main() -> None:
             "entries": args.service_entries,
             "rounds": rounds,
             "median": {
-                "disk_over_memory_inputs_per_s": median(p["ratio"] for p in rounds),
+                "disk_over_memory_inputs_per_s": median(float(p["ratio"]) for p in rounds),
                 **{
                     f"{kind}_{name}": med(kind, *path)
                     for kind in ("disk", "memory")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,7 @@ class DiskStore(JoinStore):
         self._load_entry = load_entry
         self._closed = False
         path.mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(path), options)
+        self._db = _open(path, options)
         held = self._db.get(_OWNER)
         if held is None:
             self._db.put(_OWNER, self._owner)
@@ -307,7 +307,7 @@ class DiskStore(JoinStore):
 
     def seal(
         self,
-        records: list[ChangelogRecord],
+        records: Sequence[ChangelogRecord],
         stats: Mapping[GroupKey, bytes | None],
         watermark: int | None,
     ) -> int:
@@ -374,7 +374,7 @@ class DiskStore(JoinStore):
 
     # --- a restore onto an empty store ------------------------------------------------------
 
-    def load_raw(self, records: list[ChangelogRecord], changelog_offset: int) -> None:
+    def load_raw(self, records: Sequence[ChangelogRecord], changelog_offset: int) -> None:
         """Changelog records written as they are (last one per key wins), nothing decoded:
         the first pass of a restore onto an empty store; ``rebuild`` is the second. Until
         it ends the store says so, and a store opened in that state is rebuilt."""
@@ -410,6 +410,28 @@ class DiskStore(JoinStore):
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+class StoreLockedError(RuntimeError):
+    """Another process (or another store in this one) holds the store's directory."""
+
+
+def _open(path: Path, options: Options, wait_s: float = 10.0) -> Rdict:
+    """Open the database; while a previous owner of the partition is still letting go of
+    it (a rebalance), wait a little."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return Rdict(str(path), options)
+        except Exception as exc:  # rocksdict raises plain Exception
+            if "lock" not in str(exc).lower():
+                raise
+            if time.monotonic() > deadline:
+                raise StoreLockedError(
+                    f"the join store {path} is held by another process: give each label-join "
+                    "process its own SCOREMESH_LABEL_JOIN_DATA_DIR (its own volume)"
+                ) from exc
+            time.sleep(0.2)
 
 
 def _next_prefix(prefix: bytes) -> bytes:

@@ -20,7 +20,7 @@ ignores both.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class JoinStore:
 
     def seal(
         self,
-        records: list[ChangelogRecord],
+        records: Sequence[ChangelogRecord],
         stats: Mapping[GroupKey, bytes | None],
         watermark: int | None,
     ) -> int:

@@ -236,3 +236,14 @@ def test_a_restore_onto_an_empty_disk_in_two_passes_is_a_full_restore(
     reopened = open_disk(core, tmp_path)
     assert not reopened.rebuilding and reopened.offset == len(run.changelog)
     assert len(reopened) == len(expected.store)
+
+
+def test_a_store_held_by_another_owner_fails_with_what_to_do(tmp_path: Path) -> None:
+    from services.label_join import disk_store
+
+    core = make_core(SMALL)
+    held = open_disk(core, tmp_path)
+    path = held.path
+    with pytest.raises(disk_store.StoreLockedError, match="SCOREMESH_LABEL_JOIN_DATA_DIR"):
+        disk_store._open(path, stores(tmp_path).options(), wait_s=0.3)
+    held.close()
