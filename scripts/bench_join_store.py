@@ -170,7 +170,9 @@ def store_part(entries: int, directory: Path) -> dict[str, Any]:
     span = 7 * DAY_MS  # the window the pending predictions spread over
     store = stores.open("bench.changelog", 0, core.load_entry)
     reopen: list[dict[str, float]] = []
-    reopen_at = sorted({n for n in (1_000_000, 5_000_000, entries) if n <= entries})
+    reopen_at = sorted(
+        {n for n in (1_000_000, 2_000_000, 5_000_000, 10_000_000, entries) if n <= entries}
+    )
     waiting: list[tuple[int, int]] = []
     started = time.perf_counter()
     insert_s = 0.0
@@ -210,7 +212,14 @@ def store_part(entries: int, directory: Path) -> dict[str, Any]:
             reopen.append({"entries": len(store), "seconds": round(time.perf_counter() - t0, 4)})
             reopen_at.pop(0)
             started = time.perf_counter()
-            print(f"  store: {done:,} entries, {done / insert_s:,.0f}/s", file=sys.stderr)
+            progress = {  # a line per size, in case the run must be stopped early
+                "entries": done,
+                "insert_per_s": round(done / insert_s),
+                "reopen_s": reopen[-1]["seconds"],
+                "disk_bytes_per_entry": round(store.disk_bytes() / done, 1),
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+            }
+            print(f"  store progress {json.dumps(progress)}", file=sys.stderr, flush=True)
     db = store._db
     db.flush()
     disk = store.disk_bytes()
@@ -454,7 +463,7 @@ def main() -> None:
             )
             shutil.rmtree(work / "store", ignore_errors=True)
             print(json.dumps(out["store"], indent=1), file=sys.stderr)
-        rounds = []
+        rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
             pair: dict[str, Any] = {}
             for kind in ("memory", "disk") if r % 2 == 0 else ("disk", "memory"):
@@ -487,6 +496,10 @@ def main() -> None:
                 values.append(v)
             return float(median(values))
 
+        if not rounds:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(out, indent=2) + "\n")
+            return
         out["service"] = {
             "entries": args.service_entries,
             "rounds": rounds,
