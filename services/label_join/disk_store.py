@@ -57,7 +57,8 @@ from services.label_join.store import ChangelogRecord, Index, JoinStore
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # of this layout; a store in another format is rebuilt from the changelog
+FORMAT = 2  # of this layout; a store in another format is rebuilt from the changelog
+INDEX_FAMILY = "index"  # the expiry indexes' column family: an LSM tree of their own
 _CHANGELOG = b"c"
 _INDEX = b"i"
 _STATS = b"s"
@@ -107,6 +108,7 @@ class DiskStores:
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         options = Options(raw_mode=True)
         options.create_if_missing(True)
+        options.create_missing_column_families(True)
         options.set_block_based_table_factory(table)
         options.set_write_buffer_size(self.config.write_buffer_bytes)
         options.set_max_write_buffer_number(2)
@@ -158,7 +160,9 @@ class DiskStore(JoinStore):
         self._load_entry = load_entry
         self._closed = False
         path.mkdir(parents=True, exist_ok=True)
-        self._db = _open(path, options)
+        self._index_family: Any
+        self._index_cf: Any
+        self._db, self._index_family, self._index_cf = _open(path, options)
         held = self._db.get(_OWNER)
         if held is None:
             self._db.put(_OWNER, self._owner)
@@ -207,10 +211,12 @@ class DiskStore(JoinStore):
         for index in Index:
             self._buckets[index].update(self._skip_buckets(index))
 
-    def _scan(self, prefix: bytes, upper: bytes | None = None) -> Iterable[tuple[bytes, bytes]]:
+    def _scan(
+        self, prefix: bytes, upper: bytes | None = None, family: Rdict | None = None
+    ) -> Iterable[tuple[bytes, bytes]]:
         read = ReadOptions()
         read.set_iterate_upper_bound(upper if upper is not None else _next_prefix(prefix))
-        it = self._db.iter(read)
+        it = (family or self._db).iter(read)
         it.seek(prefix)
         while it.valid():
             yield it.key(), it.value()
@@ -221,7 +227,7 @@ class DiskStore(JoinStore):
         prefix = _INDEX + bytes([index])
         read = ReadOptions()
         read.set_iterate_upper_bound(_next_prefix(prefix))
-        it = self._db.iter(read)
+        it = self._index_family.iter(read)
         it.seek(prefix)
         while it.valid():
             key: bytes = it.key()
@@ -233,11 +239,11 @@ class DiskStore(JoinStore):
 
     def wipe(self) -> None:
         """Forget everything on disk (the changelog rebuilds it)."""
-        self._db.close()
+        self._release()
         Rdict.destroy(str(self.path), self._options)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(self.path), self._options)
+        self._db, self._index_family, self._index_cf = _open(self.path, self._options)
         self._db.put(_OWNER, self._owner)
         self._init_memory()
 
@@ -269,20 +275,22 @@ class DiskStore(JoinStore):
 
     # --- expiry indexes ---------------------------------------------------------------------
 
-    def _write(self, key: bytes, value: bytes | None) -> None:
+    def _write(self, key: bytes, value: bytes | None, family: Any = None) -> None:
         if value is None:
-            self._batch.delete(key)
+            self._batch.delete(key, family)
         else:
-            self._batch.put(key, value)
+            self._batch.put(key, value, family)
         self._pending[key] = (self._number, value)
         self._keys.append(key)
 
     def index(self, index: Index, bucket: int, event_id: str) -> None:
         self._buckets[index].add(bucket)
-        self._write(_INDEX + bytes([index]) + _bucket_bytes(bucket) + event_id.encode(), b"")
+        key = _INDEX + bytes([index]) + _bucket_bytes(bucket) + event_id.encode()
+        self._write(key, b"", self._index_cf)
 
     def unindex(self, index: Index, bucket: int, event_id: str) -> None:
-        self._write(_INDEX + bytes([index]) + _bucket_bytes(bucket) + event_id.encode(), None)
+        key = _INDEX + bytes([index]) + _bucket_bytes(bucket) + event_id.encode()
+        self._write(key, None, self._index_cf)
 
     def buckets(self, index: Index) -> Iterable[int]:
         return list(self._buckets[index])
@@ -293,13 +301,13 @@ class DiskStore(JoinStore):
         high = _INDEX + bytes([index]) + _bucket_bytes(bucket + 1)
         members: set[bytes] = set()
         if not any(r_low == low for _, r_low, _ in self._ranges):  # else: already emptied
-            members.update(key for key, _ in self._scan(low, high))
+            members.update(key for key, _ in self._scan(low, high, self._index_family))
         for key in [k for k in self._pending if low <= k < high]:
             if self._pending.pop(key)[1] is None:
                 members.discard(key)
             else:
                 members.add(key)
-        self._batch.delete_range(low, high)
+        self._batch.delete_range(low, high, self._index_cf)
         self._ranges.append((self._number, low, high))
         return [key[len(low) :].decode() for key in members]
 
@@ -355,7 +363,12 @@ class DiskStore(JoinStore):
         """Unwritten batches are dropped: the changelog has (or will replay) them."""
         if not self._closed:
             self._closed = True
-            self._db.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Close the database; it is unlocked once no handle of its column family is left."""
+        self._db.close()
+        self._index_family = self._index_cf = None
 
     def all_entries(self) -> Iterable[tuple[str, Entry]]:
         """Every entry on disk (checkpointed batches only): for tools and tests."""
@@ -367,7 +380,7 @@ class DiskStore(JoinStore):
     def indexed(self, index: Index) -> dict[int, set[str]]:
         """An index on disk (checkpointed batches only): for tools and tests."""
         out: dict[int, set[str]] = {}
-        for key, _ in self._scan(_INDEX + bytes([index])):
+        for key, _ in self._scan(_INDEX + bytes([index]), family=self._index_family):
             bucket = int.from_bytes(key[2:10], "big") - _BUCKET_BIAS
             out.setdefault(bucket, set()).add(key[10:].decode())
         return out
@@ -416,13 +429,14 @@ class StoreLockedError(RuntimeError):
     """Another process (or another store in this one) holds the store's directory."""
 
 
-def _open(path: Path, options: Options, wait_s: float = 10.0) -> Rdict:
-    """Open the database; while a previous owner of the partition is still letting go of
-    it (a rebalance), wait a little."""
+def _open(path: Path, options: Options, wait_s: float = 10.0) -> tuple[Rdict, Rdict, Any]:
+    """Open the database (and its index column family); while a previous owner of the
+    partition is still letting go of it (a rebalance), wait a little."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return Rdict(str(path), options)
+            db = Rdict(str(path), options, column_families={INDEX_FAMILY: options})
+            return db, db.get_column_family(INDEX_FAMILY), db.get_column_family_handle(INDEX_FAMILY)
         except Exception as exc:  # rocksdict raises plain Exception
             if "lock" not in str(exc).lower():
                 raise
