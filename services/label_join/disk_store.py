@@ -1,13 +1,13 @@
 """The join's state in RocksDB on local disk (rocksdict), one database per input partition.
 
-Why and what it costs: docs/adr/0016-label-join-disk-store.md. The layout, all in the
-default column family (raw bytes):
+Why and what it costs: docs/adr/0016-label-join-disk-store.md. The layout (raw bytes):
 
 - ``c`` + changelog key -> the changelog value: each event's entry (pending prediction,
   pending label, expiry marker) and each closed window's final statistics, byte for byte
   what ``label-join.changelog`` holds, so a changelog record is applied by writing it;
 - ``i`` + index + bucket (8 bytes, big-endian, so buckets sort by time) + event_id -> empty:
-  the expiry indexes; a whole bucket leaves with one range deletion;
+  the expiry indexes, in a column family of their own (appended keys then never make a
+  compaction rewrite the index); a whole bucket leaves with one range deletion;
 - ``s`` + JSON group key -> the live window's statistics (JSON);
 - ``m`` + name -> metadata: the changelog offset the data covers, the watermark, the number
   of entries, the changelog partition it belongs to, when it was written.
