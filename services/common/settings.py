@@ -122,6 +122,30 @@ class LabelJoinSettings(_Group):
         description="records per label-join batch: larger than the scorer's, since labels "
         "wait minutes anyway and each batch costs broker requests and a commit",
     )
+    store: Literal["disk", "memory"] = Field(
+        "disk",
+        description="where the join state lives: `disk` (RocksDB under data_dir, memory "
+        "bounded by the store_* settings) or `memory` (tests and small deployments; rebuilt "
+        "from the changelog on every start) -- docs/adr/0016-label-join-disk-store.md",
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: default_home() / "label-join",
+        description="the disk store's directory (one RocksDB per changelog partition); keep "
+        "it on a persistent volume so a restart resumes without reading the changelog",
+    )
+    store_cache_mb: int = Field(
+        256, ge=8, description="RocksDB block cache shared by the process's partitions (MiB)"
+    )
+    store_write_buffer_mb: int = Field(
+        16, ge=1, description="RocksDB memtable size per partition, two at most (MiB)"
+    )
+    store_max_stale_s: float = Field(
+        72_000,
+        gt=0,
+        description="a local store last checkpointed longer ago is rebuilt from the changelog: "
+        "keep it below the changelog's delete.retention.ms (Kafka: 24 h), after which "
+        "compaction may have dropped tombstones the store has not seen",
+    )
 
 
 class MonitorSettings(_Group):

@@ -52,6 +52,7 @@ from services.common.settings import Settings
 from services.label_join import telemetry
 from services.label_join.labels import InvalidLabel, decode_label
 from services.label_join.rows import EventRows
+from services.label_join.store import ChangelogRecord, Index, JoinStore, MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -337,24 +338,25 @@ class Entry:
     label_time: int | None = None
     expired: bool = False  # a marker: the window closed; remembered for `too_late`
 
-    def encode(self) -> bytes:
+    def encode(self, with_bins: bool = False) -> bytes:
         """The changelog value. Version 2: a JSON line (time, label, predictions, the head's
         offsets), then the head's bytes. Version 1 (JSON with the decoded features) is still
         read; markers are unchanged. An event whose one prediction is all that is known of
         it is written by the join as that Prediction's own bytes instead (``decode`` reads
-        both): nothing to encode."""
+        both): nothing to encode. ``with_bins``: each prediction's feature bins too (``b``),
+        as a disk store keeps an entry, so that reading it back decodes no features."""
         if self.expired:
             return orjson.dumps({"v": 1, "t": self.event_time, "x": 1})
-        meta = orjson.dumps(
-            {
-                "v": 2,
-                "t": self.event_time,
-                "h": [self.time_end, self.attrs_at],
-                "p": {variant: p.to_list() for variant, p in self.preds.items()},
-                "l": None if self.label is None else [self.label, self.label_time],
-            }
-        )
-        return meta + b"\n" + self.head
+        meta: dict[str, Any] = {
+            "v": 2,
+            "t": self.event_time,
+            "h": [self.time_end, self.attrs_at],
+            "p": {variant: p.to_list() for variant, p in self.preds.items()},
+            "l": None if self.label is None else [self.label, self.label_time],
+        }
+        if with_bins:
+            meta["b"] = {variant: p.bins for variant, p in self.preds.items()}
+        return orjson.dumps(meta) + b"\n" + self.head
 
     @classmethod
     def decode(cls, event_id: str, data: bytes, rows: EventRows) -> Entry:
@@ -388,6 +390,8 @@ class Entry:
         if version == 2:
             entry.head = head
             entry.time_end, entry.attrs_at = raw["h"]
+            for variant, bins in (raw.get("b") or {}).items():
+                entry.preds[variant].bins = tuple(map(sys.intern, bins))
         elif entry.event_time is not None:  # version 1: the head is written from its fields
             entry.head, entry.time_end, entry.attrs_at = rows.head_of(
                 {
@@ -403,23 +407,24 @@ class Entry:
 
 @dataclass
 class PartitionState:
+    """One partition's join: its store (entries, expiry indexes, window statistics) and
+    what the current batch and the publisher have still to take from it."""
+
     partition: int
-    entries: dict[str, Entry] = field(default_factory=dict)
+    store: JoinStore
     watermark: int | None = None
-    event_buckets: dict[int, set[str]] = field(default_factory=dict)  # live entries by event time
-    marker_buckets: dict[int, set[str]] = field(default_factory=dict)
-    label_buckets: dict[int, set[str]] = field(default_factory=dict)  # pending labels by label time
-    stats: dict[GroupKey, GroupStats] = field(default_factory=dict)
+    # the store's window statistics (the same dicts): live windows, and closed ones' finals.
+    # Final statistics of closed windows are in the changelog too: written before the first
+    # marker of their window, so a crash half-way through closing a window cannot turn the
+    # rest of it into a partial "final" after the restart.
+    stats: dict[GroupKey, GroupStats] = field(init=False)
+    final_windows: dict[GroupKey, GroupStats] = field(init=False)
     dirty_stats: set[GroupKey] = field(default_factory=set)
     closed: dict[GroupKey, GroupStats] = field(default_factory=dict)  # final, to publish
     dirty_keys: set[str] = field(default_factory=set)
     # this batch's first predictions of events with no label, as they arrived: an event still
     # just that at the batch's end is written to the changelog as these bytes
     fresh: dict[str, bytes] = field(default_factory=dict)
-    # Final statistics of closed windows, in the changelog too: written before the first
-    # marker of their window, so a crash half-way through closing a window cannot turn the
-    # rest of it into a partial "final" after the restart.
-    final_windows: dict[GroupKey, GroupStats] = field(default_factory=dict)
     dirty_windows: set[GroupKey] = field(default_factory=set)
     dead_windows: set[GroupKey] = field(default_factory=set)
     # (model, version, variant, window, segment values) -> the groups a row of that kind
@@ -427,6 +432,19 @@ class PartitionState:
     # whenever a window's statistics leave ``stats``.
     groups: dict[tuple[Any, ...], Groups] = field(default_factory=dict)
     dirty_groups: list[Groups] = field(default_factory=list)  # into dirty_stats when taken
+    # for a durable store: the groups this batch changed, and statistics it dropped
+    stored_groups: list[Groups] = field(default_factory=list)
+    removed_stats: set[GroupKey] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.stats = self.store.stats
+        self.final_windows = self.store.final_windows
+        self.watermark = self.store.watermark
+
+    @property
+    def entries(self) -> JoinStore:
+        """The events (read side: ``get``, ``in``, ``[...]``, ``len``)."""
+        return self.store
 
     def stat(self, key: GroupKey, info: VersionInfo) -> GroupStats:
         held = self.stats.get(key)
@@ -451,6 +469,8 @@ class Groups:
     keys: tuple[GroupKey, ...]
     stats: tuple[GroupStats, ...]
     dirty: bool = True
+    # changed since a durable store last took them (never reset for the memory store)
+    pending: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +484,8 @@ class OutputTopics:
 class BatchResult:
     outputs: list[Out]
     changelog: list[tuple[int, bytes, bytes | None]]  # (partition, key, value or tombstone)
+    # partition -> the batch's number in its store, for ``JoinStore.checkpoint``
+    sealed: dict[int, int] = field(default_factory=dict)
 
 
 class JoinCore:
@@ -502,63 +524,166 @@ class JoinCore:
     # --- partitions -----------------------------------------------------------------------
 
     def restore(
-        self, partition: int, records: Iterable[tuple[bytes, bytes | None]]
+        self,
+        partition: int,
+        records: Iterable[tuple[bytes, bytes | None]],
+        store: JoinStore | None = None,
     ) -> PartitionState:
-        """Rebuild a partition's state from its changelog (last record per key wins)."""
+        """Rebuild a partition's state from its changelog (last record per key wins), into
+        ``store`` (a new ``MemoryStore`` by default)."""
+        ps = self.attach(store if store is not None else MemoryStore(partition))
+        self.apply(ps, records)
+        self.finish_restore(ps)
+        return ps
+
+    def attach(self, store: JoinStore) -> PartitionState:
+        """Own a partition whose state is ``store`` (as it holds it: empty, or as of its
+        last checkpoint). ``apply`` the changelog records past that, then
+        ``finish_restore``."""
+        ps = PartitionState(store.partition, store)
+        self.partitions[store.partition] = ps
+        return ps
+
+    def load_entry(self, event_id: str, data: bytes) -> Entry:
+        """An entry from its changelog value, ready to join: attributes shared, names
+        interned, feature bins made (they are not kept: the catalog decides them)."""
+        features: dict[str, Any] | None = None  # decoded only for versions with bins
+        if data[:2] == MAGIC:  # a Prediction's bytes: its features come with it
+            p, head, time_end, attrs_at = self.rows.read_prediction(data)
+            if p["event_id"] != event_id:
+                raise ValueError(f"a prediction for {p['event_id']!r} kept as {event_id!r}")
+            entry = Entry(
+                event_id,
+                event_time=p["event_time"],
+                head=head,
+                time_end=time_end,
+                attrs_at=attrs_at,
+                preds={sys.intern(p["variant"]): Pred.from_record(p)},
+            )
+            features = p["features"]
+        else:
+            entry = Entry.decode(event_id, data, self.rows)
+        if entry.head:
+            entry.attributes = self._shared(entry.head[entry.attrs_at :])
+        for pred in entry.preds.values():
+            pred.model, pred.version = sys.intern(pred.model), sys.intern(pred.version)
+            info = self.catalog.info(pred.model, pred.version, pred.scores)
+            if info.binners and not pred.bins:
+                if features is None:
+                    features = self.rows.decode_head(entry.head)["features"] if entry.head else {}
+                pred.bins = info.bins_of(features)
+        return entry
+
+    def apply(self, ps: PartitionState, records: Iterable[tuple[bytes, bytes | None]]) -> int:
+        """Changelog records onto the partition's state (last record per key wins): each
+        event's entry replaced, its indexes and its share of the statistics with it, so
+        records the state already holds change nothing. The store keeps them (``seal``:
+        the number returned, for ``JoinStore.checkpoint``)."""
         latest: dict[bytes, bytes | None] = {}
         for key, value in records:
             latest[key] = value
-        ps = PartitionState(partition)
+        store = ps.store
         for raw_key, raw_value in latest.items():
-            if raw_value is None:
-                continue
             if raw_key.startswith(WINDOW_KEY):
                 group = window_group(raw_key)
-                ps.final_windows[group] = GroupStats.from_json(raw_value)
+                if raw_value is None:
+                    ps.final_windows.pop(group, None)
+                else:
+                    ps.final_windows[group] = GroupStats.from_json(raw_value)
                 continue
             event_id = raw_key.decode()
-            entry = Entry.decode(event_id, raw_value, self.rows)
-            ps.entries[event_id] = entry
-            self._index(ps, entry)
-            if entry.event_time is not None and not entry.expired:
-                ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
-            if entry.head:
-                entry.attributes = self._shared(entry.head[entry.attrs_at :])
-            features: dict[str, Any] | None = None  # decoded only for versions with bins
-            for variant, pred in entry.preds.items():
-                pred.model, pred.version = sys.intern(pred.model), sys.intern(pred.version)
-                info = self.catalog.info(pred.model, pred.version, pred.scores)
-                if info.binners:
-                    if features is None:
-                        features = (
-                            self.rows.decode_head(entry.head)["features"] if entry.head else {}
-                        )
-                    pred.bins = info.bins_of(features)
-                for stats in self._groups(ps, entry, pred, variant, info):
-                    stats.predicted += 1
-                if entry.label is not None:
-                    self._account(ps, entry, pred, variant, info, +1)
+            old = store.get(event_id)
+            if old is not None:
+                self._unindex(ps, old)
+                self._count_entry(ps, old, -1)
+            if raw_value is None:
+                if old is not None:
+                    store.remove(event_id)
+                continue
+            entry = self.load_entry(event_id, raw_value)
+            store.put(entry)
+            self.adopt(ps, entry)
+        return self._seal(ps, list(latest.items()))
+
+    def adopt(self, ps: PartitionState, entry: Entry) -> None:
+        """An entry the store holds now (from the changelog): its indexes, the watermark,
+        its share of the statistics."""
+        self._index(ps, entry)
+        if entry.event_time is not None and not entry.expired:
+            ps.watermark = max(ps.watermark or entry.event_time, entry.event_time)
+        self._count_entry(ps, entry, +1)
+
+    def finish_restore(self, ps: PartitionState) -> int:
+        """After the last ``apply``: closed windows' finals replace what their entries
+        still add up to, and are published again (the crash may have beaten the
+        publisher)."""
         for group, final in ps.final_windows.items():
-            ps.stats.pop(group, None)  # rebuilt from the entries not yet expired: partial
-            ps.closed[group] = final  # published again: the crash may have beaten the publisher
+            if ps.stats.pop(group, None) is not None:  # rebuilt from unexpired entries: partial
+                ps.removed_stats.add(group)
+            ps.closed[group] = final
+        for group in [k for k, held in ps.stats.items() if held.predicted <= 0]:
+            del ps.stats[group]  # every entry that counted in it was replaced
+            ps.removed_stats.add(group)
+        sealed = self._seal(ps, [])
         ps.groups.clear()
         ps.dirty_groups.clear()
         ps.dirty_stats.clear()
-        self.partitions[partition] = ps
-        return ps
+        return sealed
+
+    def _count_entry(self, ps: PartitionState, entry: Entry, sign: int) -> None:
+        """Add (1) or retract (-1) an entry's share of the window statistics."""
+        if entry.expired or entry.event_time is None:
+            return
+        for variant, pred in entry.preds.items():
+            info = self.catalog.info(pred.model, pred.version, pred.scores)
+            for stats in self._groups(ps, entry, pred, variant, info):
+                stats.predicted += sign
+            if entry.label is not None:
+                self._account(ps, entry, pred, variant, info, sign)
 
     def drop(self, partition: int) -> None:
-        self.partitions.pop(partition, None)
+        ps = self.partitions.pop(partition, None)
+        if ps is not None:
+            ps.store.close()
 
     def _index(self, ps: PartitionState, entry: Entry) -> None:
-        cfg = self.config
+        where = self._where(entry)
+        if where is not None:
+            ps.store.index(where[0], where[1], entry.event_id)
+
+    def _unindex(self, ps: PartitionState, entry: Entry) -> None:
+        where = self._where(entry)
+        if where is not None:
+            ps.store.unindex(where[0], where[1], entry.event_id)
+
+    def _where(self, entry: Entry) -> tuple[Index, int] | None:
+        bucket = self.config.bucket
         if entry.expired:
             assert entry.event_time is not None
-            ps.marker_buckets.setdefault(cfg.bucket(entry.event_time), set()).add(entry.event_id)
-        elif entry.event_time is not None:
-            ps.event_buckets.setdefault(cfg.bucket(entry.event_time), set()).add(entry.event_id)
-        elif entry.label_time is not None:
-            ps.label_buckets.setdefault(cfg.bucket(entry.label_time), set()).add(entry.event_id)
+            return Index.MARKERS, bucket(entry.event_time)
+        if entry.event_time is not None:
+            return Index.EVENTS, bucket(entry.event_time)
+        if entry.label_time is not None:
+            return Index.LABELS, bucket(entry.label_time)
+        return None
+
+    def _seal(self, ps: PartitionState, records: list[ChangelogRecord]) -> int:
+        """The batch's changes to the store; for a durable one with the statistics the
+        batch changed."""
+        stats: dict[GroupKey, bytes | None] = {}
+        if ps.store.durable:
+            for groups in ps.stored_groups:
+                groups.pending = False
+                for key in groups.keys:
+                    held = ps.stats.get(key)
+                    if held is not None:
+                        stats[key] = held.to_json()
+            for key in ps.removed_stats:
+                if key not in ps.stats:
+                    stats[key] = None
+        ps.stored_groups.clear()
+        ps.removed_stats.clear()
+        return ps.store.seal(records, stats, ps.watermark)
 
     # --- the batch ------------------------------------------------------------------------
 
@@ -581,6 +706,7 @@ class JoinCore:
             touched.add(record.partition)
             self._on_label(ps, record, outputs)
         changelog: list[tuple[int, bytes, bytes | None]] = []
+        sealed: dict[int, int] = {}
         for partition in sorted(touched):
             ps = self.partitions[partition]
             self._expire(ps, outputs)
@@ -591,8 +717,10 @@ class JoinCore:
             ps.dirty_windows.clear()
             ps.dead_windows.clear()
             fresh = ps.fresh
+            first = len(changelog)
+            store = ps.store
             for event_id in ps.dirty_keys:
-                entry = ps.entries.get(event_id)
+                entry = store.get(event_id)
                 if entry is None:
                     value = None
                 elif (
@@ -607,7 +735,8 @@ class JoinCore:
                 changelog.append((partition, event_id.encode(), value))
             ps.dirty_keys.clear()
             fresh.clear()
-        return BatchResult(outputs, changelog)
+            sealed[partition] = self._seal(ps, [(k, v) for _, k, v in changelog[first:]])
+        return BatchResult(outputs, changelog, sealed)
 
     def _closed_before(self, ps: PartitionState) -> int | None:
         """Event-time buckets below this one are closed (None: nothing seen yet)."""
@@ -641,7 +770,7 @@ class JoinCore:
         watermark = ps.watermark
         if t <= self._future_ms and (watermark is None or t > watermark):
             ps.watermark = watermark = t
-        entry = ps.entries.get(event_id)
+        entry = ps.store.get(event_id)
         if entry is not None and entry.expired:
             self.counts["prediction_too_late"] += 1
             return
@@ -650,21 +779,17 @@ class JoinCore:
         if closed is not None and t < closed:  # bucket(t) < closed, as closed is a bucket start
             self.counts["prediction_too_late"] += 1
             return
+        store = ps.store
         if entry is None:
-            entry = ps.entries[event_id] = Entry(event_id)
+            entry = Entry(event_id)
+            store.put(entry)
         if entry.event_time is None:
             if entry.label_time is not None:  # a pending label now has its event
-                pending = ps.label_buckets.get(cfg.bucket(entry.label_time))
-                if pending is not None:
-                    pending.discard(event_id)
+                store.unindex(Index.LABELS, cfg.bucket(entry.label_time), event_id)
             entry.event_time = t
             entry.head, entry.time_end, entry.attrs_at = head, time_end, attrs_at
             entry.attributes = self._shared(head[attrs_at:])
-            bucket = cfg.bucket(t)
-            members = ps.event_buckets.get(bucket)
-            if members is None:
-                members = ps.event_buckets[bucket] = set()
-            members.add(event_id)
+            store.index(Index.EVENTS, t - t % cfg.tumbling_ms, event_id)
         variant: str = sys.intern(p["variant"])
         if variant in entry.preds:
             self.counts["prediction_duplicate"] += 1
@@ -716,7 +841,7 @@ class JoinCore:
             )
             return
         self.counts["label"] += 1
-        entry = ps.entries.get(event_id)
+        entry = ps.store.get(event_id)
         if entry is not None and entry.expired:
             outputs.append(
                 self._unmatched(
@@ -739,8 +864,9 @@ class JoinCore:
                     )
                 )
                 return
-            entry = ps.entries[event_id] = Entry(event_id, label=cls, label_time=label_time)
-            ps.label_buckets.setdefault(cfg.bucket(label_time), set()).add(event_id)
+            entry = Entry(event_id, label=cls, label_time=label_time)
+            ps.store.put(entry)
+            ps.store.index(Index.LABELS, cfg.bucket(label_time), event_id)
             ps.dirty_keys.add(event_id)
             self.counts["label_pending"] += 1
             return
@@ -752,10 +878,9 @@ class JoinCore:
             return
         correction = entry.label is not None
         if correction and entry.event_time is None:  # still pending: just hold the newer one
-            old = ps.label_buckets.get(self.config.bucket(entry.label_time or 0))
-            if old is not None:
-                old.discard(event_id)
-            ps.label_buckets.setdefault(self.config.bucket(label_time), set()).add(event_id)
+            bucket = self.config.bucket
+            ps.store.unindex(Index.LABELS, bucket(entry.label_time or 0), event_id)
+            ps.store.index(Index.LABELS, bucket(label_time), event_id)
         for variant, pred in entry.preds.items():
             info = self.catalog.info(pred.model, pred.version, pred.scores)
             if correction:
@@ -781,9 +906,10 @@ class JoinCore:
         cfg = self.config
         closed = self._closed_before(ps)
         assert closed is not None
-        for bucket in sorted(b for b in ps.event_buckets if b < closed):
-            for event_id in ps.event_buckets.pop(bucket):
-                entry = ps.entries[event_id]
+        store = ps.store
+        for bucket in sorted(b for b in store.buckets(Index.EVENTS) if b < closed):
+            for event_id in store.pop_bucket(Index.EVENTS, bucket):
+                entry = store[event_id]
                 if entry.label is None:
                     for variant, pred in entry.preds.items():
                         telemetry.EXPIRED_UNLABELED.labels(pred.model, pred.version, variant).inc()
@@ -791,15 +917,14 @@ class JoinCore:
                 self.counts["expired"] += 1
                 ps.dirty_keys.add(event_id)
                 if cfg.marker_ms > 0:
-                    ps.entries[event_id] = Entry(
-                        event_id, event_time=entry.event_time, expired=True
-                    )
-                    ps.marker_buckets.setdefault(bucket, set()).add(event_id)
+                    store.put(Entry(event_id, event_time=entry.event_time, expired=True))
+                    store.index(Index.MARKERS, bucket, event_id)
                 else:
-                    del ps.entries[event_id]
+                    store.remove(event_id)
             ps.groups.clear()
             for key in [k for k in ps.stats if k[4] == bucket]:
                 final = ps.stats.pop(key)
+                ps.removed_stats.add(key)
                 ps.dirty_stats.discard(key)
                 held = ps.final_windows.get(key)
                 if held is not None:  # closed before a crash: that record is complete
@@ -809,9 +934,9 @@ class JoinCore:
                 ps.closed[key] = ps.final_windows[key] = final
                 ps.dirty_windows.add(key)
         forget = cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms - cfg.marker_ms)
-        for bucket in [b for b in ps.marker_buckets if b < forget]:
-            for event_id in ps.marker_buckets.pop(bucket):
-                ps.entries.pop(event_id, None)
+        for bucket in [b for b in store.buckets(Index.MARKERS) if b < forget]:
+            for event_id in store.pop_bucket(Index.MARKERS, bucket):
+                store.remove(event_id)
                 ps.dirty_keys.add(event_id)
         forget_windows = cfg.bucket(
             ps.watermark - cfg.window_ms - cfg.grace_ms - max(cfg.marker_ms, cfg.tumbling_ms)
@@ -820,12 +945,12 @@ class JoinCore:
             del ps.final_windows[key]
             ps.dirty_windows.discard(key)
             ps.dead_windows.add(key)
-        for bucket in [b for b in ps.label_buckets if b < closed]:
-            for event_id in ps.label_buckets.pop(bucket):
-                pending = ps.entries.get(event_id)
+        for bucket in [b for b in store.buckets(Index.LABELS) if b < closed]:
+            for event_id in store.pop_bucket(Index.LABELS, bucket):
+                pending = store.get(event_id)
                 if pending is None or pending.event_time is not None or pending.label is None:
                     continue
-                del ps.entries[event_id]
+                store.remove(event_id)
                 ps.dirty_keys.add(event_id)
                 label = {
                     "event_id": event_id,
@@ -863,9 +988,14 @@ class JoinCore:
                 keys.append((pred.model, pred.version, variant, f"{attr}={value}", window))
             held = ps.groups[kind] = Groups(tuple(keys), tuple(ps.stat(k, info) for k in keys))
             ps.dirty_groups.append(held)
-        elif not held.dirty:
+            ps.stored_groups.append(held)
+            return held.stats
+        if not held.dirty:
             held.dirty = True
             ps.dirty_groups.append(held)
+        if not held.pending:
+            held.pending = True
+            ps.stored_groups.append(held)
         return held.stats
 
     def contribution(self, entry: Entry, pred: Pred, info: VersionInfo) -> Contribution:
@@ -999,7 +1129,7 @@ class JoinCore:
 
     @property
     def pending_entries(self) -> int:
-        return sum(len(ps.entries) for ps in self.partitions.values())
+        return sum(len(ps.store) for ps in self.partitions.values())
 
 
 @functools.cache

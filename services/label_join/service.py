@@ -43,6 +43,7 @@ from services.common.kafka import (
     make_producer,
     read_to_end,
     start_with_retry,
+    true_end_offsets,
 )
 from services.common.metrics import EVENTS_OUT
 from services.common.performance import GroupStats, merge_all
@@ -50,6 +51,7 @@ from services.common.redis_client import connect
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.settings import ConfigError, Settings
 from services.label_join import telemetry
+from services.label_join.disk_store import DiskStore, DiskStoreConfig, DiskStores
 from services.label_join.join import (
     GroupKey,
     JoinConfig,
@@ -58,6 +60,7 @@ from services.label_join.join import (
     VersionCatalog,
 )
 from services.label_join.repartition import Repartitioner
+from services.label_join.store import JoinStore
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +318,18 @@ class LabelJoinService:
         if redis_client is None and settings.redis_url:
             redis_client = connect(settings)
         self.shards = ShardStore(settings, self.config, redis_client)
+        lj = settings.label_join
+        self.stores = (
+            DiskStores(
+                DiskStoreConfig(
+                    lj.data_dir,
+                    cache_bytes=lj.store_cache_mb << 20,
+                    write_buffer_bytes=lj.store_write_buffer_mb << 20,
+                )
+            )
+            if lj.store == "disk"
+            else None
+        )
         self._predictions = settings.topic(PREDICTIONS)
         self._changelog = settings.topic(CHANGELOG)
         self._stats_topic = settings.topic(STATS)
@@ -325,6 +340,7 @@ class LabelJoinService:
         self._latest_tumbling: dict[tuple[str, str, str, str], int] = {}
         self._durable: asyncio.Future[None] | None = None  # the last batch's outputs + changelog
         self.restored_partitions: set[int] = set()
+        self.changelog_read: dict[int, int] = {}  # per partition: records its restore read
         self.published = 0  # MonitoringStats records sent
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -391,6 +407,8 @@ class LabelJoinService:
         await self.loop.stop()
         with contextlib.suppress(Exception):
             await self.publish()  # the last batches' stats
+        for partition in list(self.core.partitions):
+            self.core.drop(partition)  # a disk store closes, as of its last checkpoint
         await self.view.stop()
         if self._restorer is not None:
             await self._restorer.stop()
@@ -434,6 +452,9 @@ class LabelJoinService:
 
     async def _restore(self, partition: int) -> None:
         assert self._restorer is not None, "start() first"
+        if self.stores is not None:
+            await self._restore_on_disk(partition)
+            return
         started = time.perf_counter()
         tp = TopicPartition(self._changelog, partition)
         self._restorer.assign([tp])
@@ -460,6 +481,71 @@ class LabelJoinService:
             },
         )
 
+    async def _restore_on_disk(self, partition: int) -> None:
+        """The partition's disk store as of its checkpoint, brought forward by the
+        changelog from there: nothing to read after a clean stop, the tail after a crash or
+        after another owner had the partition, everything on a new disk. A store the
+        changelog cannot bring forward (no checkpoint, the changelog shorter than it or
+        compacted past it, too old for the tombstones it may have missed) starts over."""
+        assert self._restorer is not None and self.stores is not None
+        started = time.perf_counter()
+        store = self.stores.open(self._changelog, partition, self.core.load_entry)
+        tp = TopicPartition(self._changelog, partition)
+        self._restorer.assign([tp])
+        begin = (await self._restorer.beginning_offsets([tp]))[tp]
+        end = (await true_end_offsets(self._restorer, [tp]))[tp]
+        reason = _rebuild_reason(store, begin, end, self.settings.label_join.store_max_stale_s)
+        if reason is not None:
+            log.warning(
+                "join store rebuilt from the changelog",
+                extra={"partition": partition, "reason": reason, "path": str(store.path)},
+            )
+            store.wipe()
+        empty = store.offset is None
+        resumed_at = store.offset if store.offset is not None else begin
+        ps = self.core.attach(store)
+        replayed = 0
+        if resumed_at < end:
+            self._restorer.seek(tp, resumed_at)
+            deadline = time.monotonic() + 600
+            chunk: list[tuple[bytes, bytes | None]] = []
+            position = resumed_at
+            while position < end:
+                fetched = await self._restorer.getmany(tp, timeout_ms=200)
+                for record in fetched.get(tp, ()):
+                    replayed += 1
+                    if record.key is not None:
+                        chunk.append((record.key, record.value))
+                position = await self._restorer.position(tp)
+                if len(chunk) >= 20_000 or (position >= end and chunk):
+                    if empty:  # written as they are, indexed once at the end
+                        store.load_raw(chunk, position)
+                    else:  # each replaces what the store holds of its event
+                        store.checkpoint(self.core.apply(ps, chunk), position)
+                    chunk = []
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"could not read {tp.topic}[{partition}] to {end} in 600s")
+            if empty:
+                store.rebuild(self.core, ps)
+        store.checkpoint(self.core.finish_restore(ps), end)
+        self._restorer.assign([])
+        self.restored_partitions.add(partition)
+        self.changelog_read[partition] = replayed
+        elapsed = time.perf_counter() - started
+        telemetry.JOIN_RESTORE_SECONDS.set(elapsed)
+        log.info(
+            "join state restored",
+            extra={
+                "partition": partition,
+                "store": "disk",
+                "changelog_from": resumed_at,
+                "changelog_end": end,
+                "changelog_records": replayed,
+                "entries": len(store),
+                "seconds": round(elapsed, 3),
+            },
+        )
+
     # --- one batch ------------------------------------------------------------------------
 
     async def _process(self, records: list[Record]) -> list[Out]:
@@ -481,8 +567,10 @@ class LabelJoinService:
                 per_topic[o.topic] = per_topic.get(o.topic, 0) + 1
             for topic, n in per_topic.items():
                 EVENTS_OUT.labels(self.name, topic).inc(n)
+            stores = {p: self.core.partitions[p].store for p in result.sealed}
+            sealed = [(stores[p], n) for p, n in result.sealed.items() if stores[p].durable]
             self._durable = asyncio.ensure_future(
-                self._write_changelog(self._durable, forwarded + acks, result.changelog)
+                self._write_changelog(self._durable, forwarded + acks, result.changelog, sealed)
             )
             telemetry.JOIN_STATE_ENTRIES.set(self.core.pending_entries)
         return []
@@ -500,6 +588,7 @@ class LabelJoinService:
         previous: asyncio.Future[None] | None,
         acks: list[asyncio.Future[Any]],
         changelog: list[tuple[int, bytes, bytes | None]],
+        sealed: list[tuple[JoinStore, int]],
     ) -> None:
         # 1. this batch's outputs acknowledged, and the batches before it complete, ...
         if acks:
@@ -513,8 +602,13 @@ class LabelJoinService:
                 ((self._changelog, partition, key, value) for partition, key, value in changelog),
                 close_batches=True,
             )
-            await asyncio.gather(*futures)
+            acked = await asyncio.gather(*futures)
             EVENTS_OUT.labels(self.name, self._changelog).inc(n)
+        else:
+            acked = []
+        # 3. disk stores keep the batch, with the changelog offset that covers it
+        if sealed:
+            _checkpoint(sealed, changelog, acked)
 
     # --- statistics -----------------------------------------------------------------------
 
@@ -601,6 +695,42 @@ class LabelJoinService:
             )
         self.published += len(records)
         return len(records)
+
+
+def _rebuild_reason(store: DiskStore, begin: int, end: int, max_stale_s: float) -> str | None:
+    """Why a disk store cannot be brought forward by the changelog [begin, end), or None."""
+    if store.rebuilding:
+        return "a restore onto it was interrupted"
+    if store.offset is None:
+        return "no checkpoint" if len(store) or store.stats else None
+    if store.offset > end:
+        return f"checkpoint {store.offset} is past the changelog's end {end} (recreated?)"
+    if store.offset < begin:
+        return f"the changelog starts at {begin}, after the checkpoint {store.offset}"
+    if store.saved_at is not None and time.time() * 1000 - store.saved_at > max_stale_s * 1000:
+        return f"last checkpointed more than {max_stale_s:g}s ago (store_max_stale_s)"
+    return None
+
+
+def _checkpoint(
+    sealed: list[tuple[JoinStore, int]],
+    changelog: list[tuple[int, bytes, bytes | None]],
+    acked: list[Any],
+) -> None:
+    """Each store's batch with the changelog offset after its records there: the first
+    acknowledged offset of the partition plus the number of records sent to it (lower than
+    that only if another producer wrote in between, and a lower checkpoint replays a few
+    records more, which changes nothing)."""
+    first: dict[int, int] = {}
+    for meta in acked:
+        first[meta.partition] = min(first.get(meta.partition, meta.offset), meta.offset)
+    sent: dict[int, int] = {}
+    for partition, _, _ in changelog:
+        sent[partition] = sent.get(partition, 0) + 1
+    for store, number in sealed:
+        partition = store.partition
+        offset = first[partition] + sent[partition] if partition in first else None
+        store.checkpoint(number, offset)
 
 
 def _stats_record(

@@ -130,3 +130,30 @@ def test_compose_settings_parse_for_every_service(monkeypatch: pytest.MonkeyPatc
         assert settings.redis_url == "redis://redis:6379/0", service
         assert settings.kafka_security_protocol == "PLAINTEXT"
         assert settings.kafka_idempotence is True, "Apache Kafka supports idempotence"
+
+
+@pytest.mark.parametrize("target", ["compose", *TARGETS])
+def test_the_label_join_keeps_its_disk_store_on_its_persistent_volume(
+    target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`scoremesh run label-join` uses the disk store; its data_dir must be on the volume
+    that outlives the container, or every restart rebuilds the state from the changelog."""
+    if target == "compose":
+        service = compose()["services"]["label-join"]
+        env = _compose_env()["label-join"]
+        persistent = [v.split(":")[1] for v in service["volumes"] if not v.startswith(".")]
+    else:
+        docs = render(target)
+        env = _k8s_env(target)["label-join"]
+        (sts,) = [d for d in workloads(docs) if d["metadata"]["name"] == "label-join"]
+        assert sts["kind"] == "StatefulSet"
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+        persistent = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims]
+    with monkeypatch.context() as m:
+        settings = _settings_from(env, m)
+    assert settings.label_join.store == "disk"
+    data_dir = str(settings.label_join.data_dir)
+    assert any(data_dir.startswith(mount.rstrip("/") + "/") for mount in persistent), (
+        f"{target}: label-join data_dir {data_dir} is not on a persistent volume {persistent}"
+    )

@@ -99,7 +99,7 @@ async def test_sigkill_after_forwarding_before_the_commit_counts_every_label_onc
     assert misplaced["label"] > KILL_AFTER * 2  # the kill comes well before the end
 
     log_path = tmp_path / "label-join.log"
-    first = start_service(settings, log_path, KILLED_AFTER_FORWARD)
+    first = start_service(settings, log_path, code=KILLED_AFTER_FORWARD)
     second: subprocess.Popen[bytes] | None = None
     try:
         assert first.wait(120) == -signal.SIGKILL, log_path.read_text()[-3000:]

@@ -79,6 +79,14 @@ async def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60.0
         await asyncio.sleep(0.05)
 
 
+def _all_stats(service: LabelJoinService) -> dict[tuple[Any, ...], bytes]:
+    return {
+        (p, key): stats.to_json()
+        for p, ps in service.core.partitions.items()
+        for key, stats in ps.stats.items()
+    }
+
+
 def newest_stats(records: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The last published record per (version, variant, segment, kind, window start)."""
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -113,10 +121,11 @@ def expected(s: Scenario, variant: str, channel: str | None = None) -> dict[str,
     return sklearn_metrics(truth, [p["decision"] for p in rows], [p["scores"]["1"] for p in rows])
 
 
+@pytest.mark.parametrize("store", ["disk", "memory"])
 async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
-    join_settings: Settings,
+    join_settings: Settings, store: str, tmp_path: Path
 ) -> None:
-    settings = join_settings
+    settings = join_settings.replace(label_join_store=store, label_join_data_dir=tmp_path)
     s = scenario(300, seed=8, window_ms=CONFIG.window_ms)
     service = LabelJoinService(settings, CONFIG, publish_interval_s=0.3)
     counts = service.core.counts
@@ -140,7 +149,14 @@ async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
         await wait_for("late labels", lambda: counts["unmatched_too_late"] == len(s.late_labels))
         await asyncio.sleep(1.0)  # a publish after the last batch
         health_ok = {tp.partition for tp in service.loop.assigned} <= service.restored_partitions
+        held = (service.core.pending_entries, _all_stats(service))
     assert health_ok
+    if store == "disk":  # a clean restart on the same disk reads nothing from the changelog
+        again = LabelJoinService(settings, CONFIG, publish_interval_s=0.3)
+        async with Running(again):
+            await wait_for("the restore", lambda: len(again.restored_partitions) == 6)
+            assert again.changelog_read == {p: 0 for p in range(6)}
+            assert (again.core.pending_entries, _all_stats(again)) == held
 
     stats = newest_stats(
         await consume_until(settings, "monitoring.stats", lambda r: False, timeout_s=3)
@@ -235,7 +251,10 @@ sys.exit(
 
 
 def start_service(
-    settings: Settings, log_path: Path, code: str = SERVICE_CODE
+    settings: Settings,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+    code: str = SERVICE_CODE,
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOREMESH_")}
     env["SCOREMESH_HOME"] = os.environ["SCOREMESH_HOME"]
@@ -254,6 +273,7 @@ def start_service(
         env[f"SCOREMESH_{name.upper()}"] = str(getattr(settings, name))
     env["SCOREMESH_METRICS_PORT"] = "0"
     env["PYTHONPATH"] = str(ROOT)
+    env.update(extra_env or {})
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-c", code],
