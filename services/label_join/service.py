@@ -46,7 +46,12 @@ from services.common.kafka import (
     true_end_offsets,
 )
 from services.common.metrics import EVENTS_OUT
-from services.common.performance import GroupStats, merge_all
+from services.common.performance import (
+    GroupStats,
+    latest_stats_key,
+    merge_all,
+    stats_index_key,
+)
 from services.common.redis_client import connect
 from services.common.registry_view import RegistryState, RegistryView
 from services.common.settings import ConfigError, Settings
@@ -189,8 +194,7 @@ class ShardStore:
         return f"{self.prefix}monitor:{model}:shard:{version}:{variant}:{segment}:{start}"
 
     def latest_key(self, group: tuple[str, str, str, str]) -> str:
-        model, version, variant, segment = group
-        return f"{self.prefix}monitor:{model}:{version}:{variant}:{segment}"
+        return latest_stats_key(self.prefix, *group)
 
     async def put(self, shards: dict[tuple[GroupKey, int], GroupStats]) -> None:
         for (key, partition), stats in shards.items():
@@ -236,7 +240,7 @@ class ShardStore:
                     name = self.latest_key(group)
                     pipe.hset(name, r["window_kind"], orjson.dumps(r))
                     pipe.expire(name, self.ttl_s)
-                    index = f"{self.prefix}monitor:{r['model']}:index"
+                    index = stats_index_key(self.prefix, r["model"])
                     pipe.sadd(index, f"{r['model_version']}:{r['variant']}:{r['segment']}")
                     pipe.expire(index, self.ttl_s)
                 await pipe.execute()
