@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from scoremesh.client.retry import Backoff
 from services.common.policies.monitor import SinkPolicy, severity_rank
 from services.monitor import metrics as m
 from services.monitor.alerts import Transition
@@ -326,7 +326,7 @@ class SinkHub:
     async def _deliver(self, sink: str, request: Request) -> str:
         assert self._client is not None, "start() first"
         policy = self.policy
-        delay = policy.backoff_initial_s
+        backoff = Backoff(policy.backoff_initial_s, policy.backoff_max_s, jitter=True)
         for attempt in range(1, policy.max_attempts + 1):
             retry_after: float | None = None
             try:
@@ -351,8 +351,8 @@ class SinkHub:
                     extra={"sink": sink, "attempts": attempt, "error": problem},
                 )
                 return "failed"
-            wait = retry_after if retry_after is not None else delay * random.uniform(0.5, 1.0)
-            wait = min(wait, policy.backoff_max_s)
+            wait = backoff.next()  # the schedule moves on whatever the server asked for
+            wait = min(retry_after if retry_after is not None else wait, policy.backoff_max_s)
             log.warning(
                 "alert sink failed, retrying",
                 extra={
@@ -363,5 +363,4 @@ class SinkHub:
                 },
             )
             await asyncio.sleep(wait)
-            delay = min(delay * 2, policy.backoff_max_s)
         return "failed"

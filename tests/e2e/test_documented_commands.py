@@ -177,6 +177,10 @@ PROSE: dict[str, str] = {
     "scoremesh --install-completion": SYNOPSIS,
     "scoremesh COMMAND --help": SYNOPSIS,
     "scoremesh tail TOPIC": SYNOPSIS,
+    "scoremesh tail alerts": SYNOPSIS,  # operations.md's runbooks name these commands
+    "scoremesh models retrain": SYNOPSIS,
+    "scoremesh models rollback": SYNOPSIS,
+    "scoremesh models history": SYNOPSIS,
     "scoremesh topics create": SYNOPSIS,
     "scoremesh models status NAME": SYNOPSIS,
     "make install": "builds the virtualenv this test runs in",

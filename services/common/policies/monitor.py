@@ -272,6 +272,12 @@ class SinkPolicy(_Frozen):
     pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
     min_severity: dict[SinkName, Severity] = Field(default_factory=_default_min_severity)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> SinkPolicy:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError("sinks.backoff_initial_s must not exceed sinks.backoff_max_s")
+        return self
+
 
 class ModelPolicy(_Frozen):
     """Per-model overrides; unset parts fall back to the policy-wide ones."""
