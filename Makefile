@@ -1,5 +1,8 @@
 # scoremesh — everything goes through the project's own virtualenv, pinned by constraints.txt.
 PYTHON ?= python3
+# test processes: each starts its own embedded broker and Redis; the suite mostly waits on
+# them, so two processes halve its time on a 2-core machine
+TEST_WORKERS ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -20,7 +23,7 @@ demo: install
 
 ## lint, types, then every test (unit, contract, integration, e2e)
 test: install lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check services client tests scripts examples
