@@ -16,6 +16,10 @@ import pytest
 # Before any Settings is built: never pick up a developer's own `scoremesh dev up` stack.
 _HOME = Path(tempfile.mkdtemp(prefix="scoremesh-test-home-"))
 os.environ["SCOREMESH_HOME"] = str(_HOME)
+# ... nor the machine's own Redis: each test session starts a throwaway redis-server, so
+# tests neither see nor leave keys in a Redis that something else uses (a closed port is
+# what `dev up` probes before it starts one). SCOREMESH_REDIS_URL still wins when set.
+os.environ.setdefault("SCOREMESH_DEV_REDIS_PROBE_URL", "redis://127.0.0.1:1/0")
 
 from services.common.devstack import DevStack, StackState  # noqa: E402
 from services.common.kafka import delete_topics, ensure_topics  # noqa: E402
