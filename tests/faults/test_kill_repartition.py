@@ -23,7 +23,7 @@ from tests.label_join.test_join_core import latest_by
 from tests.label_join.test_service import (
     CONFIG,
     SERVICE_CODE,
-    expected,
+    assert_counted_once,
     join_settings,
     labels_kv,
     latest_sliding,
@@ -135,17 +135,7 @@ async def test_sigkill_after_forwarding_before_the_commit_counts_every_label_onc
     assert on_topic["label"] > misplaced["label"]
     assert on_topic["prediction"] >= misplaced["prediction"]
     # ... and still every label counted once, every prediction once, none lost
-    sliding = latest_sliding(records)
-    for variant, version in (("champion", "1.0.0"), ("shadow", "1.1.0")):
-        r = sliding[(version, variant)]
-        m = r["metrics"]
-        assert (m["predicted"], m["labeled"], r["count"]) == (
-            len(s.predictions) // 2,
-            len(s.truth),
-            len(s.truth),
-        ), log_path.read_text()[-2000:]
-        for name, value in expected(s, variant).items():
-            assert m[name] == pytest.approx(value, rel=1e-9), (variant, name)
+    assert_counted_once(records, s, len(s.predictions) // 2, log_path.read_text())
     labeled = await consume_until(settings, "predictions.labeled", lambda r: False, timeout_s=5)
     print(
         f"\nFAULT-TABLE | SIGKILL label-join after a forward is acknowledged, before its input's "

@@ -24,7 +24,7 @@ from tests.label_join.test_join_core import latest_by
 from tests.label_join.test_service import (
     CONFIG,
     SERVICE_CODE,
-    expected,
+    assert_counted_once,
     join_settings,
     labels_kv,
     latest_sliding,
@@ -184,17 +184,7 @@ async def test_kills_moves_and_a_lost_disk_leave_exact_totals(
 
     b_log = log_b.read_text()
     assert '"store": "disk"' in b_log or "'store': 'disk'" in b_log or "disk" in b_log
-    sliding = latest_sliding(records)
-    for variant, version in (("champion", "1.0.0"), ("shadow", "1.1.0")):
-        r = sliding[(version, variant)]
-        m = r["metrics"]
-        assert (m["predicted"], m["labeled"], r["count"]) == (
-            len(events),
-            len(s.truth),
-            len(s.truth),
-        ), b_log[-3000:]
-        for name, value in expected(s, variant).items():
-            assert m[name] == pytest.approx(value, rel=1e-9), (variant, name)
+    assert_counted_once(records, s, len(events), b_log)
 
     labeled = await consume_until(settings, "predictions.labeled", lambda r: False, timeout_s=5)
     assert {k: v["label"] for k, v in latest_by(labeled, ("event_id", "variant")).items()} == {

@@ -121,6 +121,24 @@ def expected(s: Scenario, variant: str, channel: str | None = None) -> dict[str,
     return sklearn_metrics(truth, [p["decision"] for p in rows], [p["scores"]["1"] for p in rows])
 
 
+def assert_counted_once(
+    records: list[dict[str, Any]], s: Scenario, predicted: int, log: str
+) -> None:
+    """Both variants' newest sliding window counts every prediction and label of the
+    scenario exactly once, with scikit-learn's metrics on the same rows."""
+    sliding = latest_sliding(records)
+    for variant, version in (("champion", "1.0.0"), ("shadow", "1.1.0")):
+        r = sliding[(version, variant)]
+        m = r["metrics"]
+        assert (m["predicted"], m["labeled"], r["count"]) == (
+            predicted,
+            len(s.truth),
+            len(s.truth),
+        ), log[-3000:]
+        for name, value in expected(s, variant).items():
+            assert m[name] == pytest.approx(value, rel=1e-9), (variant, name)
+
+
 @pytest.mark.parametrize("store", ["disk", "memory"])
 async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
     join_settings: Settings, store: str, tmp_path: Path
@@ -354,17 +372,7 @@ async def test_sigkill_mid_stream_loses_no_join_state_and_counts_nothing_twice(
                     proc.kill()
     assert killed_after < 2 * len(s.truth), "the kill came after the join had finished"
 
-    sliding = latest_sliding(records)
-    for variant, version in (("champion", "1.0.0"), ("shadow", "1.1.0")):
-        r = sliding[(version, variant)]
-        m = r["metrics"]
-        assert (m["predicted"], m["labeled"], r["count"]) == (
-            len(s.predictions) // 2,
-            len(s.truth),
-            len(s.truth),
-        ), log_path.read_text()[-2000:]
-        for name, value in expected(s, variant).items():
-            assert m[name] == pytest.approx(value, rel=1e-9), (variant, name)
+    assert_counted_once(records, s, len(s.predictions) // 2, log_path.read_text())
 
     labeled = await consume_until(settings, "predictions.labeled", lambda r: False, timeout_s=5)
     assert {k: v["label"] for k, v in latest_by(labeled, ("event_id", "variant")).items()} == {
