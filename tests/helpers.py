@@ -204,6 +204,20 @@ class ServiceProcess:
         )
 
 
+def stop_processes(*procs: Any, timeout_s: float = 20) -> None:
+    """SIGTERM each process still running, wait for it, SIGKILL it if it does not stop."""
+    import signal
+    import subprocess
+
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 async def wait_for_log(service: ServiceProcess, text: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while text not in service.log():

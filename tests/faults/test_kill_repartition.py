@@ -16,7 +16,7 @@ from scoremesh.contract.partitioner import partitions_for_keys
 from services.common.kafka import assign_all, make_consumer, read_to_end, start_with_retry
 from services.common.settings import Settings
 from services.label_join.repartition import KIND_HEADER
-from tests.helpers import consume_until
+from tests.helpers import consume_until, stop_processes
 from tests.integration.test_any_client import confluent_send, pending_labels
 from tests.label_join.factories import scenario
 from tests.label_join.test_join_core import latest_by
@@ -122,13 +122,7 @@ async def test_sigkill_after_forwarding_before_the_commit_counts_every_label_onc
         records = await consume_until(settings, "monitoring.stats", lambda r: False, timeout_s=3)
         assert await pending_labels(settings) == 0
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(first, second)
 
     # the killed batch's forwards were sent again after the restart: more on the topic ...
     on_topic = await repartitioned(settings)

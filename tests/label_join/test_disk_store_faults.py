@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from services.common.settings import Settings
-from tests.helpers import consume_until, produce
+from tests.helpers import consume_until, produce, stop_processes
 from tests.label_join.factories import scenario
 from tests.label_join.test_join_core import latest_by
 from tests.label_join.test_service import (
@@ -174,13 +174,7 @@ async def test_kills_moves_and_a_lost_disk_leave_exact_totals(
         await asyncio.sleep(1.5)  # anything a double count would still publish
         records = await consume_until(settings, "monitoring.stats", lambda r: False, timeout_s=3)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(*procs)
 
     b_log = log_b.read_text()
     assert '"store": "disk"' in b_log or "'store': 'disk'" in b_log or "disk" in b_log

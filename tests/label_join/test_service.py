@@ -24,7 +24,7 @@ from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
 from services.label_join.labels import send_labels
 from services.label_join.service import CHANGELOG, LabelJoinService, changelog_spec
 from tests.conftest import Running
-from tests.helpers import consume_until, produce
+from tests.helpers import consume_until, produce, stop_processes
 from tests.label_join.factories import (
     T0,
     Scenario,
@@ -363,13 +363,7 @@ async def test_sigkill_mid_stream_loses_no_join_state_and_counts_nothing_twice(
         await asyncio.sleep(1.5)  # anything a double count would still publish
         records = await consume_until(settings, "monitoring.stats", lambda r: False, timeout_s=3)
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(first, second)
     assert killed_after < 2 * len(s.truth), "the kill came after the join had finished"
 
     assert_counted_once(records, s, len(s.predictions) // 2, log_path.read_text())
