@@ -217,7 +217,9 @@ async def test_a_teams_own_model_goes_around_the_loop(
             minimum=DRIFT_AT + 1_000,
             drift_at=DRIFT_AT,
             after_promotion=1_000,
-            maximum=30_000,
+            # a time budget, not a check: the stream ends 1,000 events after the promotion;
+            # with another test's services on the same two cores a retrain can take longer
+            maximum=60_000,
             rate=1_000,
             invalid_share=0.0,
             label_delay_mean=100,
