@@ -25,6 +25,8 @@ by its stores (index and filter blocks charged to it), and per store a few memta
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import shutil
 import time
@@ -111,6 +113,10 @@ class DiskStores:
         options.create_missing_column_families(True)
         options.set_block_based_table_factory(table)
         options.set_write_buffer_size(self.config.write_buffer_bytes)
+        # a Bloom filter over each memtable's keys: most lookups are for keys not written
+        # lately, and without it each one walks the memtables' skip lists
+        options.set_memtable_prefix_bloom_ratio(0.1)
+        options.set_memtable_whole_key_filtering(True)
         options.set_max_write_buffer_number(2)
         options.set_compression_type(DBCompressionType.lz4())
         options.set_max_open_files(512)
@@ -135,7 +141,7 @@ class DiskStores:
 class _Sealed:
     number: int
     batch: WriteBatch
-    keys: list[bytes]  # what it wrote, for the overlay to let go of
+    writes: dict[bytes, bytes | None]  # what it wrote (None: deleted), for reads to see
 
 
 class DiskStore(JoinStore):
@@ -187,11 +193,10 @@ class DiskStore(JoinStore):
         self._live: dict[str, Entry | None] = {}
         self._number = 0
         self._batch = WriteBatch(raw_mode=True)
-        self._keys: list[bytes] = []
-        # sealed batches not yet checkpointed, and what reads must see of them (and of the
-        # open batch): key -> (batch number, value or None), and index ranges deleted
+        self._writes: dict[bytes, bytes | None] = {}
+        # sealed batches not yet checkpointed (reads see their writes, newest first), and the
+        # index ranges they and the open batch deleted: (batch number, low, high)
         self._sealed: list[_Sealed] = []
-        self._pending: dict[bytes, tuple[int, bytes | None]] = {}
         self._ranges: list[tuple[int, bytes, bytes]] = []
 
     def _read(self) -> None:
@@ -254,11 +259,31 @@ class DiskStore(JoinStore):
         if held is not _MISSING:
             return held  # type: ignore[no-any-return]
         key = _CHANGELOG + event_id.encode()
-        pending = self._pending.get(key)
-        data = pending[1] if pending is not None else self._db.get(key)
+        data = self._unwritten(key)
+        if data is _MISSING:
+            data = self._db.get(key)
         entry = None if data is None else self._load_entry(event_id, data)
         self._live[event_id] = entry
         return entry
+
+    def prefetch(self, event_ids: Collection[str]) -> None:
+        """Entries not yet read in this batch, read with one multi-get (RocksDB looks the
+        keys up together, sorted, and the per-call cost is paid once)."""
+        live, load = self._live, self._load_entry
+        wanted: dict[bytes, str] = {}
+        for event_id in event_ids:
+            if event_id in live:
+                continue
+            key = _CHANGELOG + event_id.encode()
+            held = self._unwritten(key)
+            if held is not _MISSING:
+                live[event_id] = None if held is None else load(event_id, held)
+            else:
+                wanted[key] = event_id
+        if wanted:
+            found: list[bytes | None] = self._db.get(list(wanted)) or []  # a multi-get
+            for event_id, data in zip(wanted.values(), found, strict=True):
+                live[event_id] = None if data is None else load(event_id, data)
 
     def put(self, entry: Entry) -> None:
         if self.get(entry.event_id) is None:
@@ -275,13 +300,23 @@ class DiskStore(JoinStore):
 
     # --- expiry indexes ---------------------------------------------------------------------
 
+    def _unwritten(self, key: bytes) -> bytes | None:
+        """The key's value in the batches not on disk yet (None: deleted there), the newest
+        first; ``_MISSING`` where none of them wrote it."""
+        held = self._writes.get(key, _MISSING)
+        if held is _MISSING:
+            for sealed in reversed(self._sealed):
+                held = sealed.writes.get(key, _MISSING)
+                if held is not _MISSING:
+                    break
+        return held  # type: ignore[no-any-return]
+
     def _write(self, key: bytes, value: bytes | None, family: Any = None) -> None:
         if value is None:
             self._batch.delete(key, family)
         else:
             self._batch.put(key, value, family)
-        self._pending[key] = (self._number, value)
-        self._keys.append(key)
+        self._writes[key] = value
 
     def index(self, index: Index, bucket: int, event_id: str) -> None:
         self._buckets[index].add(bucket)
@@ -295,21 +330,37 @@ class DiskStore(JoinStore):
     def buckets(self, index: Index) -> Iterable[int]:
         return list(self._buckets[index])
 
-    def pop_bucket(self, index: Index, bucket: int) -> Collection[str]:
-        self._buckets[index].discard(bucket)
+    def pop_bucket(
+        self, index: Index, bucket: int, limit: int | None = None
+    ) -> tuple[Collection[str], bool]:
+        """The bucket's first ``limit`` keys (disk and overlay merged, in key order) leave by
+        one range deletion from the bucket's start up to the last one taken."""
         low = _INDEX + bytes([index]) + _bucket_bytes(bucket)
         high = _INDEX + bytes([index]) + _bucket_bytes(bucket + 1)
-        members: set[bytes] = set()
-        if not any(r_low == low for _, r_low, _ in self._ranges):  # else: already emptied
-            members.update(key for key, _ in self._scan(low, high, self._index_family))
-        for key in [k for k in self._pending if low <= k < high]:
-            if self._pending.pop(key)[1] is None:
-                members.discard(key)
-            else:
-                members.add(key)
-        self._batch.delete_range(low, high, self._index_cf)
-        self._ranges.append((self._number, low, high))
-        return [key[len(low) :].decode() for key in members]
+        # what the batches not on disk yet wrote in the bucket (the newest write wins) ...
+        batches = [*(sealed.writes for sealed in self._sealed), self._writes]
+        pending: dict[bytes, bytes | None] = {}
+        for writes in batches:
+            pending.update((key, v) for key, v in writes.items() if low <= key < high)
+        overlay = sorted(pending)
+        # ... and their range deletions: this bucket's always start at its first key
+        start = max((end for _, r_low, end in self._ranges if r_low == low), default=low)
+        on_disk = (
+            key for key, _ in self._scan(start, high, self._index_family) if key not in pending
+        )
+        merged = heapq.merge(on_disk, (key for key in overlay if pending[key] is not None))
+        taken = list(merged if limit is None else itertools.islice(merged, limit))
+        drained = limit is None or next(merged, None) is None
+        end = high if drained else taken[-1] + b"\x00"
+        for key in overlay:  # now deleted (the range deletion covers the batches' writes)
+            if key < end:
+                for writes in batches:
+                    writes.pop(key, None)
+        self._batch.delete_range(low, end, self._index_cf)
+        self._ranges.append((self._number, low, end))
+        if drained:
+            self._buckets[index].discard(bucket)
+        return [key[len(low) :].decode() for key in taken], drained
 
     # --- batches ----------------------------------------------------------------------------
 
@@ -323,8 +374,8 @@ class DiskStore(JoinStore):
         for key, value in records:
             if value is not None and key[:1] != WINDOW_KEY[:1]:
                 entry = live.get(key.decode())
-                if entry is not None and not entry.expired:
-                    value = entry.encode(with_bins=True)  # read back without decoding features
+                if entry is not None and not entry.expired:  # read back without its features
+                    value = entry.add_bins(value)
             self._write(_CHANGELOG + key, value)
         for group, blob in stats.items():
             self._write(_STATS + orjson.dumps(list(group)), blob)
@@ -332,12 +383,12 @@ class DiskStore(JoinStore):
         if watermark is not None:
             self._batch.put(_WATERMARK, str(watermark).encode())
         self._batch.put(_ENTRIES, str(self._count).encode())
-        sealed = _Sealed(self._number, self._batch, self._keys)
+        sealed = _Sealed(self._number, self._batch, self._writes)
         self._sealed.append(sealed)
         self._live.clear()
         self._number += 1
         self._batch = WriteBatch(raw_mode=True)
-        self._keys = []
+        self._writes = {}
         return sealed.number
 
     def checkpoint(self, sealed: int, changelog_offset: int | None) -> None:
@@ -353,10 +404,6 @@ class DiskStore(JoinStore):
             done.batch.put(_SAVED_AT, str(now).encode())
             self._db.write(done.batch)
             self.saved_at = now
-            for key in done.keys:
-                held = self._pending.get(key)
-                if held is not None and held[0] == done.number:
-                    del self._pending[key]
             self._ranges = [r for r in self._ranges if r[0] > done.number]
 
     def close(self) -> None:

@@ -98,12 +98,18 @@ class JoinConfig:
     sliding_ms: int = DAY_MS
     marker_ms: int = 7 * DAY_MS
     keep_original_bytes: int = 4 * 1024
+    # entries a partition expires (or forgets, as markers) per batch: a bucket larger than
+    # this is worked through over the next batches, so neither memory nor a batch's time
+    # grows with the rate of events (each expired entry is read, rewritten and logged)
+    expire_per_batch: int = 10_000
 
     def __post_init__(self) -> None:
         if min(self.window_ms, self.tumbling_ms, self.sliding_ms) <= 0:
             raise ValueError("window, tumbling and sliding lengths must be positive")
         if self.grace_ms < 0 or self.marker_ms < 0:
             raise ValueError("grace and marker lengths must not be negative")
+        if self.expire_per_batch < 1:
+            raise ValueError("expire_per_batch must be at least 1")
         if self.sliding_ms % self.tumbling_ms:
             raise ValueError("the sliding window must be a whole number of tumbling windows")
 
@@ -358,6 +364,15 @@ class Entry:
             meta["b"] = {variant: p.bins for variant, p in self.preds.items()}
         return orjson.dumps(meta) + b"\n" + self.head
 
+    def add_bins(self, value: bytes) -> bytes:
+        """``encode(with_bins=True)`` from ``value``, this entry's ``encode()``: the bins
+        spliced into its JSON line rather than the entry encoded a second time."""
+        end = value.find(b"\n") - 1  # the JSON line's closing brace (no raw newline in it)
+        if end < 0 or value[:1] != b"{":  # a Prediction's bytes, or version 1
+            return self.encode(with_bins=True)
+        bins = orjson.dumps({variant: p.bins for variant, p in self.preds.items()})
+        return b"".join((value[:end], b',"b":', bins, value[end:]))
+
     @classmethod
     def decode(cls, event_id: str, data: bytes, rows: EventRows) -> Entry:
         if data[:2] == MAGIC:  # a Prediction's bytes: the event's one prediction, no label
@@ -435,6 +450,12 @@ class PartitionState:
     # for a durable store: the groups this batch changed, and statistics it dropped
     stored_groups: list[Groups] = field(default_factory=list)
     removed_stats: set[GroupKey] = field(default_factory=set)
+    # expiry not done for lack of budget (JoinConfig.expire_per_batch): the partition's next
+    # batches go on with it, input or not; True at first, so the first batch looks
+    backlog: bool = True
+    # buckets below this one were closed when the batch began: their entries count as
+    # expired even where a backlog has not got to them yet (None: nothing closed)
+    closed_at_start: int | None = None
 
     def __post_init__(self) -> None:
         self.stats = self.store.stats
@@ -690,21 +711,36 @@ class JoinCore:
     def process(self, predictions: list[Record], labels: list[Record]) -> BatchResult:
         """Predictions first (they move the watermark), then labels, then expiry."""
         outputs: list[Out] = []
-        touched: set[int] = set()
+        touched = {partition for partition, ps in self.partitions.items() if ps.backlog}
+        for state in self.partitions.values():
+            state.closed_at_start = self._closed_before(state)
         # a clock far ahead never moves time: event times beyond this are not watermarks
         self._future_ms = self.clock() * 1000 + self.config.grace_ms
-        for record in predictions:
-            ps = self.partitions.get(record.partition)
-            if ps is None:  # revoked while the batch was in flight: the new owner replays it
-                continue
-            touched.add(record.partition)
-            self._on_prediction(ps, record, outputs)
-        for record in labels:
-            ps = self.partitions.get(record.partition)
-            if ps is None:
-                continue
-            touched.add(record.partition)
-            self._on_label(ps, record, outputs)
+        if predictions:
+            owned = self.partitions
+            predicted = [
+                self._read_prediction(record) if record.partition in owned else None
+                for record in predictions
+            ]
+            self._prefetch(predictions, [p and p[0]["event_id"] for p in predicted])
+            for record, prediction in zip(predictions, predicted, strict=True):
+                ps = self.partitions.get(record.partition)
+                if ps is None:  # revoked while the batch was in flight: the new owner replays it
+                    continue
+                touched.add(record.partition)
+                if prediction is not None:
+                    self._on_prediction(ps, record, prediction, outputs)
+        if labels:
+            read = [self._read_label(record) for record in labels]  # unowned ones: skipped below
+            self._prefetch(
+                labels, [la["event_id"] if isinstance(la, dict) else None for la in read]
+            )
+            for record, label in zip(labels, read, strict=True):
+                ps = self.partitions.get(record.partition)
+                if ps is None:
+                    continue
+                touched.add(record.partition)
+                self._on_label(ps, record, label, outputs)
         changelog: list[tuple[int, bytes, bytes | None]] = []
         sealed: dict[int, int] = {}
         for partition in sorted(touched):
@@ -745,6 +781,13 @@ class JoinCore:
         cfg = self.config
         return cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms)
 
+    def _forget_before(self, ps: PartitionState) -> int | None:
+        """Markers of event-time buckets below this one are forgotten."""
+        if ps.watermark is None:
+            return None
+        cfg = self.config
+        return cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms - cfg.marker_ms)
+
     def _shared(self, raw: bytes) -> dict[str, str]:
         """One dict per distinct attributes map (they repeat: segments are categories), from
         its bytes, decoded only when new."""
@@ -755,16 +798,27 @@ class JoinCore:
                 self._attributes[raw] = held
         return held
 
-    def _on_prediction(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
+    def _read_prediction(self, record: Record) -> tuple[dict[str, Any], bytes, int, int] | None:
+        """A prediction record decoded (with its head's bytes), or None: undecodable,
+        counted and logged."""
         try:
-            p, head, time_end, attrs_at = self.rows.read_prediction(record.value or b"")
+            return self.rows.read_prediction(record.value or b"")
         except CodecError as exc:
             self.counts["prediction_undecodable"] += 1
             log.error(
                 "undecodable prediction skipped",
                 extra={"partition": record.partition, "offset": record.offset, "error": str(exc)},
             )
-            return
+            return None
+
+    def _on_prediction(
+        self,
+        ps: PartitionState,
+        record: Record,
+        prediction: tuple[dict[str, Any], bytes, int, int],
+        outputs: list[Out],
+    ) -> None:
+        p, head, time_end, attrs_at = prediction
         event_id: str = p["event_id"]
         t: int = p["event_time"]
         watermark = ps.watermark
@@ -814,15 +868,40 @@ class JoinCore:
             if first:
                 outputs.append(self._example(ps, entry, out_key))
 
-    def _on_label(self, ps: PartitionState, record: Record, outputs: list[Out]) -> None:
-        value = record.value or b""
-        try:  # Avro, or JSON by the rules of a label file (label_time: the record's, if none)
-            label = decode_label(value, record.timestamp)
-        except CodecError as exc:
-            outputs.append(self._unmatched(record, None, "undecodable", str(exc)))
+    @staticmethod
+    def _read_label(record: Record) -> dict[str, Any] | CodecError | InvalidLabel:
+        """A label record decoded (Avro, or JSON by the rules of a label file, label_time the
+        record's if none), or why it could not be."""
+        try:
+            return decode_label(record.value or b"", record.timestamp)
+        except (CodecError, InvalidLabel) as exc:
+            return exc
+
+    def _prefetch(self, records: list[Record], event_ids: list[Any]) -> None:
+        """Tell each partition's store which events this batch's records are for (None: a
+        record that could not be read), so that a store on disk reads them in one pass (a
+        multi-get) rather than one by one."""
+        wanted: dict[int, list[str]] = {}
+        for record, event_id in zip(records, event_ids, strict=True):
+            if isinstance(event_id, str):
+                wanted.setdefault(record.partition, []).append(event_id)
+        for partition, event_ids in wanted.items():
+            ps = self.partitions.get(partition)
+            if ps is not None:
+                ps.store.prefetch(event_ids)
+
+    def _on_label(
+        self,
+        ps: PartitionState,
+        record: Record,
+        label: dict[str, Any] | CodecError | InvalidLabel,
+        outputs: list[Out],
+    ) -> None:
+        if isinstance(label, InvalidLabel):
+            outputs.append(self._unmatched(record, label.raw, "invalid_label", str(label)))
             return
-        except InvalidLabel as exc:
-            outputs.append(self._unmatched(record, exc.raw, "invalid_label", str(exc)))
+        if isinstance(label, CodecError):
+            outputs.append(self._unmatched(record, None, "undecodable", str(label)))
             return
         event_id, cls, label_time = label["event_id"], label["value"], label["label_time"]
         problem = _label_problem(event_id, cls, label_time)
@@ -842,7 +921,14 @@ class JoinCore:
             return
         self.counts["label"] += 1
         entry = ps.store.get(event_id)
-        if entry is not None and entry.expired:
+        if entry is not None and (
+            entry.expired  # or due to be: its bucket closed, and a backlog waits on it
+            or (
+                entry.event_time is not None
+                and ps.closed_at_start is not None
+                and entry.event_time < ps.closed_at_start
+            )
+        ):
             outputs.append(
                 self._unmatched(
                     record, label, "too_late", "the event's join window closed before the label"
@@ -902,13 +988,20 @@ class JoinCore:
 
     def _expire(self, ps: PartitionState, outputs: list[Out]) -> None:
         if ps.watermark is None:
+            ps.backlog = False
             return
         cfg = self.config
         closed = self._closed_before(ps)
         assert closed is not None
         store = ps.store
+        budget = cfg.expire_per_batch  # the rest waits for the partition's next batches
+        ps.backlog = True  # until the end
         for bucket in sorted(b for b in store.buckets(Index.EVENTS) if b < closed):
-            for event_id in store.pop_bucket(Index.EVENTS, bucket):
+            if budget < 1:
+                return
+            event_ids, drained = store.pop_bucket(Index.EVENTS, bucket, budget)
+            budget -= len(event_ids)
+            for event_id in event_ids:
                 entry = store[event_id]
                 if entry.label is None:
                     for variant, pred in entry.preds.items():
@@ -922,6 +1015,8 @@ class JoinCore:
                 else:
                     store.remove(event_id)
             ps.groups.clear()
+            if not drained:
+                return  # its windows close once the bucket is done
             for key in [k for k in ps.stats if k[4] == bucket]:
                 final = ps.stats.pop(key)
                 ps.removed_stats.add(key)
@@ -933,11 +1028,18 @@ class JoinCore:
                 final.expired_unlabeled = final.predicted - final.labeled
                 ps.closed[key] = ps.final_windows[key] = final
                 ps.dirty_windows.add(key)
-        forget = cfg.bucket(ps.watermark - cfg.window_ms - cfg.grace_ms - cfg.marker_ms)
-        for bucket in [b for b in store.buckets(Index.MARKERS) if b < forget]:
-            for event_id in store.pop_bucket(Index.MARKERS, bucket):
+        forget = self._forget_before(ps)
+        assert forget is not None
+        for bucket in sorted(b for b in store.buckets(Index.MARKERS) if b < forget):
+            if budget < 1:
+                return
+            event_ids, drained = store.pop_bucket(Index.MARKERS, bucket, budget)
+            budget -= len(event_ids)
+            for event_id in event_ids:
                 store.remove(event_id)
                 ps.dirty_keys.add(event_id)
+            if not drained:
+                return
         forget_windows = cfg.bucket(
             ps.watermark - cfg.window_ms - cfg.grace_ms - max(cfg.marker_ms, cfg.tumbling_ms)
         )
@@ -946,7 +1048,7 @@ class JoinCore:
             ps.dirty_windows.discard(key)
             ps.dead_windows.add(key)
         for bucket in [b for b in store.buckets(Index.LABELS) if b < closed]:
-            for event_id in store.pop_bucket(Index.LABELS, bucket):
+            for event_id in store.pop_bucket(Index.LABELS, bucket)[0]:
                 pending = store.get(event_id)
                 if pending is None or pending.event_time is not None or pending.label is None:
                     continue
@@ -967,6 +1069,7 @@ class JoinCore:
                         ps.partition,
                     )
                 )
+        ps.backlog = False
 
     # --- statistics -----------------------------------------------------------------------
 

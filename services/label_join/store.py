@@ -20,6 +20,7 @@ ignores both.
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -65,6 +66,10 @@ class JoinStore:
         """Add the event's entry, or replace the one held."""
         raise NotImplementedError
 
+    def prefetch(self, event_ids: Collection[str]) -> None:
+        """The batch is about to ``get`` these events: a store that reads them from disk
+        may read them all at once now. Nothing else changes."""
+
     def remove(self, event_id: str) -> None:
         """Forget the event (nothing happens if it is not held)."""
         raise NotImplementedError
@@ -93,8 +98,12 @@ class JoinStore:
         """The buckets that may hold event_ids (in no particular order)."""
         raise NotImplementedError
 
-    def pop_bucket(self, index: Index, bucket: int) -> Collection[str]:
-        """The bucket's event_ids, and the bucket emptied."""
+    def pop_bucket(
+        self, index: Index, bucket: int, limit: int | None = None
+    ) -> tuple[Collection[str], bool]:
+        """Up to ``limit`` (None: all) of the bucket's event_ids, taken out of it, and
+        whether it is now empty (it then leaves ``buckets``). A limit takes the smallest
+        event_ids first."""
         raise NotImplementedError
 
     # --- batches ----------------------------------------------------------------------------
@@ -158,8 +167,18 @@ class MemoryStore(JoinStore):
     def buckets(self, index: Index) -> Iterable[int]:
         return list(self._indexes[index])
 
-    def pop_bucket(self, index: Index, bucket: int) -> Collection[str]:
-        return self._indexes[index].pop(bucket, ())
+    def pop_bucket(
+        self, index: Index, bucket: int, limit: int | None = None
+    ) -> tuple[Collection[str], bool]:
+        members = self._indexes[index].get(bucket)
+        if members is None:
+            return (), True
+        if limit is None or len(members) <= limit:
+            del self._indexes[index][bucket]
+            return members, True
+        taken = heapq.nsmallest(limit, members)  # the disk store's order: the same batches
+        members.difference_update(taken)
+        return taken, False
 
     def indexed(self, index: Index) -> dict[int, set[str]]:
         """The index itself (tests compare stores with it)."""
