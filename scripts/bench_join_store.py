@@ -27,6 +27,7 @@ Two parts, each run in fresh subprocesses so that every peak RSS is one store's 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ from services.label_join.join import (  # noqa: E402
     OutputTopics,
     VersionCatalog,
 )
+from services.label_join.service import LabelJoinService  # noqa: E402
 from services.label_join.store import Index, MemoryStore  # noqa: E402
 
 T0 = 1_767_225_600_000
@@ -242,21 +244,29 @@ def store_part(entries: int, directory: Path) -> dict[str, Any]:
             store.checkpoint(store.seal([], {}, None), None)
     miss_s = time.perf_counter() - t0
 
-    # expire the oldest bucket as the join does: its index range, a marker per entry
+    # expire the oldest bucket as the join does: its index range, a marker per entry, a
+    # batch of at most expire_per_batch entries at a time, each checkpointed
     oldest = min(store.buckets(Index.EVENTS))
-    t0 = time.perf_counter()
-    ids = store.pop_bucket(Index.EVENTS, oldest)
-    store.checkpoint(store.seal([], {}, None), None)
-    range_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    markers = []
-    for eid in ids:
-        marker = Entry(eid, event_time=oldest, expired=True)
-        store.put(marker)
-        store.index(Index.MARKERS, oldest, eid)
-        markers.append((eid.encode(), marker.encode()))
-    store.checkpoint(store.seal(markers, {}, None), None)
-    markers_s = time.perf_counter() - t0
+    budget = config.expire_per_batch
+    range_s = markers_s = 0.0
+    expired = chunks = 0
+    drained = False
+    while not drained:
+        t0 = time.perf_counter()
+        ids, drained = store.pop_bucket(Index.EVENTS, oldest, budget)
+        range_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        markers = []
+        for eid in ids:
+            assert store.get(eid) is not None  # the join reads each: expired unlabelled?
+            marker = Entry(eid, event_time=oldest, expired=True)
+            store.put(marker)
+            store.index(Index.MARKERS, oldest, eid)
+            markers.append((eid.encode(), marker.encode()))
+        store.checkpoint(store.seal(markers, {}, None), None)
+        markers_s += time.perf_counter() - t0
+        expired += len(ids)
+        chunks += 1
     assert not any(True for _ in store._scan(b"i\x00" + (oldest + (1 << 63)).to_bytes(8, "big")))
     store.close()
     return {
@@ -273,7 +283,9 @@ def store_part(entries: int, directory: Path) -> dict[str, Any]:
         "lookup_present_per_s": round(lookups / hit_s),
         "lookup_absent_per_s": round(lookups / miss_s),
         "expire_bucket": {
-            "entries": len(ids),
+            "entries": expired,
+            "batches": chunks,
+            "expire_per_batch": budget,
             "index_range_read_and_deleted_s": round(range_s, 3),
             "markers_written_s": round(markers_s, 3),
         },
@@ -314,6 +326,10 @@ def service_part(store_kind: str, entries: int, directory: Path, seed: int) -> d
         ps = core.attach(MemoryStore(0))
     core.finish_restore(ps)
     store = ps.store
+    # the collector as the service sets it once started (services/common/lifecycle.py)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*LabelJoinService.gc_thresholds)
     rng = random.Random(seed)
     pcodec, lcodec = codec("Prediction"), codec("Label")
     directory.mkdir(parents=True, exist_ok=True)
