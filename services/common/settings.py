@@ -122,6 +122,13 @@ class LabelJoinSettings(_Group):
         description="records per label-join batch: larger than the scorer's, since labels "
         "wait minutes anyway and each batch costs broker requests and a commit",
     )
+    expire_per_batch: int = Field(
+        10_000,
+        ge=1,
+        description="entries a partition expires per batch: a larger hour of events is "
+        "worked through over the next batches, so a batch's memory and time stay bounded "
+        "whatever the rate (keep it above batch_max_records, or expiry falls behind)",
+    )
     store: Literal["disk", "memory"] = Field(
         "disk",
         description="where the join state lives: `disk` (RocksDB under data_dir, memory "

@@ -70,6 +70,9 @@ _WATERMARK = _META + b"watermark"
 _ENTRIES = _META + b"entries"
 _OWNER = _META + b"owner"  # JSON: format, changelog topic, partition
 _SAVED_AT = _META + b"saved_at"  # wall-clock ms of the last checkpoint
+# the changelog record just before the offset, where known: its offset (8 bytes) and key. A
+# changelog recreated since (as long, but other records) has another record there.
+_LAST = _META + b"last"
 _REBUILDING = _META + b"rebuilding"  # set while a restore's raw records await their indexes
 _BUCKET_BIAS = 1 << 63  # event times are epoch ms; the bias keeps negative ones sortable
 _MISSING: Any = object()
@@ -187,6 +190,7 @@ class DiskStore(JoinStore):
         self.final_windows = {}
         self.offset: int | None = None  # the changelog offset the data on disk covers
         self.saved_at: int | None = None
+        self.last: tuple[int, bytes] | None = None  # see _LAST
         self._count = 0
         self._buckets: tuple[set[int], ...] = (set(), set(), set())
         # this batch: entries read or changed (None: absent), and its writes so far
@@ -206,6 +210,8 @@ class DiskStore(JoinStore):
         self.offset = _int(db.get(_OFFSET))
         self.watermark = _int(db.get(_WATERMARK))
         self.saved_at = _int(db.get(_SAVED_AT))
+        last = db.get(_LAST)
+        self.last = None if last is None else (int.from_bytes(last[:8], "big"), last[8:])
         self.rebuilding = db.get(_REBUILDING) is not None
         self._count = _int(db.get(_ENTRIES)) or 0
         for key, value in self._scan(_STATS):
@@ -391,7 +397,9 @@ class DiskStore(JoinStore):
         self._writes = {}
         return sealed.number
 
-    def checkpoint(self, sealed: int, changelog_offset: int | None) -> None:
+    def checkpoint(
+        self, sealed: int, changelog_offset: int | None, last_key: bytes | None = None
+    ) -> None:
         while self._sealed and self._sealed[0].number <= sealed:
             done = self._sealed.pop(0)
             last = done.number == sealed
@@ -400,11 +408,20 @@ class DiskStore(JoinStore):
                 # claiming records the store does not hold yet would lose them
                 done.batch.put(_OFFSET, str(changelog_offset).encode())
                 self.offset = changelog_offset
+                self._put_last(done.batch, changelog_offset, last_key)
             now = int(time.time() * 1000)
             done.batch.put(_SAVED_AT, str(now).encode())
             self._db.write(done.batch)
             self.saved_at = now
             self._ranges = [r for r in self._ranges if r[0] > done.number]
+
+    def _put_last(self, batch: WriteBatch, offset: int, key: bytes | None) -> None:
+        if key is None or offset < 1:
+            batch.delete(_LAST)
+            self.last = None
+        else:
+            batch.put(_LAST, (offset - 1).to_bytes(8, "big") + key)
+            self.last = (offset - 1, key)
 
     def close(self) -> None:
         """Unwritten batches are dropped: the changelog has (or will replay) them."""
@@ -434,7 +451,12 @@ class DiskStore(JoinStore):
 
     # --- a restore onto an empty store ------------------------------------------------------
 
-    def load_raw(self, records: Sequence[ChangelogRecord], changelog_offset: int) -> None:
+    def load_raw(
+        self,
+        records: Sequence[ChangelogRecord],
+        changelog_offset: int,
+        last_key: bytes | None = None,
+    ) -> None:
         """Changelog records written as they are (last one per key wins), nothing decoded:
         the first pass of a restore onto an empty store; ``rebuild`` is the second. Until
         it ends the store says so, and a store opened in that state is rebuilt."""
@@ -446,6 +468,7 @@ class DiskStore(JoinStore):
                 batch.put(_CHANGELOG + key, value)
         batch.put(_REBUILDING, b"1")
         batch.put(_OFFSET, str(changelog_offset).encode())
+        self._put_last(batch, changelog_offset, last_key)
         self._db.write(batch)
         self.offset = changelog_offset
         self.rebuilding = True

@@ -130,6 +130,7 @@ class JoinConfig:
             tumbling_ms=ms(lj.tumbling_s),
             sliding_ms=ms(lj.sliding_s),
             marker_ms=ms(lj.marker_s),
+            expire_per_batch=lj.expire_per_batch,
             keep_original_bytes=settings.rejection_keep_bytes,
         )
 

@@ -499,6 +499,8 @@ class LabelJoinService:
         begin = (await self._restorer.beginning_offsets([tp]))[tp]
         end = (await true_end_offsets(self._restorer, [tp]))[tp]
         reason = _rebuild_reason(store, begin, end, self.settings.label_join.store_max_stale_s)
+        if reason is None:
+            reason = await self._foreign_changelog(tp, store, begin, end)
         if reason is not None:
             log.warning(
                 "join store rebuilt from the changelog",
@@ -506,6 +508,7 @@ class LabelJoinService:
             )
             store.wipe()
         empty = store.offset is None
+        tail: tuple[int, bytes | None] = (-1, None)  # the last changelog record read
         resumed_at = store.offset if store.offset is not None else begin
         ps = self.core.attach(store)
         replayed = 0
@@ -518,20 +521,23 @@ class LabelJoinService:
                 fetched = await self._restorer.getmany(tp, timeout_ms=200)
                 for record in fetched.get(tp, ()):
                     replayed += 1
+                    tail = (record.offset, record.key)
                     if record.key is not None:
                         chunk.append((record.key, record.value))
                 position = await self._restorer.position(tp)
                 if len(chunk) >= 20_000 or (position >= end and chunk):
+                    last_key = tail[1] if tail[0] == position - 1 else None
                     if empty:  # written as they are, indexed once at the end
-                        store.load_raw(chunk, position)
+                        store.load_raw(chunk, position, last_key)
                     else:  # each replaces what the store holds of its event
-                        store.checkpoint(self.core.apply(ps, chunk), position)
+                        store.checkpoint(self.core.apply(ps, chunk), position, last_key)
                     chunk = []
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"could not read {tp.topic}[{partition}] to {end} in 600s")
             if empty:
                 store.rebuild(self.core, ps)
-        store.checkpoint(self.core.finish_restore(ps), end)
+        known = store.last if store.last is not None and store.last[0] == end - 1 else None
+        store.checkpoint(self.core.finish_restore(ps), end, known[1] if known else None)
         self._restorer.assign([])
         self.restored_partitions.add(partition)
         self.changelog_read[partition] = replayed
@@ -549,6 +555,29 @@ class LabelJoinService:
                 "seconds": round(elapsed, 3),
             },
         )
+
+    async def _foreign_changelog(
+        self, tp: TopicPartition, store: DiskStore, begin: int, end: int
+    ) -> str | None:
+        """Why the changelog is not the one the store was checkpointed against, or None: a
+        changelog deleted and recreated since, and written past the checkpoint, has another
+        record where the store's last covered one was. (Compacted away: not checked.)"""
+        if store.last is None or not begin <= store.last[0] < end:
+            return None
+        assert self._restorer is not None
+        offset, key = store.last
+        self._restorer.seek(tp, offset)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            fetched = await self._restorer.getmany(tp, timeout_ms=200, max_records=1)
+            for record in fetched.get(tp, ()):
+                if record.offset == offset and record.key != key:
+                    return (
+                        f"the changelog's record at {offset} is not the last one the store's "
+                        "checkpoint covers (the topic was recreated?)"
+                    )
+                return None
+        return None
 
     # --- one batch ------------------------------------------------------------------------
 
@@ -729,12 +758,16 @@ def _checkpoint(
     for meta in acked:
         first[meta.partition] = min(first.get(meta.partition, meta.offset), meta.offset)
     sent: dict[int, int] = {}
-    for partition, _, _ in changelog:
+    last_key: dict[int, bytes] = {}
+    for partition, key, _ in changelog:
         sent[partition] = sent.get(partition, 0) + 1
+        last_key[partition] = key
     for store, number in sealed:
         partition = store.partition
-        offset = first[partition] + sent[partition] if partition in first else None
-        store.checkpoint(number, offset)
+        if partition in first:  # the key of the record before the offset, if ours alone
+            store.checkpoint(number, first[partition] + sent[partition], last_key[partition])
+        else:
+            store.checkpoint(number, None)
 
 
 def _stats_record(

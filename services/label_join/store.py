@@ -119,9 +119,13 @@ class JoinStore:
         the partition's watermark. Returns the batch's number for ``checkpoint``."""
         return 0
 
-    def checkpoint(self, sealed: int, changelog_offset: int | None) -> None:
+    def checkpoint(
+        self, sealed: int, changelog_offset: int | None, last_key: bytes | None = None
+    ) -> None:
         """Batches up to ``sealed`` are on the changelog, whose records before
-        ``changelog_offset`` (None: unknown, keep the last one) they cover."""
+        ``changelog_offset`` (None: unknown, keep the last one) they cover; ``last_key``:
+        the key of the record just before that offset, where known (a durable store keeps
+        it to tell its changelog from one recreated since)."""
 
     def close(self) -> None:
         """Release what the store holds open (the data stays where it is kept)."""

@@ -15,9 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
+from services.common.kafka import delete_topics, ensure_topics
 from services.common.settings import Settings
+from services.label_join.service import CHANGELOG, changelog_spec
 from tests.helpers import consume_until, produce, stop_processes
 from tests.label_join.factories import scenario
 from tests.label_join.test_join_core import latest_by
@@ -46,13 +49,13 @@ from services.label_join import disk_store
 when, nth = os.environ["KILL_AT_CHECKPOINT"].split(":")
 calls = [0]
 original = disk_store.DiskStore.checkpoint
-def checkpoint(self, sealed, offset):
+def checkpoint(self, *args):
     if sys._getframe(1).f_code.co_name != "_checkpoint":  # a restore's checkpoint
-        return original(self, sealed, offset)
+        return original(self, *args)
     calls[0] += 1
     if calls[0] == int(nth) and when == "before":
         os.kill(os.getpid(), signal.SIGKILL)
-    original(self, sealed, offset)
+    original(self, *args)
     if calls[0] == int(nth) and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
 disk_store.DiskStore.checkpoint = checkpoint
@@ -184,3 +187,42 @@ async def test_kills_moves_and_a_lost_disk_leave_exact_totals(
     assert {k: v["label"] for k, v in latest_by(labeled, ("event_id", "variant")).items()} == {
         (e, v): y for e, y in s.truth.items() for v in ("champion", "shadow")
     }
+
+
+async def test_a_recreated_changelog_longer_than_the_checkpoint_rebuilds_the_store(
+    join_settings: Settings, tmp_path: Path
+) -> None:
+    """The changelog deleted and created again while the join was down, then written past
+    the stores' checkpoints (by another deployment, say): the offsets alone look like a
+    tail to replay. The record each checkpoint covers last is not there, so every store is
+    rebuilt from the new changelog instead of keeping entries it no longer has."""
+    settings = join_settings
+    s = scenario(300, seed=23, window_ms=CONFIG.window_ms)
+    disk, log = tmp_path / "disk", tmp_path / "join.log"
+    env = {"SCOREMESH_LABEL_JOIN_STORE": "disk", "SCOREMESH_LABEL_JOIN_DATA_DIR": str(disk)}
+    join = start_service(settings, log, env)
+    try:
+        await produce(settings, "predictions", predictions_kv(s.predictions))
+        await predicted_reaches(settings, 300, [(join, log)])
+    finally:
+        stop_processes(join)
+    await delete_topics(settings, [CHANGELOG])
+    await ensure_topics(settings, [changelog_spec()])
+    # forgetting 4,000 events it never held: many more records per partition than before
+    forget: list[Any] = [(f"other-{i}".encode(), None) for i in range(4000)]
+    await produce(settings, CHANGELOG, forget)
+    log.write_text("")
+    join = start_service(settings, log, env)
+    try:
+        partitions = changelog_spec().partitions
+        await wait_until(
+            "every partition restored",
+            lambda: log.read_text().count("join state restored") >= partitions,
+        )
+    finally:
+        stop_processes(join)
+    lines = [orjson.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    rebuilt = [r for r in lines if r.get("msg") == "join store rebuilt from the changelog"]
+    restored = [r for r in lines if r.get("msg") == "join state restored"]
+    assert len(rebuilt) == partitions and all("recreated" in r["reason"] for r in rebuilt)
+    assert [r["entries"] for r in restored] == [0] * partitions
