@@ -826,6 +826,8 @@ class JoinCore:
         if t <= self._future_ms and (watermark is None or t > watermark):
             ps.watermark = watermark = t
         entry = ps.store.get(event_id)
+        if entry is not None and self._forget_closed_label(ps, entry, outputs):
+            entry = None
         if entry is not None and entry.expired:
             self.counts["prediction_too_late"] += 1
             return
@@ -922,6 +924,8 @@ class JoinCore:
             return
         self.counts["label"] += 1
         entry = ps.store.get(event_id)
+        if entry is not None and self._forget_closed_label(ps, entry, outputs):
+            entry = None
         if entry is not None and (
             entry.expired  # or due to be: its bucket closed, and a backlog waits on it
             or (
@@ -1048,29 +1052,54 @@ class JoinCore:
             del ps.final_windows[key]
             ps.dirty_windows.discard(key)
             ps.dead_windows.add(key)
-        for bucket in [b for b in store.buckets(Index.LABELS) if b < closed]:
-            for event_id in store.pop_bucket(Index.LABELS, bucket)[0]:
+        for bucket in sorted(b for b in store.buckets(Index.LABELS) if b < closed):
+            if budget < 1:
+                return
+            event_ids, drained = store.pop_bucket(Index.LABELS, bucket, budget)
+            budget -= len(event_ids)
+            for event_id in event_ids:
                 pending = store.get(event_id)
                 if pending is None or pending.event_time is not None or pending.label is None:
                     continue
-                store.remove(event_id)
-                ps.dirty_keys.add(event_id)
-                label = {
-                    "event_id": event_id,
-                    "value": pending.label,
-                    "label_time": pending.label_time,
-                }
-                outputs.append(
-                    self._unmatched(
-                        None,
-                        label,
-                        "unknown_event",
-                        "no prediction for this event arrived within the join window "
-                        f"({(cfg.window_ms + cfg.grace_ms) // SECOND_MS}s of event time)",
-                        ps.partition,
-                    )
-                )
+                self._unknown_event(ps, pending, outputs)
+            if not drained:
+                return
         ps.backlog = False
+
+    def _unknown_event(self, ps: PartitionState, pending: Entry, outputs: list[Out]) -> None:
+        """A label whose event had no prediction before its window closed: forgotten, and
+        out as unmatched."""
+        cfg = self.config
+        ps.store.remove(pending.event_id)
+        ps.dirty_keys.add(pending.event_id)
+        label = {
+            "event_id": pending.event_id,
+            "value": pending.label,
+            "label_time": pending.label_time,
+        }
+        outputs.append(
+            self._unmatched(
+                None,
+                label,
+                "unknown_event",
+                "no prediction for this event arrived within the join window "
+                f"({(cfg.window_ms + cfg.grace_ms) // SECOND_MS}s of event time)",
+                ps.partition,
+            )
+        )
+
+    def _forget_closed_label(self, ps: PartitionState, entry: Entry, outputs: list[Out]) -> bool:
+        """If ``entry`` is a pending label (no prediction yet) whose bucket had closed when
+        the batch began, which expiry would have let go already had a backlog not held it
+        up: let it go now, as expiry would have, and say so."""
+        if entry.event_time is not None or entry.label_time is None:
+            return False
+        bucket = self.config.bucket(entry.label_time)
+        if ps.closed_at_start is None or bucket >= ps.closed_at_start:
+            return False
+        ps.store.unindex(Index.LABELS, bucket, entry.event_id)
+        self._unknown_event(ps, entry, outputs)
+        return True
 
     # --- statistics -----------------------------------------------------------------------
 

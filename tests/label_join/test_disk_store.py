@@ -7,13 +7,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from services.common.performance import GroupStats
 from services.label_join.disk_store import DiskStore, DiskStoreConfig, DiskStores
 from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig, JoinCore, PartitionState
 from services.label_join.store import Index, JoinStore, MemoryStore
-from tests.label_join.factories import scenario
+from tests.label_join.factories import T0, features, label, prediction, scenario
 from tests.label_join.test_join_core import TOPICS, Run, batches_of, make_core
 
 CHANGELOG = "label-join.changelog"
@@ -289,3 +290,38 @@ def test_expiry_over_several_batches_ends_where_one_batch_would(tmp_path: Path) 
         unbounded.core.partitions[0].final_windows
     )
     assert stats_view(budgeted.shards) == stats_view(unbounded.shards)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_pending_label_a_backlog_holds_is_let_go_when_its_event_comes(
+    tmp_path: Path, store: str
+) -> None:
+    """Labels without predictions whose bucket closed while a backlog (one entry a batch)
+    holds up expiry: a prediction or a new label for their event meets them as unbounded
+    expiry would have left things (the label out as unknown_event, the event new)."""
+    rng = np.random.default_rng(3)
+    minute = 60_000
+    old, now = T0, T0 + 10 * minute
+
+    def pred(event_id: str, t: int) -> dict[str, Any]:
+        return prediction(event_id, t, features(rng), 0.8)
+
+    batches: list[Any] = [
+        ([pred("e0", old), pred("e1", old)], [label("u1", "1", old), label("u2", "0", old)]),
+        ([pred("e9", now)], []),  # closes the old buckets: e0, e1 take the next batches
+        ([pred("u1", now)], [label("u2", "1", now)]),
+    ]
+    one = dataclasses.replace(BUDGET, expire_per_batch=1)
+    unbounded = Run(make_core(SMALL))
+    core = make_core(one)
+    budgeted = DiskRun(core, open_disk(core, tmp_path)) if store == "disk" else Run(core)
+    for batch in batches:
+        unbounded.feed(batch)
+        budgeted.feed(batch)
+    assert budgeted.core.partitions[0].backlog  # the old buckets are still being worked on
+    for run in (unbounded, budgeted):
+        unmatched = {(r["event_id"], r["reason"]) for r in run.outputs[TOPICS.unmatched]}
+        assert ("u1", "unknown_event") in unmatched
+        assert not run.outputs[TOPICS.labeled]  # u1's prediction joined no stale label
+        assert run.core.partitions[0].entries["u2"].label_time == now  # pending anew
+    assert budgeted.core.counts == unbounded.core.counts
