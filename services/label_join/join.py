@@ -32,7 +32,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -419,6 +419,30 @@ class Entry:
                 }
             )
         return entry
+
+
+class _ExpiryBudget:
+    """The entries one partition may still expire or forget in this batch."""
+
+    def __init__(self, entries: int) -> None:
+        self.left = entries
+        self.stopped = False  # a bucket (or more) left for the next batches
+
+    def buckets(
+        self, store: JoinStore, index: Index, below: int
+    ) -> Iterator[tuple[int, Collection[str]]]:
+        """The index's buckets below ``below``, oldest first, each with the event_ids taken
+        out of it; a bucket the budget does not empty is the last one (``stopped``)."""
+        for bucket in sorted(b for b in store.buckets(index) if b < below):
+            if self.left < 1:
+                self.stopped = True
+                return
+            event_ids, drained = store.pop_bucket(index, bucket, self.left)
+            self.left -= len(event_ids)
+            self.stopped = not drained
+            yield bucket, event_ids
+            if self.stopped:
+                return
 
 
 @dataclass
@@ -999,13 +1023,9 @@ class JoinCore:
         closed = self._closed_before(ps)
         assert closed is not None
         store = ps.store
-        budget = cfg.expire_per_batch  # the rest waits for the partition's next batches
+        budget = _ExpiryBudget(cfg.expire_per_batch)  # the rest waits for the next batches
         ps.backlog = True  # until the end
-        for bucket in sorted(b for b in store.buckets(Index.EVENTS) if b < closed):
-            if budget < 1:
-                return
-            event_ids, drained = store.pop_bucket(Index.EVENTS, bucket, budget)
-            budget -= len(event_ids)
+        for bucket, event_ids in budget.buckets(store, Index.EVENTS, closed):
             for event_id in event_ids:
                 entry = store[event_id]
                 if entry.label is None:
@@ -1020,7 +1040,7 @@ class JoinCore:
                 else:
                     store.remove(event_id)
             ps.groups.clear()
-            if not drained:
+            if budget.stopped:
                 return  # its windows close once the bucket is done
             for key in [k for k in ps.stats if k[4] == bucket]:
                 final = ps.stats.pop(key)
@@ -1035,16 +1055,12 @@ class JoinCore:
                 ps.dirty_windows.add(key)
         forget = self._forget_before(ps)
         assert forget is not None
-        for bucket in sorted(b for b in store.buckets(Index.MARKERS) if b < forget):
-            if budget < 1:
-                return
-            event_ids, drained = store.pop_bucket(Index.MARKERS, bucket, budget)
-            budget -= len(event_ids)
+        for _, event_ids in budget.buckets(store, Index.MARKERS, forget):
             for event_id in event_ids:
                 store.remove(event_id)
                 ps.dirty_keys.add(event_id)
-            if not drained:
-                return
+        if budget.stopped:
+            return
         forget_windows = cfg.bucket(
             ps.watermark - cfg.window_ms - cfg.grace_ms - max(cfg.marker_ms, cfg.tumbling_ms)
         )
@@ -1052,19 +1068,13 @@ class JoinCore:
             del ps.final_windows[key]
             ps.dirty_windows.discard(key)
             ps.dead_windows.add(key)
-        for bucket in sorted(b for b in store.buckets(Index.LABELS) if b < closed):
-            if budget < 1:
-                return
-            event_ids, drained = store.pop_bucket(Index.LABELS, bucket, budget)
-            budget -= len(event_ids)
+        for _, event_ids in budget.buckets(store, Index.LABELS, closed):
             for event_id in event_ids:
                 pending = store.get(event_id)
                 if pending is None or pending.event_time is not None or pending.label is None:
                     continue
                 self._unknown_event(ps, pending, outputs)
-            if not drained:
-                return
-        ps.backlog = False
+        ps.backlog = budget.stopped
 
     def _unknown_event(self, ps: PartitionState, pending: Entry, outputs: list[Out]) -> None:
         """A label whose event had no prediction before its window closed: forgotten, and

@@ -109,17 +109,25 @@ class DiskRun(Run):
             self.store.checkpoint(*self.waiting.pop(0))
 
 
+def side_by_side(
+    tmp_path: Path, s: Any, memory_config: JoinConfig, disk_config: JoinConfig
+) -> tuple[Run, DiskRun]:
+    """The scenario's batches fed to a join on the memory store and one on a disk store."""
+    memory = Run(make_core(memory_config))
+    core = make_core(disk_config)
+    disk = DiskRun(core, open_disk(core, tmp_path))
+    for batch in batches_of(s):
+        memory.feed(batch)
+        disk.feed(batch)
+    return memory, disk
+
+
 @CONFIGS
 def test_the_disk_store_joins_exactly_as_the_memory_store(
     tmp_path: Path, config: JoinConfig
 ) -> None:
     s = scenario(600, seed=5, window_ms=config.window_ms)
-    memory = Run(make_core(config))
-    core = make_core(config)
-    disk = DiskRun(core, open_disk(core, tmp_path))
-    for batch in batches_of(s):
-        memory.feed(batch)
-        disk.feed(batch)
+    memory, disk = side_by_side(tmp_path, s, config, config)
     # expiry walks a bucket in the store's order (a set, or the keys' order on disk)
     assert {t: sorted(map(repr, rows)) for t, rows in disk.outputs.items()} == {
         t: sorted(map(repr, rows)) for t, rows in memory.outputs.items()
@@ -265,12 +273,7 @@ def test_expiry_over_several_batches_ends_where_one_batch_would(tmp_path: Path) 
     a backlog still holds (too late) where unbounded expiry had forgotten it (the label then
     waits for a prediction that cannot come)."""
     s = scenario(600, seed=9, window_ms=SMALL.window_ms)
-    unbounded = Run(make_core(SMALL))
-    core = make_core(BUDGET)
-    budgeted = DiskRun(core, open_disk(core, tmp_path))
-    for batch in batches_of(s):
-        unbounded.feed(batch)
-        budgeted.feed(batch)
+    unbounded, budgeted = side_by_side(tmp_path, s, SMALL, BUDGET)
     extra = 0
     while budgeted.ps.backlog:  # batches with no input go on with it
         budgeted.feed(([], []))
