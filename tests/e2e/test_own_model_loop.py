@@ -211,6 +211,15 @@ async def test_a_teams_own_model_goes_around_the_loop(
             assert "without:" not in registered
         else:
             assert "without: no training recipe: a retrain will not run" in registered
+        # The stream is live, as in production: it starts once the hot path consumes (the
+        # validator and the scorer join their groups once the champion is loaded, seconds
+        # later). Sent before, its first seconds, the change at 2,500 among them, waited as
+        # a backlog fetched partition by partition, out of event order; under the parallel
+        # suite the detectors then placed the change before 2,500 and the retrain on that
+        # window was rejected ("the champion is as good or better")
+        for service in services:
+            if service.name in ("validator", "scorer"):
+                await wait_for_log(service, "partitions assigned", timeout_s=90)
 
         following = asyncio.create_task(observer.follow(stop_observer))
 
