@@ -1,10 +1,11 @@
 # scoremesh — everything goes through the project's own virtualenv, pinned by constraints.txt.
 PYTHON ?= python3
-# test processes (pytest-xdist): each starts its own embedded broker and Redis. Serial by
-# default: with two processes on a 2-core machine the suite takes ~10 instead of ~20 min,
-# but the closed-loop e2e tests (a retrain, then a promotion on labels) then run short of
-# time now and then; `make test TEST_WORKERS=2` where there are cores to spare
-TEST_WORKERS ?= 0
+# test processes (pytest-xdist, a file's tests together): each starts its own embedded
+# broker and Redis. Two by default: on a 2-core machine the suite takes ~10 instead of
+# ~20 min serially. The closed-loop tests stream until the promotion (or a deadline), not
+# a count of events, so they hold with another test's services on the same cores.
+# `make test TEST_WORKERS=0` runs serially
+TEST_WORKERS ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed

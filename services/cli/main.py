@@ -250,6 +250,15 @@ def demo(
         ),
     ] = None,
     rate: Annotated[float, typer.Option(min=1.0, help="Events per second.")] = 800.0,
+    max_events: Annotated[
+        int | None,
+        typer.Option(
+            callback=positive,
+            help="Events to send at most while the loop waits for a promotion "
+            "(default: 3 x --events).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """The whole loop on the embedded stack, with progress, a report and a picture."""
     from services.demo.runner import DemoOptions, run_demo
@@ -264,6 +273,7 @@ def demo(
             closed_loop=retrain_loop,
             drift_at=drift_at,
             rate=rate,
+            max_events=max_events,
         ),
     )
     if code:

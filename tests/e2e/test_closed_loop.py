@@ -15,8 +15,14 @@ pytestmark = pytest.mark.e2e
 
 def test_the_loop_closes_after_injected_drift(tmp_path: Path) -> None:
     out = tmp_path / "demo"
+    # The stream ends 3,000 events after the promotion; --max-events is only a deadline
+    # (~5 min at 800/s). The default, 3 x --events (45 s), is no budget when another
+    # test's services share the two cores and the retrain and its evidence take longer.
     result = scoremesh(
-        ["demo", "--events", "12000", "--drift-at", "5000", "--output", str(out)],
+        [
+            *("demo", "--events", "12000", "--drift-at", "5000", "--max-events", "240000"),
+            *("--output", str(out)),
+        ],
         tmp_path,
         timeout=900,
     )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,26 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.fault
 
+RETRIES = 4
+
+
+def retries(service: ServiceProcess) -> list[tuple[float, float]]:
+    """(when, announced wait) of each "Kafka not reachable, retrying" line in its log, for
+    the first Kafka client that logged one."""
+    out, client = [], None
+    for line in service.log().splitlines():
+        if "Kafka not reachable, retrying" not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:  # the last line, half written
+            continue
+        client = client or entry.get("client")
+        if entry.get("client") == client:
+            when = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp()
+            out.append((when, float(entry["retry_in_s"])))
+    return out
+
 
 async def test_scorer_waits_for_a_late_broker_and_then_serves(
     settings: Settings, trained_model: Any, tmp_path: Path
@@ -43,13 +67,24 @@ async def test_scorer_waits_for_a_late_broker_and_then_serves(
     scorer.start()
     broker = None
     try:
-        await asyncio.sleep(6)
+        # Until it has retried a few times (its start-up alone can take seconds while another
+        # test's services share the cores): a condition, not "6 s after the start"
+        deadline = time.monotonic() + 90
+        while len(retries(scorer)) < RETRIES and scorer.proc.poll() is None:
+            assert time.monotonic() < deadline, f"never retried:\n{scorer.log()[-2000:]}"
+            await asyncio.sleep(0.2)
         assert scorer.proc.poll() is None, scorer.log()[-2000:]
         assert health(metrics_port, "/healthz")[0] == 200
         status, body = health(metrics_port, "/readyz")
         assert status == 503 and not body["ready"]
-        retries = scorer.log().count("Kafka not reachable, retrying")
-        assert 2 <= retries <= 10, f"{retries} retries in 6 s: backoff is wrong"
+        # the backoff, from the log rather than a count in a wall-clock window: the first
+        # wait is short, each one doubles, and the process did wait that long between tries
+        tries = retries(scorer)[:RETRIES]
+        waits = [w for _, w in tries]
+        assert 0 < waits[0] <= 1.0, f"first wait {waits[0]} s: backoff is wrong"
+        assert all(b == min(2 * a, 5.0) for a, b in itertools.pairwise(waits)), waits
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(tries)]
+        assert all(g >= 0.9 * w for g, w in zip(gaps, waits, strict=False)), (gaps, waits)
 
         broker = start_broker(kafka_port, tmp_path / "tansu.log")
         await ensure_topics(s)
