@@ -475,8 +475,8 @@ class PartitionState:
     # for a durable store: the groups this batch changed, and statistics it dropped
     stored_groups: list[Groups] = field(default_factory=list)
     removed_stats: set[GroupKey] = field(default_factory=set)
-    # expiry not done for lack of budget (JoinConfig.expire_per_batch): the partition's next
-    # batches go on with it, input or not; True at first, so the first batch looks
+    # expiry not done for lack of budget (JoinConfig.expire_per_batch): every next batch of
+    # the process goes on with it, whichever partitions its input is for; True at first
     backlog: bool = True
     # buckets below this one were closed when the batch began: their entries count as
     # expired even where a backlog has not got to them yet (None: nothing closed)

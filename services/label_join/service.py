@@ -571,6 +571,8 @@ class LabelJoinService:
         while time.monotonic() < deadline:
             fetched = await self._restorer.getmany(tp, timeout_ms=200, max_records=1)
             for record in fetched.get(tp, ()):
+                if record.offset < offset:  # the head of a record batch
+                    continue
                 if record.offset == offset and record.key != key:
                     return (
                         f"the changelog's record at {offset} is not the last one the store's "
