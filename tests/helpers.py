@@ -218,6 +218,18 @@ def stop_processes(*procs: Any, timeout_s: float = 20) -> None:
                 proc.kill()
 
 
+async def wait_until(
+    what: str, check: Callable[[], bool], timeout_s: float = 60.0, every_s: float = 0.05
+) -> None:
+    """Until ``check()`` (asked every ``every_s``); TimeoutError naming ``what`` past the
+    deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+        await asyncio.sleep(every_s)
+
+
 async def wait_for_log(service: ServiceProcess, text: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while text not in service.log():

@@ -14,6 +14,7 @@ evidence, and better accuracy after. Without a recipe: "needs a person", no new 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import itertools
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from services.common.settings import Settings
 from services.demo.runner import LOOP_SETTINGS, Progress, _settle
 from services.demo.story import START_MS, STEP_MS, Observer, stream_with_labels
 from services.trainer.datasets import envelope
-from tests.helpers import ServiceProcess, service_env, wait_for_log
+from tests.helpers import ServiceProcess, service_env, wait_for_log, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -134,13 +135,6 @@ def run(argv: list[str], env: dict[str, str], cwd: Path) -> str:
     )
     assert done.returncode == 0, f"{argv}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
-
-
-async def wait_until(check: Callable[[], bool], timeout_s: float) -> None:
-    """Until ``check()`` or the deadline; the assertions after it say what was missing."""
-    deadline = time.monotonic() + timeout_s
-    while not check() and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
 
 
 async def registry_state(settings: Settings) -> Any:
@@ -260,10 +254,13 @@ async def test_a_teams_own_model_goes_around_the_loop(
             # the labels of the events after the promotion trail the stream: wait for the
             # evidence the accuracy check below needs, then for the rest to settle
             new_version, promoted_at = observer.promoted_version, observer.promoted_at or 0
-            await wait_until(
-                lambda: observer.accuracy(new_version, "champion", promoted_at, 10**9)[1] > 500,
-                timeout_s=120,
-            )
+            with contextlib.suppress(TimeoutError):  # the assertions below say what was missing
+                await wait_until(
+                    "the new champion's labelled predictions",
+                    lambda: observer.accuracy(new_version, "champion", promoted_at, 10**9)[1] > 500,
+                    timeout_s=120,
+                    every_s=0.5,  # each check walks the observer's records
+                )
         await _settle(observer, quiet_s=2.0)
     finally:
         stop_observer.set()

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 from services.common.kafka import delete_topics, ensure_topics
 from services.common.settings import Settings
 from services.label_join.service import CHANGELOG, changelog_spec
-from tests.helpers import consume_until, produce, stop_processes
+from tests.helpers import consume_until, produce, stop_processes, wait_until
 from tests.label_join.factories import scenario
 from tests.label_join.test_join_core import latest_by
 from tests.label_join.test_service import (
@@ -62,14 +61,6 @@ disk_store.DiskStore.checkpoint = checkpoint
 """
     + SERVICE_CODE
 )
-
-
-async def wait_until(what: str, check: Callable[[], bool], timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def predicted_reaches(settings: Settings, n: int, alive: list[Any]) -> None:
@@ -148,9 +139,11 @@ async def test_kills_moves_and_a_lost_disk_leave_exact_totals(
         await predicted_reaches(settings, quarter, [(a, log_a)])
         # 2. B joins and takes half the partitions, then dies inside its 3rd checkpoint
         b = start(disk_b, log_b, kill=f"{when}:3")
-        await wait_until("B to own partitions", lambda: "join state restored" in log_b.read_text())
+        await wait_until(
+            "B to own partitions", lambda: "join state restored" in log_b.read_text(), 90
+        )
         await send(events[quarter : 2 * quarter])
-        await wait_until("B's SIGKILL", lambda: b.poll() is not None)
+        await wait_until("B's SIGKILL", lambda: b.poll() is not None, 90)
         assert b.returncode == -signal.SIGKILL, log_b.read_text()[-3000:]
         # ... its partitions come back to A, whose stores for them are stale
         await predicted_reaches(settings, 2 * quarter, [(a, log_a)])
@@ -218,6 +211,7 @@ async def test_a_recreated_changelog_longer_than_the_checkpoint_rebuilds_the_sto
         await wait_until(
             "every partition restored",
             lambda: log.read_text().count("join state restored") >= partitions,
+            90,
         )
     finally:
         stop_processes(join)

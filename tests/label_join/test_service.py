@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
 from services.label_join.labels import send_labels
 from services.label_join.service import CHANGELOG, LabelJoinService, changelog_spec
 from tests.conftest import Running
-from tests.helpers import consume_until, produce, stop_processes
+from tests.helpers import consume_until, produce, stop_processes, wait_until
 from tests.label_join.factories import (
     T0,
     Scenario,
@@ -69,14 +69,6 @@ def predictions_kv(rows: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes
 
 def labels_kv(rows: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes]]:
     return [(lab["event_id"].encode(), encode_label(lab)) for lab in rows]
-
-
-async def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
-        await asyncio.sleep(0.05)
 
 
 def _all_stats(service: LabelJoinService) -> dict[tuple[Any, ...], bytes]:
@@ -150,11 +142,11 @@ async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
     async with Running(service):
         # phases, so event time advances as the scenario says (labels may still come first)
         await produce(settings, "labels", labels_kv(s.early_labels))
-        await wait_for("early labels", lambda: counts["label_pending"] == len(s.early_labels))
+        await wait_until("early labels", lambda: counts["label_pending"] == len(s.early_labels))
         await produce(settings, "predictions", predictions_kv(s.predictions))
         await produce(settings, "labels", labels_kv(s.labels + s.unknown))
         n_labels = len(s.early_labels) + len(s.labels) + len(s.unknown)
-        await wait_for(
+        await wait_until(
             "predictions and labels",
             lambda: (
                 counts["prediction"] + counts["prediction_duplicate"] == len(s.predictions)
@@ -162,9 +154,9 @@ async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
             ),
         )
         await produce(settings, "predictions", predictions_kv(s.flush))
-        await wait_for("the flush", lambda: counts["expired"] >= 300)
+        await wait_until("the flush", lambda: counts["expired"] >= 300)
         await produce(settings, "labels", labels_kv(s.late_labels))
-        await wait_for("late labels", lambda: counts["unmatched_too_late"] == len(s.late_labels))
+        await wait_until("late labels", lambda: counts["unmatched_too_late"] == len(s.late_labels))
         await asyncio.sleep(1.0)  # a publish after the last batch
         health_ok = {tp.partition for tp in service.loop.assigned} <= service.restored_partitions
         held = (service.core.pending_entries, _all_stats(service))
@@ -172,7 +164,7 @@ async def test_join_on_the_broker_matches_sklearn_and_routes_every_label(
     if store == "disk":  # a clean restart on the same disk reads nothing from the changelog
         again = LabelJoinService(settings, CONFIG, publish_interval_s=0.3)
         async with Running(again):
-            await wait_for("the restore", lambda: len(again.restored_partitions) == 6)
+            await wait_until("the restore", lambda: len(again.restored_partitions) == 6)
             assert again.changelog_read == {p: 0 for p in range(6)}
             assert (again.core.pending_entries, _all_stats(again)) == held
 
