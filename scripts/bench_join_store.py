@@ -27,7 +27,6 @@ Two parts, each run in fresh subprocesses so that every peak RSS is one store's 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -51,6 +50,7 @@ from aiokafka import ConsumerRecord  # noqa: E402
 
 from scoremesh.contract.codec import codec  # noqa: E402
 from scoremesh.contract.featurespec import FeatureRule, FeatureSpec  # noqa: E402
+from services.common.lifecycle import tune_collector  # noqa: E402
 from services.common.model_version import ModelVersion  # noqa: E402
 from services.common.registry_view import RegistryState  # noqa: E402
 from services.label_join.disk_store import DiskStoreConfig, DiskStores  # noqa: E402
@@ -326,10 +326,7 @@ def service_part(store_kind: str, entries: int, directory: Path, seed: int) -> d
         ps = core.attach(MemoryStore(0))
     core.finish_restore(ps)
     store = ps.store
-    # the collector as the service sets it once started (services/common/lifecycle.py)
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*LabelJoinService.gc_thresholds)
+    tune_collector(LabelJoinService.gc_thresholds)  # as the service once started
     rng = random.Random(seed)
     pcodec, lcodec = codec("Prediction"), codec("Label")
     directory.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ from services.common.kafka import (
     send_records,
     start_with_retry,
 )
-from services.common.lifecycle import Service
+from services.common.lifecycle import Service, tune_collector
 from services.common.settings import Settings
 from services.label_join.join import DAY_MS, HOUR_MS, JoinConfig
 from services.label_join.service import (
@@ -372,9 +372,7 @@ async def core_cost(
     # the collector as in a join process: the benchmark's own heap (every event, prediction
     # and label of the run) out of its way, and the service's thresholds
     thresholds = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*LabelJoinService.gc_thresholds)
+    tune_collector(LabelJoinService.gc_thresholds)
     try:
         started = time.process_time()
         for i in range(0, len(preds), batch):

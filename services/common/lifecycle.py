@@ -29,6 +29,18 @@ class Service(Protocol):
     def register_checks(self, health: HealthServer) -> None: ...
 
 
+def tune_collector(thresholds: tuple[int, ...] | None) -> None:
+    """The collector as a started service has it. Start-up objects (models, schemas,
+    libraries) live for the whole process: moved out of the collector's way, so full
+    collections stop adding 10-20 ms to the tail. A service whose heap grows with its state
+    (the label join) may ask for rarer collections: its optional attribute
+    ``gc_thresholds``, as for gc.set_threshold."""
+    gc.collect()
+    gc.freeze()
+    if thresholds:
+        gc.set_threshold(*thresholds)
+
+
 async def serve(make: Callable[[], Service], settings: Settings, name: str) -> int:
     """Run a service until SIGTERM/SIGINT; finish the in-flight batch and close in time."""
     health = HealthServer(name, settings.metrics_host, settings.metrics_port)
@@ -52,15 +64,7 @@ async def serve(make: Callable[[], Service], settings: Settings, name: str) -> i
         api_port = getattr(service, "port", None)  # a service with its own listener (query)
         if isinstance(api_port, int):
             announced = announce_service(service.name, health.port, settings, api_port)
-        # Start-up objects (models, schemas, libraries) live for the whole process: move them
-        # out of the collector's way so full collections stop adding 10-20 ms to the tail.
-        gc.collect()
-        gc.freeze()
-        # A service whose heap grows with its state (the label join) may ask for rarer
-        # collections: optional attribute ``gc_thresholds``, as for gc.set_threshold.
-        thresholds = getattr(service, "gc_thresholds", None)
-        if thresholds:
-            gc.set_threshold(*thresholds)
+        tune_collector(getattr(service, "gc_thresholds", None))
         log.info("service started", extra={"topic_prefix": settings.topic_prefix})
         await service.run(stop)
     except ConfigError as exc:
